@@ -1,0 +1,94 @@
+"""The local-query half of ViL's 2-D longformer attention, behind one entry point."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .geometry import NEIGHBOR_OFFSETS, chunk_geometry, relative_bias_index, relative_bias_table_size
+from .reference import allowed_keys, longformer_attention_reference
+from .vectorized import longformer_attention_vectorized
+
+logger = logging.getLogger(__name__)
+
+IMPLEMENTATIONS = {
+    "reference": longformer_attention_reference,
+    "vectorized": longformer_attention_vectorized,
+}
+
+
+def resolve_implementation(name: str) -> str:
+    """Map a requested implementation (``auto`` or a name) to one that can run."""
+    if name == "auto":
+        return "vectorized"
+    if name not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown longformer implementation {name!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}.")
+    return name
+
+
+def longformer_attention(
+    local_queries: torch.Tensor,
+    local_keys: torch.Tensor,
+    local_values: torch.Tensor,
+    global_keys: torch.Tensor,
+    global_values: torch.Tensor,
+    height: int,
+    width: int,
+    window: int,
+    exact: bool = False,
+    neighbor: int | None = None,
+    relative_bias_table: torch.Tensor | None = None,
+    local_to_global_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Attention of every local query over its key window and all global tokens.
+
+    Args:
+        local_queries: (B, H, L, M), already scaled; L = height * width tokens in row-major order.
+        local_keys, local_values: (B, H, L, M).
+        global_keys, global_values: (B, H, G, M); G may be 0.
+        window: chunk size W. A query sees the real tokens of the 3x3 chunks around its own
+            (``exact=False``, the published "sliding chunk" mode) or the (2W+1)^2 square centred
+            on it (``exact=True``); with ``neighbor`` set, only its own chunk and the neighbour
+            chunk ``NEIGHBOR_OFFSETS[neighbor]`` (training-time random shifting).
+        relative_bias_table: ((4W-1)^2, H) bias added to local-local scores, or None.
+        local_to_global_bias: (H, G) bias added to local-global scores, or None.
+
+    Returns:
+        (B, H, L, M) context of the local queries.
+    """
+    if exact and neighbor is not None:
+        raise ValueError("The exact window and random shifting cannot be combined (the original rejects it too).")
+    name = resolve_implementation(implementation)
+    logger.debug("longformer attention: %s (requested %s), map %dx%d, window %d", name, implementation, height, width, window)
+    return IMPLEMENTATIONS[name](
+        local_queries,
+        local_keys,
+        local_values,
+        global_keys,
+        global_values,
+        height,
+        width,
+        window,
+        exact=exact,
+        neighbor=neighbor,
+        relative_bias_table=relative_bias_table,
+        local_to_global_bias=local_to_global_bias,
+        dropout_p=dropout_p,
+    )
+
+
+__all__ = [
+    "IMPLEMENTATIONS",
+    "NEIGHBOR_OFFSETS",
+    "allowed_keys",
+    "chunk_geometry",
+    "longformer_attention",
+    "longformer_attention_reference",
+    "longformer_attention_vectorized",
+    "relative_bias_index",
+    "relative_bias_table_size",
+    "resolve_implementation",
+]

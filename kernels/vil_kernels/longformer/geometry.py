@@ -1,0 +1,97 @@
+"""Which keys a local query of the 2-D longformer may see, and which bias entry each pair uses.
+
+Shared vocabulary of the reference and the fast paths. The map (``height`` rows x ``width``
+columns) is cut into ``window`` x ``window`` chunks anchored at the top-left corner; a query in
+chunk (cr, cc) sees the real tokens of chunks (cr + dr, cc + dc) for the chunk offsets below.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+# The eight neighbour chunks, in the original's order (row offset, column offset). Random shifting
+# ("MODE > 0" in the original) draws one of them per call; `neighbor` indexes this tuple.
+NEIGHBOR_OFFSETS: tuple[tuple[int, int], ...] = (
+    (-1, -1),
+    (-1, 0),
+    (-1, 1),
+    (0, -1),
+    (0, 1),
+    (1, -1),
+    (1, 0),
+    (1, 1),
+)
+ALL_CHUNK_OFFSETS: tuple[tuple[int, int], ...] = tuple((dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1))
+
+
+def relative_bias_table_size(window: int) -> int:
+    """Rows of the local relative-position bias table: every (dr, dc) in [-(2W-1), 2W-1]^2."""
+    return (4 * window - 1) ** 2
+
+
+def relative_bias_index(delta_rows: torch.Tensor, delta_cols: torch.Tensor, window: int) -> torch.Tensor:
+    """Row of the bias table for query-minus-key offsets (the original's layout)."""
+    span = 2 * window - 1
+    return (delta_rows + span) * (4 * window - 1) + (delta_cols + span)
+
+
+def chunk_offsets(neighbor: int | None) -> tuple[tuple[int, int], ...]:
+    """Chunk offsets a query sees: all nine, or its own chunk and one drawn neighbour."""
+    if neighbor is None:
+        return ALL_CHUNK_OFFSETS
+    if not 0 <= neighbor < len(NEIGHBOR_OFFSETS):
+        raise ValueError(f"neighbor must be in [0, {len(NEIGHBOR_OFFSETS)}) or None, got {neighbor}")
+    return ((0, 0), NEIGHBOR_OFFSETS[neighbor])
+
+
+def num_chunks(height: int, width: int, window: int) -> tuple[int, int]:
+    return math.ceil(height / window), math.ceil(width / window)
+
+
+@lru_cache(maxsize=64)
+def _chunk_geometry(height: int, width: int, window: int, exact: bool, neighbor: int | None, device: str):
+    w = window
+    chunks_x, chunks_y = num_chunks(height, width, w)
+    offsets = torch.tensor(chunk_offsets(neighbor))  # (S_chunks, 2)
+
+    # chunk origin of every chunk, (C, 1)
+    chunk_row = (torch.arange(chunks_x) * w).repeat_interleave(chunks_y)[:, None]
+    chunk_col = (torch.arange(chunks_y) * w).repeat(chunks_x)[:, None]
+    # position inside a chunk, (W^2,)
+    inner_row = torch.arange(w).repeat_interleave(w)
+    inner_col = torch.arange(w).repeat(w)
+    # key slots: every inner position of every visible chunk, relative to the query's chunk origin, (S,)
+    slot_row = (offsets[:, 0:1] * w + inner_row[None]).reshape(-1)
+    slot_col = (offsets[:, 1:2] * w + inner_col[None]).reshape(-1)
+
+    key_row = chunk_row + slot_row[None]  # (C, S)
+    key_col = chunk_col + slot_col[None]
+    valid = (key_row >= 0) & (key_row < height) & (key_col >= 0) & (key_col < width)  # (C, S)
+    valid = valid[:, None, :]  # (C, 1, S): the same for every query of a chunk
+    if exact:
+        query_row = chunk_row + inner_row[None]  # (C, W^2)
+        query_col = chunk_col + inner_col[None]
+        near = ((query_row[:, :, None] - key_row[:, None, :]).abs() <= w) & (
+            (query_col[:, :, None] - key_col[:, None, :]).abs() <= w
+        )
+        valid = valid & near  # (C, W^2, S)
+
+    # Keys are read from the map zero-padded by one chunk on every side (plus the bottom/right
+    # padding to whole chunks), so every slot has an address, valid or not.
+    padded_width = (chunks_y + 2) * w
+    key_address = (key_row + w) * padded_width + (key_col + w)  # (C, S)
+
+    bias_index = relative_bias_index(inner_row[:, None] - slot_row[None], inner_col[:, None] - slot_col[None], w)
+    return key_address.to(device), valid.to(device), bias_index.to(device)
+
+
+def chunk_geometry(height: int, width: int, window: int, exact: bool, neighbor: int | None, device: torch.device):
+    """Index tensors of the chunked layout, built by index arithmetic and cached per map size.
+
+    Returns ``key_address`` (C, S) into the flattened padded key map, ``valid`` (C, 1 or W^2, S)
+    and ``bias_index`` (W^2, S), where C is the number of chunks and S the key slots per chunk.
+    """
+    return _chunk_geometry(height, width, window, bool(exact), neighbor, str(torch.device(device)))

@@ -1,0 +1,89 @@
+"""Full (dense) attention of the ViL stages marked `s0`, with its Swin-style relative bias."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..configuration_vil import ViLConfig
+
+
+def full_relative_bias_index(height: int, width: int, device=None) -> torch.Tensor:
+    """(L, L) index into a ((2h-1)(2w-1))-row table for every pair of tokens, query minus key."""
+    tokens = torch.arange(height * width, device=device)
+    rows, cols = tokens // width, tokens % width
+    delta_rows = rows[:, None] - rows[None] + height - 1
+    delta_cols = cols[:, None] - cols[None] + width - 1
+    return delta_rows * (2 * width - 1) + delta_cols
+
+
+class ViLFullAttention(nn.Module):
+    """Dense multi-head attention over global and local tokens, with a fused `qkv` projection.
+
+    The relative bias table is built for the grid of ``config.image_size``; other map sizes get
+    the table resized bicubically to their offsets, as Swin resizes its tables (the original
+    only ran at the construction size).
+    """
+
+    def __init__(self, config: ViLConfig, stage_index: int):
+        super().__init__()
+        dim = config.hidden_sizes[stage_index]
+        self.num_heads = config.num_heads[stage_index]
+        self.head_dim = dim // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.num_global_tokens = config.num_global_tokens[stage_index]
+        self.attention_dropout = config.attention_probs_dropout_prob
+        self.grid_size = config.table_grid_sizes()[stage_index]
+
+        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)  # rows [q; k; v]
+        self.proj = nn.Linear(dim, dim)
+        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
+
+        self.use_relative_bias = not config.use_absolute_embeddings[stage_index]
+        if self.use_relative_bias:
+            rows, cols = self.grid_size
+            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * rows - 1) * (2 * cols - 1), self.num_heads))
+            if self.num_global_tokens:
+                g = self.num_global_tokens
+                self.global_to_local_bias = nn.Parameter(torch.zeros(self.num_heads, g))
+                self.local_to_global_bias = nn.Parameter(torch.zeros(self.num_heads, g))
+                self.global_to_global_bias = nn.Parameter(torch.zeros(self.num_heads, g, g))
+
+    def _local_bias_table(self, height: int, width: int) -> torch.Tensor:
+        """The table for a height x width map, ((2h-1)(2w-1), H)."""
+        rows, cols = self.grid_size
+        table = self.relative_position_bias_table
+        if (height, width) == (rows, cols):
+            return table
+        grid = table.t().reshape(1, self.num_heads, 2 * rows - 1, 2 * cols - 1)
+        grid = F.interpolate(grid, size=(2 * height - 1, 2 * width - 1), mode="bicubic", align_corners=False)
+        return grid.reshape(self.num_heads, -1).t()
+
+    def relative_bias(self, height: int, width: int) -> torch.Tensor:
+        """(H, G + L, G + L) additive bias, globals first."""
+        index = full_relative_bias_index(height, width, self.relative_position_bias_table.device)
+        local = self._local_bias_table(height, width)[index].permute(2, 0, 1)  # (H, L, L)
+        if not self.num_global_tokens:
+            return local
+        num_local = height * width
+        global_rows = torch.cat(
+            [self.global_to_global_bias, self.global_to_local_bias[:, :, None].expand(-1, -1, num_local)], dim=-1
+        )  # (H, G, G + L)
+        local_rows = torch.cat([self.local_to_global_bias[:, None, :].expand(-1, num_local, -1), local], dim=-1)
+        return torch.cat([global_rows, local_rows], dim=1)
+
+    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        batch, length, dim = hidden_states.shape
+        qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        queries, keys, values = qkv[0], qkv[1], qkv[2]  # (B, H, N, M)
+        bias = self.relative_bias(height, width) if self.use_relative_bias else None
+        context = F.scaled_dot_product_attention(
+            queries,
+            keys,
+            values,
+            attn_mask=bias,
+            dropout_p=self.attention_dropout if self.training else 0.0,
+            scale=self.scale,
+        )
+        return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))

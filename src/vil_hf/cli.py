@@ -1,0 +1,111 @@
+"""The `vil-hf` command line: `convert` and `info`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _convert(args: argparse.Namespace) -> None:
+    from .convert import ConversionOptions, convert_checkpoint
+
+    options = ConversionOptions(
+        arch=args.arch,
+        attn_type=args.attn_type,
+        sw_exact=args.sw_exact,
+        mode=args.mode,
+        only_glo=args.only_glo,
+        avg_pool=args.avg_pool,
+        img_size=args.img_size,
+        num_classes=args.num_classes,
+        head=args.head,
+        num_detection_classes=args.num_detection_classes,
+    )
+    report = convert_checkpoint(args.source, args.out_dir, options, overwrite=args.overwrite)
+    print(f"converted {report.kind} checkpoint -> {report.model_class} in {args.out_dir}")
+    print(f"  parameters: {report.num_parameters / 1e6:.3f}M")
+    if report.folded_global_copies:
+        print(f"  folded {report.folded_global_copies} global projection copies equal to the local ones")
+    if report.dropped:
+        print(f"  left out {len(report.dropped)} tensors the target does not use (first: {report.dropped[0]})")
+
+
+def _info(args: argparse.Namespace) -> None:
+    import torch
+
+    from . import ViLBackbone, ViLConfig, published_arch
+
+    arch = args.arch or published_arch(args.model, sparse=args.sparse)
+    config = ViLConfig(arch=arch, out_features=None)
+    config.set_output_features_output_indices(out_features=list(config.stage_names), out_indices=None)
+    model = ViLBackbone(config).eval()
+    print(f"arch: {config.arch}")
+    print(f"{'stage':<7}{'dim':>6}{'heads':>7}{'blocks':>8}{'attention':>12}{'window':>8}{'globals':>9}{'stride':>8}")
+    stride = 1
+    for i in range(len(config.depths)):
+        stride *= config.patch_sizes[i]
+        print(
+            f"{config.stage_names[i]:<7}{config.hidden_sizes[i]:>6}{config.num_heads[i]:>7}{config.depths[i]:>8}"
+            f"{config.attention_types[i]:>12}{config.window_sizes[i]:>8}{config.num_global_tokens[i]:>9}{stride:>8}"
+        )
+    print(f"backbone parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M")
+    height, width = args.image_size
+    pixel_values = torch.randn(1, config.num_channels, height, width)
+    start = time.perf_counter()
+    with torch.no_grad():
+        maps = model(pixel_values).feature_maps
+    elapsed = time.perf_counter() - start
+    shapes = ", ".join(f"{name} {tuple(m.shape[1:])}" for name, m in zip(model.out_features, maps))
+    print(f"forward of a random {height}x{width} image on {torch.get_num_threads()} CPU threads: {elapsed:.2f} s")
+    print(f"feature maps: {shapes}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .configuration_vil import PUBLISHED_MODELS
+
+    parser = argparse.ArgumentParser(prog="vil-hf", description="Vision Longformer (ViL) for Hugging Face transformers.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert an original ViL checkpoint into a folder the Auto classes load",
+        description="Options take the original code's names, so they can be copied from its configs.",
+    )
+    convert.add_argument("source", help="original checkpoint: classification {'net': ...} or detectron2 {'model': ...}")
+    convert.add_argument("out_dir", help="folder to write (save_pretrained, safetensors)")
+    convert.add_argument("--arch", help="architecture string (default: the one stored in the checkpoint, if any)")
+    convert.add_argument("--attn-type", default="longformerhand", help="longformerhand (default) or full")
+    convert.add_argument("--sw-exact", type=int, default=0, help="SW_EXACT: 0 sliding chunks (default), 1 exact window")
+    convert.add_argument("--mode", type=int, default=0, help="MODE: 0 all chunks, >0 random shifting in training")
+    convert.add_argument("--only-glo", action="store_true", help="ONLY_GLOBAL (global-only ablation)")
+    convert.add_argument("--avg-pool", action="store_true", help="AVG_POOL: classify from the mean of all tokens")
+    convert.add_argument("--img-size", type=int, help="image size the tables were built for (224 classification, 1333 detection)")
+    convert.add_argument("--num-classes", type=int, help="classes of the classification head (default: from the checkpoint)")
+    convert.add_argument("--head", choices=["backbone", "mask_rcnn", "retinanet"], help="what to take from a detectron2 file")
+    convert.add_argument("--num-detection-classes", type=int, help="object classes of a detectron2 detector")
+    convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    convert.set_defaults(handler=_convert)
+
+    info = commands.add_parser("info", help="show a ViL architecture, its size, and run it once on a random image")
+    group = info.add_mutually_exclusive_group()
+    group.add_argument("--model", choices=PUBLISHED_MODELS, default="small", help="a published backbone (default small)")
+    group.add_argument("--arch", help="an architecture string instead")
+    info.add_argument("--sparse", action="store_true", help="the detection '_sparse' string (longformer in every stage)")
+    info.add_argument("--image-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    info.set_defaults(handler=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.handler(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"vil-hf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,325 @@
+"""Original ViL checkpoints (classification ``{"net": ...}``, detectron2 ``{"model": ...}``) -> HF folders."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..configuration_vil import ViLConfig
+from ..image_processing_vil import ViLImageProcessorPil
+from ..modeling_vil import ViLBackbone, ViLForImageClassification
+
+logger = logging.getLogger(__name__)
+
+DETECTRON2_BACKBONE_PREFIX = "backbone.bottom_up."
+ATTENTION_TYPE_NAMES = {"longformerhand": "longformer", "longformerauto": "longformer", "longformer": "longformer"}
+NOT_YET_SUPPORTED_ATTENTION = ("srformer", "performer", "linformer")
+
+
+class ConversionError(ValueError):
+    """A checkpoint or an option that cannot be converted; the message says why and what to do."""
+
+
+@dataclass
+class ConversionOptions:
+    """The original code's options, under its own names (see ``vil-hf convert --help``)."""
+
+    arch: str | None = None
+    attn_type: str = "longformerhand"
+    sw_exact: int = 0
+    mode: int = 0
+    only_glo: bool = False
+    avg_pool: bool = False
+    img_size: int | None = None
+    num_classes: int | None = None
+    head: str | None = None
+    num_detection_classes: int | None = None
+
+
+@dataclass
+class ConversionReport:
+    kind: str
+    model_class: str
+    num_parameters: int
+    folded_global_copies: int = 0
+    dropped: list[str] = field(default_factory=list)
+
+
+def load_original_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, torch.Tensor], dict]:
+    """Read an original checkpoint safely; returns (kind, state dict without `module.`, the whole file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"Checkpoint {str(path)!r} does not exist or is not a file.")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated or foreign files
+        raise ConversionError(
+            f"Could not read {str(path)!r} as a PyTorch checkpoint ({type(error).__name__}: {error}). "
+            "Is the file complete, and is it a checkpoint of the original ViL code?"
+        ) from error
+    if not isinstance(checkpoint, dict) or not ({"net", "model"} & set(checkpoint)):
+        found = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ConversionError(
+            f"{str(path)!r} is neither an original ViL classification checkpoint ({{'net': state_dict}}) nor a "
+            f"detectron2 one ({{'model': state_dict}}); found {found}."
+        )
+    kind = "classification" if "net" in checkpoint else "detectron2"
+    state_dict = checkpoint["net" if kind == "classification" else "model"]
+    if not isinstance(state_dict, dict) or not state_dict:
+        raise ConversionError(f"The {kind} checkpoint {str(path)!r} holds an empty or malformed state dict.")
+    cleaned = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ConversionError(f"Entry {key!r} of {str(path)!r} is a {type(value).__name__}, not a tensor.")
+        cleaned[key[len("module.") :] if key.startswith("module.") else key] = value
+    return kind, cleaned, checkpoint
+
+
+def _map_block_key(stage: int, rest: str) -> str | None:
+    """Map `{sub}.{name}` inside `layer{s}` to our names; None for keys that are skipped (index buffers)."""
+    sub, _, name = rest.partition(".")
+    base = f"encoder.stages.{stage - 1}"
+    if sub == "0":
+        embedding_names = {
+            "proj.weight": "patch_embeddings.projection.weight",
+            "proj.bias": "patch_embeddings.projection.bias",
+            "norm_embed.weight": "patch_embeddings.norm.weight",
+            "norm_embed.bias": "patch_embeddings.norm.bias",
+            "cls_token": "global_tokens",
+            "cls_pos_embed": "position_embeddings.global_embeddings",
+            "x_pos_embed": "position_embeddings.row_embeddings",
+            "y_pos_embed": "position_embeddings.column_embeddings",
+        }
+        return f"{base}.{embedding_names[name]}" if name in embedding_names else f"{base}.<unknown>.{name}"
+    index = int(sub)
+    layer = f"{base}.layers.{(index - 1) // 2}"
+    if index % 2:  # attention block
+        if name.startswith("norm."):
+            return f"{layer}.layernorm_before.{name[len('norm.'):]}"
+        attn = name[len("attn.") :] if name.startswith("attn.") else f"<unknown>.{name}"
+        if attn == "relative_position_index":
+            return None
+        renames = {
+            "local_relative_position_bias_table": "relative_position_bias_table",
+            "g2g_relative_position_bias": "global_to_global_bias",
+        }
+        module, _, param = attn.partition(".")
+        module = {"query_global": "global_query", "kv_global": "global_kv", "proj_global": "global_proj"}.get(module, module)
+        attn = renames.get(attn, f"{module}.{param}" if param else module)
+        return f"{layer}.attention.{attn}"
+    if name.startswith("norm."):
+        return f"{layer}.layernorm_after.{name[len('norm.'):]}"
+    return f"{layer}.{name}"  # mlp.fc1.*, mlp.fc2.*
+
+
+def map_original_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Rename an original backbone/classifier state dict to ours (without the `vil.` prefix).
+
+    Returns the renamed tensors and the keys that have no counterpart (reported as unexpected).
+    """
+    mapped, unknown = {}, []
+    for key, value in state_dict.items():
+        match = re.fullmatch(r"layer(\d+)\.(\d+\..+)", key)
+        if match:
+            new_key = _map_block_key(int(match.group(1)), match.group(2))
+            if new_key is None:
+                continue
+            if new_key.endswith("g2l_relative_position_bias"):
+                prefix = new_key[: -len("g2l_relative_position_bias")]
+                if value.ndim != 3 or value.shape[0] != 2:
+                    unknown.append(f"{key} (expected shape (2, heads, globals), got {tuple(value.shape)})")
+                    continue
+                mapped[prefix + "global_to_local_bias"] = value[0]
+                mapped[prefix + "local_to_global_bias"] = value[1]
+                continue
+            if "<unknown>" in new_key:
+                unknown.append(key)
+                continue
+            mapped[new_key] = value
+        elif key.startswith("norm."):
+            mapped["layernorm." + key[len("norm.") :]] = value
+        elif key.startswith("head."):
+            mapped["classifier." + key[len("head.") :]] = value
+        else:
+            unknown.append(key)
+    return mapped, unknown
+
+
+def fold_global_copies(mapped: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool, int]:
+    """Drop `global_*` projections equal to the local ones; keep them all where any differs.
+
+    Returns (state dict, share_global_weights, number of folded tensors).
+    """
+    global_keys = [k for k in mapped if re.search(r"\.attention\.global_(query|kv|proj)\.", k)]
+    differing = [
+        k
+        for k in global_keys
+        if (local := k.replace(".global_query.", ".query.").replace(".global_kv.", ".kv.").replace(".global_proj.", ".proj."))
+        not in mapped
+        or mapped[local].shape != mapped[k].shape
+        or not torch.equal(mapped[local], mapped[k])
+    ]
+    if differing:
+        logger.warning(
+            "%d global projection tensors differ from their local twins (first: %s); keeping separate global weights.",
+            len(differing),
+            differing[0],
+        )
+        return mapped, False, 0
+    return {k: v for k, v in mapped.items() if k not in global_keys}, True, len(global_keys)
+
+
+def build_config(options: ConversionOptions, kind: str, checkpoint: dict, state_dict: dict, **overrides) -> ViLConfig:
+    attn_type = options.attn_type
+    if attn_type in NOT_YET_SUPPORTED_ATTENTION:
+        raise ConversionError(f"--attn-type {attn_type} (a paper ablation) is not supported by this version of vil-hf.")
+    if options.only_glo:
+        raise ConversionError("--only-glo (the global-only ablation) is not supported by this version of vil-hf.")
+    if attn_type != "full" and attn_type not in ATTENTION_TYPE_NAMES:
+        raise ConversionError(f"Unknown --attn-type {attn_type!r}; the original's names are longformerhand and full.")
+    if options.sw_exact not in (0, 1):
+        raise ConversionError(
+            f"--sw-exact {options.sw_exact}: only 0 (sliding chunks) and 1 (exact window) are supported; "
+            "-1 (cyclic chunks) has a masking bug in the original and is not offered."
+        )
+    if options.mode < 0:
+        raise ConversionError(f"--mode {options.mode}: use 0 (all nine chunks) or >0 (random shifting in training).")
+    arch = options.arch or checkpoint.get("arch")
+    if not isinstance(arch, str):
+        raise ConversionError(
+            "This checkpoint does not record its architecture string; pass it with --arch "
+            "(MODEL.TRANSFORMER.MSVIT.ARCH in the original config)."
+        )
+    try:
+        config = ViLConfig(
+            arch=arch,
+            attention_type="longformer",
+            exact_window=options.sw_exact == 1,
+            random_shift=options.mode > 0,
+            average_pool=options.avg_pool,
+            patch_embed_norm="layer1.0.norm_embed.weight" in state_dict,
+            image_size=options.img_size or (224 if kind == "classification" else 1333),
+            **overrides,
+        )
+    except ValueError as error:
+        raise ConversionError(f"Invalid options for this checkpoint: {error}") from error
+    if attn_type == "full":
+        config.attention_types = ["full"] * len(config.depths)
+        config.arch = config.to_arch_string()
+    return config
+
+
+def _check_and_load(model: torch.nn.Module, mapped: dict[str, torch.Tensor], unknown: list[str], source: str) -> None:
+    """Report every missing/unexpected key and shape mismatch at once, then load strictly."""
+    expected = model.state_dict()
+    missing = sorted(k for k in expected if k not in mapped)
+    unexpected = sorted(unknown + [k for k in mapped if k not in expected])
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+        for k, v in mapped.items()
+        if k in expected and v.shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        lines = [f"{source} does not match the model built from these options:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if items:
+                shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
+                lines.append(f"  {title} ({len(items)}):\n    " + "\n    ".join(shown))
+        lines.append(
+            "Check --arch, --img-size (absolute tables), --num-classes and --attn-type against the original config."
+        )
+        raise ConversionError("\n".join(lines))
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()}, strict=True)
+
+
+def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
+    """Write into a temporary sibling folder, then rename it into place."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"Output folder {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it.")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        write(staging)
+        if out_dir.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, retired / out_dir.name)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def convert_checkpoint(
+    source: str | os.PathLike, out_dir: str | os.PathLike, options: ConversionOptions, overwrite: bool = False
+) -> ConversionReport:
+    """Convert an original ViL checkpoint into a folder the Auto classes load.
+
+    A classification file becomes a ViLForImageClassification folder; a detectron2 file with
+    ``head="backbone"`` a ViLBackbone folder. Nothing is left behind on failure.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise ConversionError(f"Output folder {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it.")
+    kind, state_dict, checkpoint = load_original_checkpoint(source)
+    dropped: list[str] = []
+    if kind == "classification":
+        if options.head not in (None, "classification"):
+            raise ConversionError(f"--head {options.head} applies to detectron2 files; {str(source)!r} is a classification file.")
+        head = state_dict.get("head.weight")
+        checkpoint_classes = int(head.shape[0]) if head is not None else 0
+        num_classes = options.num_classes if options.num_classes is not None else checkpoint_classes
+        config = build_config(options, kind, checkpoint, state_dict, num_labels=num_classes)
+        model_class = ViLForImageClassification
+        prefix = "vil."
+    else:
+        head_kind = options.head
+        if head_kind is None:
+            raise ConversionError(
+                "This is a detectron2 checkpoint: pass --head backbone to extract the ViL backbone "
+                "(--head mask_rcnn / retinanet convert whole detectors)."
+            )
+        if head_kind != "backbone":
+            raise ConversionError(f"--head {head_kind}: whole detectors are not supported by this version; use --head backbone.")
+        backbone = {k[len(DETECTRON2_BACKBONE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(DETECTRON2_BACKBONE_PREFIX)}
+        if not backbone:
+            raise ConversionError(f"No '{DETECTRON2_BACKBONE_PREFIX}*' keys in {str(source)!r}: not a ViL detectron2 checkpoint.")
+        dropped = sorted(k for k in state_dict if not k.startswith(DETECTRON2_BACKBONE_PREFIX))
+        # The original detection backbone still builds the classification norm and head; it never uses them.
+        unused = [k for k in backbone if k.startswith(("norm.", "head."))]
+        dropped += [DETECTRON2_BACKBONE_PREFIX + k for k in unused]
+        state_dict = {k: v for k, v in backbone.items() if k not in unused}
+        config = build_config(options, kind, checkpoint, state_dict)
+        config.set_output_features_output_indices(out_features=list(config.stage_names), out_indices=None)
+        model_class = ViLBackbone
+        prefix = ""
+
+    mapped, unknown = map_original_state_dict(state_dict)
+    mapped, shared, folded = fold_global_copies(mapped)
+    config.share_global_weights = shared
+    mapped = {(k if k.startswith("classifier.") else prefix + k): v for k, v in mapped.items()}
+    model = model_class(config).eval()
+    _check_and_load(model, mapped, unknown, f"{kind} checkpoint {str(source)!r}")
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        if kind == "classification":
+            ViLImageProcessorPil().save_pretrained(folder)
+
+    _write_atomically(out_dir, overwrite, write)
+    return ConversionReport(
+        kind=kind,
+        model_class=model_class.__name__,
+        num_parameters=sum(p.numel() for p in model.parameters()),
+        folded_global_copies=folded,
+        dropped=dropped,
+    )

@@ -1,0 +1,356 @@
+"""Vision Longformer (ViL) models: embeddings, blocks, stages, and the transformers model classes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .attention import ATTENTION_CLASSES, ViLFullAttention, ViLLongformerAttention
+from .configuration_vil import ViLConfig
+
+
+@dataclass
+class ViLEncoderOutput(ModelOutput):
+    """
+    last_hidden_state: (B, G + L, d) tokens of the last stage, global tokens first.
+    feature_maps: per stage, the local tokens as an NCHW map (B, d, h, w).
+    hidden_states: per stage, its output tokens (B, G + L, d), when asked for.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    feature_maps: tuple[torch.FloatTensor, ...] | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class ViLModelOutput(ModelOutput):
+    """
+    last_hidden_state: (B, G + L, d) normalised tokens of the last stage.
+    pooler_output: (B, d) the first global token, or the mean of all tokens (see `average_pool`).
+    hidden_states: per stage, its output tokens (B, G + L, d), when asked for.
+    reshaped_hidden_states: per stage, its local tokens as an NCHW map, when hidden states are asked for.
+    """
+
+    last_hidden_state: torch.FloatTensor | None = None
+    pooler_output: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    reshaped_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples of a residual branch, rescaling the survivors."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    keep = torch.empty(shape, dtype=hidden_states.dtype, device=hidden_states.device).bernoulli_(keep_prob)
+    return hidden_states * keep / keep_prob
+
+
+class ViLDropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return drop_path(hidden_states, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class ViLPatchEmbeddings(nn.Module):
+    """Conv2d with kernel = stride = patch size, flattened to tokens, then LayerNorm."""
+
+    def __init__(self, config: ViLConfig, stage_index: int):
+        super().__init__()
+        in_channels = config.num_channels if stage_index == 0 else config.hidden_sizes[stage_index - 1]
+        dim, patch = config.hidden_sizes[stage_index], config.patch_sizes[stage_index]
+        self.patch_size = patch
+        self.projection = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if config.patch_embed_norm else nn.Identity()
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        if feature_map.shape[-2] < self.patch_size or feature_map.shape[-1] < self.patch_size:
+            raise ValueError(
+                f"Input map {tuple(feature_map.shape[-2:])} is smaller than the patch size {self.patch_size}; "
+                "ViL needs images of at least the total stride (32 px for the published models) on each side."
+            )
+        embeddings = self.projection(feature_map)  # (B, d, h, w)
+        height, width = embeddings.shape[-2:]
+        return self.norm(embeddings.flatten(2).transpose(1, 2)), height, width  # (B, h*w, d)
+
+
+class ViLAbsolutePositionEmbeddings(nn.Module):
+    """Factorised absolute embedding: token (i, j) gets cat(row[i], column[j]); globals their own.
+
+    Maps no larger than the tables use their first rows/columns (as the original detection
+    backbone does); larger maps get the 1-D tables linearly interpolated to their size.
+    """
+
+    def __init__(self, config: ViLConfig, stage_index: int):
+        super().__init__()
+        dim = config.hidden_sizes[stage_index]
+        rows, cols = config.table_grid_sizes()[stage_index]
+        self.row_embeddings = nn.Parameter(torch.zeros(1, rows, dim // 2))
+        self.column_embeddings = nn.Parameter(torch.zeros(1, cols, dim // 2))
+        self.global_embeddings = nn.Parameter(torch.zeros(1, config.num_global_tokens[stage_index], dim))
+
+    @staticmethod
+    def _fit(table: torch.Tensor, length: int) -> torch.Tensor:
+        if length <= table.shape[1]:
+            return table[:, :length]
+        resized = F.interpolate(table.transpose(1, 2), size=length, mode="linear", align_corners=False)
+        return resized.transpose(1, 2)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        rows = self._fit(self.row_embeddings, height)  # (1, h, d/2)
+        cols = self._fit(self.column_embeddings, width)  # (1, w, d/2)
+        grid = torch.cat([rows[:, :, None].expand(-1, -1, width, -1), cols[:, None].expand(-1, height, -1, -1)], dim=-1)
+        return torch.cat([self.global_embeddings, grid.flatten(1, 2)], dim=1)  # (1, G + h*w, d)
+
+
+class ViLMLP(nn.Module):
+    def __init__(self, config: ViLConfig, dim: int):
+        super().__init__()
+        hidden = int(dim * config.mlp_ratio)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.activation = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+
+class ViLLayer(GradientCheckpointingLayer):
+    """One block: pre-norm attention then pre-norm MLP, both residual, sharing one drop-path rate."""
+
+    def __init__(self, config: ViLConfig, stage_index: int, drop_path_rate: float):
+        super().__init__()
+        dim = config.hidden_sizes[stage_index]
+        self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.attention = ATTENTION_CLASSES[config.attention_types[stage_index]](config, stage_index)
+        self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.mlp = ViLMLP(config, dim)
+        self.drop_path = ViLDropPath(drop_path_rate)
+
+    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        hidden_states = hidden_states + self.drop_path(self.attention(self.layernorm_before(hidden_states), height, width))
+        return hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+
+
+class ViLStage(nn.Module):
+    """Patch embedding, fresh global tokens, optional absolute embedding, then the blocks."""
+
+    def __init__(self, config: ViLConfig, stage_index: int, drop_path_rates: list[float]):
+        super().__init__()
+        dim = config.hidden_sizes[stage_index]
+        self.num_global_tokens = config.num_global_tokens[stage_index]
+        self.patch_embeddings = ViLPatchEmbeddings(config, stage_index)
+        self.global_tokens = nn.Parameter(torch.zeros(1, self.num_global_tokens, dim)) if self.num_global_tokens else None
+        self.position_embeddings = (
+            ViLAbsolutePositionEmbeddings(config, stage_index) if config.use_absolute_embeddings[stage_index] else None
+        )
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.layers = nn.ModuleList(ViLLayer(config, stage_index, rate) for rate in drop_path_rates)
+
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        local_tokens, height, width = self.patch_embeddings(feature_map)  # (B, L, d)
+        batch = local_tokens.shape[0]
+        hidden_states = local_tokens
+        if self.global_tokens is not None:
+            hidden_states = torch.cat([self.global_tokens.expand(batch, -1, -1), local_tokens], dim=1)  # (B, G + L, d)
+        if self.position_embeddings is not None:
+            hidden_states = hidden_states + self.position_embeddings(height, width)
+        hidden_states = self.dropout(hidden_states)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, height, width)
+        # the next stage starts from the local tokens only: global tokens are never carried over
+        local_map = hidden_states[:, self.num_global_tokens :].transpose(1, 2).reshape(batch, -1, height, width)
+        return hidden_states, local_map
+
+
+class ViLEncoder(nn.Module):
+    def __init__(self, config: ViLConfig):
+        super().__init__()
+        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths), device="cpu").tolist()
+        stages, start = [], 0
+        for index, depth in enumerate(config.depths):
+            stages.append(ViLStage(config, index, rates[start : start + depth]))
+            start += depth
+        self.stages = nn.ModuleList(stages)
+        self.num_channels = config.num_channels
+
+    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> ViLEncoderOutput:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.num_channels}, height, width), got {tuple(pixel_values.shape)}."
+            )
+        feature_map, feature_maps, hidden_states = pixel_values, (), ()
+        tokens = None
+        for stage in self.stages:
+            tokens, feature_map = stage(feature_map)
+            feature_maps += (feature_map,)
+            if output_hidden_states:
+                hidden_states += (tokens,)
+        return ViLEncoderOutput(
+            last_hidden_state=tokens, feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None
+        )
+
+
+class ViLPreTrainedModel(PreTrainedModel):
+    config_class = ViLConfig
+    config: ViLConfig
+    base_model_prefix = "vil"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViLLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            # PyTorch's default, as the original leaves its convolutions
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight.shape[1] * module.weight.shape[2] * module.weight.shape[3]
+                bound = 1 / math.sqrt(fan_in)
+                init.uniform_(module.bias, -bound, bound)
+        elif isinstance(module, ViLStage):
+            if module.global_tokens is not None:
+                init.trunc_normal_(module.global_tokens, std=std)
+        elif isinstance(module, ViLAbsolutePositionEmbeddings):
+            for table in (module.row_embeddings, module.column_embeddings, module.global_embeddings):
+                init.trunc_normal_(table, std=std)
+        elif isinstance(module, (ViLLongformerAttention, ViLFullAttention)) and module.use_relative_bias:
+            init.trunc_normal_(module.relative_position_bias_table, std=std)
+            if module.num_global_tokens:
+                for bias in (module.global_to_local_bias, module.local_to_global_bias, module.global_to_global_bias):
+                    init.trunc_normal_(bias, std=std)
+
+    def set_random_shift(self, enabled: bool) -> None:
+        """Switch training-time random shifting on or off (the original turns it off late in training)."""
+        self.config.random_shift = bool(enabled)
+        if enabled and self.config.exact_window:
+            raise ValueError("Random shifting cannot be used with exact_window=True.")
+        for module in self.modules():
+            if isinstance(module, ViLLongformerAttention):
+                module.random_shift = bool(enabled)
+
+
+class ViLModel(ViLPreTrainedModel):
+    """ViL encoder with the final LayerNorm and pooling of the classification model."""
+
+    def __init__(self, config: ViLConfig):
+        super().__init__(config)
+        self.encoder = ViLEncoder(config)
+        self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ViLModelOutput | tuple:
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        encoded = self.encoder(pixel_values, output_hidden_states=output_hidden_states)
+        sequence_output = self.layernorm(encoded.last_hidden_state)
+        if self.config.num_global_tokens[-1] > 0 and not self.config.average_pool:
+            pooled_output = sequence_output[:, 0]
+        else:
+            pooled_output = sequence_output.mean(dim=1)
+        output = ViLModelOutput(
+            last_hidden_state=sequence_output,
+            pooler_output=pooled_output,
+            hidden_states=encoded.hidden_states,
+            reshaped_hidden_states=encoded.feature_maps if output_hidden_states else None,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class ViLForImageClassification(ViLPreTrainedModel):
+    def __init__(self, config: ViLConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.vil = ViLModel(config)
+        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        outputs = self.vil(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.loss_function(labels, logits, self.config) if labels is not None else None
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+        return output if return_dict else output.to_tuple()
+
+
+class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
+    """ViL as a feature extractor: the local tokens of each requested stage as NCHW maps.
+
+    As in the original detection backbone, the maps carry no extra normalisation.
+    """
+
+    has_attentions = False
+    _keys_to_ignore_on_load_unexpected = [r"^layernorm\.", r"^classifier\."]
+
+    def __init__(self, config: ViLConfig):
+        super().__init__(config)
+        self.num_features = list(config.hidden_sizes)
+        self.encoder = ViLEncoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        if output_attentions:
+            raise ValueError("ViLBackbone does not return attention maps (the local attention is never materialised).")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        encoded = self.encoder(pixel_values, output_hidden_states=False)
+        feature_maps = tuple(
+            feature_map for name, feature_map in zip(self.stage_names, encoded.feature_maps) if name in self.out_features
+        )
+        output = BackboneOutput(
+            feature_maps=feature_maps, hidden_states=encoded.feature_maps if output_hidden_states else None
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["ViLBackbone", "ViLForImageClassification", "ViLModel", "ViLPreTrainedModel"]
