@@ -94,6 +94,21 @@ def parse_arch(arch: str) -> list[dict[str, int]]:
     return stages
 
 
+def stage_lists_from_arch(arch: str, attention_type: str = "longformer") -> dict[str, list]:
+    """The per-stage lists that ViLConfig stores, from an architecture string (`s1` -> attention_type)."""
+    stages = parse_arch(arch)
+    return {
+        "hidden_sizes": [s["d"] for s in stages],
+        "num_heads": [s["h"] for s in stages],
+        "depths": [s["n"] for s in stages],
+        "attention_types": [attention_type if s["s"] else "full" for s in stages],
+        "num_global_tokens": [s["g"] for s in stages],
+        "patch_sizes": [s["p"] for s in stages],
+        "window_sizes": [s["f"] for s in stages],
+        "use_absolute_embeddings": [bool(s["a"]) for s in stages],
+    }
+
+
 class ViLConfig(BackboneConfigMixin, PretrainedConfig):
     r"""Configuration of a Vision Longformer (ViL, arXiv:2103.15358).
 
@@ -179,7 +194,7 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         if arch is None and all(value is None for value in explicit.values()):
             arch = published_arch("small")
         if arch is not None:
-            parsed = self._lists_from_arch(parse_arch(arch), attention_type)
+            parsed = stage_lists_from_arch(arch, attention_type)
             for name, value in explicit.items():
                 if value is not None and list(value) != parsed[name]:
                     raise ValueError(
@@ -224,19 +239,6 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         self.stage_names = [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         super().__init__(**kwargs)
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
-
-    @staticmethod
-    def _lists_from_arch(stages: list[dict[str, int]], attention_type: str) -> dict[str, list]:
-        return {
-            "hidden_sizes": [s["d"] for s in stages],
-            "num_heads": [s["h"] for s in stages],
-            "depths": [s["n"] for s in stages],
-            "attention_types": [attention_type if s["s"] else "full" for s in stages],
-            "num_global_tokens": [s["g"] for s in stages],
-            "patch_sizes": [s["p"] for s in stages],
-            "window_sizes": [s["f"] for s in stages],
-            "use_absolute_embeddings": [bool(s["a"]) for s in stages],
-        }
 
     def _validate(self) -> None:
         lists = {
@@ -322,4 +324,4 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         return grids
 
 
-__all__ = ["ViLConfig", "parse_arch", "published_arch", "PUBLISHED_MODELS", "ARCH_LETTERS"]
+__all__ = ["ViLConfig", "parse_arch", "stage_lists_from_arch", "published_arch", "PUBLISHED_MODELS", "ARCH_LETTERS"]

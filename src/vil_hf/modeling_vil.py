@@ -276,7 +276,7 @@ class ViLModel(ViLPreTrainedModel):
         **kwargs,
     ) -> ViLModelOutput | tuple:
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.encoder(pixel_values, output_hidden_states=output_hidden_states)
         sequence_output = self.layernorm(encoded.last_hidden_state)
         if self.config.num_global_tokens[-1] > 0 and not self.config.average_pool:
@@ -308,7 +308,7 @@ class ViLForImageClassification(ViLPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         outputs = self.vil(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
@@ -342,7 +342,7 @@ class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
         if output_attentions:
             raise ValueError("ViLBackbone does not return attention maps (the local attention is never materialised).")
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.use_return_dict
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.encoder(pixel_values, output_hidden_states=False)
         feature_maps = tuple(
             feature_map for name, feature_map in zip(self.stage_names, encoded.feature_maps) if name in self.out_features

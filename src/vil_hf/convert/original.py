@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from ..configuration_vil import ViLConfig
+from ..configuration_vil import ViLConfig, stage_lists_from_arch
 from ..image_processing_vil import ViLImageProcessorPil
 from ..modeling_vil import ViLBackbone, ViLForImageClassification
 
@@ -198,8 +198,11 @@ def build_config(options: ConversionOptions, kind: str, checkpoint: dict, state_
             "(MODEL.TRANSFORMER.MSVIT.ARCH in the original config)."
         )
     try:
-        config = ViLConfig(
-            arch=arch,
+        stages = stage_lists_from_arch(arch)
+        if attn_type == "full":  # the original's attn_type=full makes every stage dense
+            stages["attention_types"] = ["full"] * len(stages["depths"])
+        return ViLConfig(
+            **stages,
             attention_type="longformer",
             exact_window=options.sw_exact == 1,
             random_shift=options.mode > 0,
@@ -210,10 +213,6 @@ def build_config(options: ConversionOptions, kind: str, checkpoint: dict, state_
         )
     except ValueError as error:
         raise ConversionError(f"Invalid options for this checkpoint: {error}") from error
-    if attn_type == "full":
-        config.attention_types = ["full"] * len(config.depths)
-        config.arch = config.to_arch_string()
-    return config
 
 
 def _check_and_load(model: torch.nn.Module, mapped: dict[str, torch.Tensor], unknown: list[str], source: str) -> None:

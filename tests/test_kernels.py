@@ -1,0 +1,162 @@
+"""vil_kernels: the vectorised longformer attention against the dense reference, and the reference itself."""
+
+import itertools
+
+import pytest
+import torch
+
+from vil_kernels import (
+    LONGFORMER_IMPLEMENTATIONS,
+    NEIGHBOR_OFFSETS,
+    longformer_attention,
+    longformer_attention_reference,
+    relative_bias_table_size,
+)
+from vil_kernels.longformer import allowed_keys, resolve_implementation
+
+
+def _inputs(batch, heads, height, width, num_global, head_dim, window, dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator, dtype=dtype) * scale).requires_grad_()
+
+    length = height * width
+    return dict(
+        local_queries=rand(batch, heads, length, head_dim),
+        local_keys=rand(batch, heads, length, head_dim),
+        local_values=rand(batch, heads, length, head_dim),
+        global_keys=rand(batch, heads, num_global, head_dim),
+        global_values=rand(batch, heads, num_global, head_dim),
+        relative_bias_table=rand(relative_bias_table_size(window), heads, scale=2.0),
+        local_to_global_bias=rand(heads, num_global, scale=2.0),
+    )
+
+
+def _run(implementation, tensors, height, width, window, exact, neighbor, use_bias):
+    return longformer_attention(
+        tensors["local_queries"],
+        tensors["local_keys"],
+        tensors["local_values"],
+        tensors["global_keys"],
+        tensors["global_values"],
+        height,
+        width,
+        window,
+        exact=exact,
+        neighbor=neighbor,
+        relative_bias_table=tensors["relative_bias_table"] if use_bias else None,
+        local_to_global_bias=tensors["local_to_global_bias"] if use_bias else None,
+        implementation=implementation,
+    )
+
+
+def _grads(output, tensors, grad_output):
+    names = list(tensors)
+    grads = torch.autograd.grad(
+        output, [tensors[n] for n in names], grad_output, allow_unused=True, materialize_grads=True
+    )
+    return dict(zip(names, grads))
+
+
+# Map sizes that are not multiples of the window, maps smaller than one chunk, and one exact fit.
+SHAPES = [(9, 13), (10, 11), (3, 4), (15, 9), (14, 10)]
+CASES = [
+    (shape, window, num_global, exact, neighbor)
+    for shape, window, num_global, (exact, neighbor) in itertools.product(
+        SHAPES, (5, 7), (0, 1, 2), ((False, None), (True, None), (False, 2), (False, 7))
+    )
+]
+
+
+@pytest.mark.parametrize("implementation", sorted(set(LONGFORMER_IMPLEMENTATIONS) - {"reference"}))
+@pytest.mark.parametrize("shape,window,num_global,exact,neighbor", CASES)
+def test_fast_path_matches_reference_forward_and_backward(implementation, shape, window, num_global, exact, neighbor):
+    height, width = shape
+    seed = hash((shape, window, num_global, exact, neighbor)) % 2**31
+    tensors = _inputs(2, 3, height, width, num_global, 8, window, torch.float64, seed)
+    use_bias = (seed % 2) == 0 or exact  # cover both with and without relative bias
+    expected = _run("reference", tensors, height, width, window, exact, neighbor, use_bias)
+    actual = _run(implementation, tensors, height, width, window, exact, neighbor, use_bias)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+
+    grad_output = torch.randn_like(expected)
+    expected_grads = _grads(expected, tensors, grad_output)
+    actual_grads = _grads(actual, tensors, grad_output)
+    for name in tensors:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_fast_path_matches_reference_in_float32(exact):
+    height, width, window = 23, 31, 7
+    tensors = _inputs(1, 3, height, width, 1, 32, window, torch.float32, 0)
+    expected = _run("reference", tensors, height, width, window, exact, None, True)
+    actual = _run("auto", tensors, height, width, window, exact, None, True)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    grad_output = torch.randn_like(expected)
+    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
+    for name in tensors:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-4, atol=1e-4, msg=name)
+
+
+def _allowed_by_definition(height, width, window, exact, neighbor):
+    """The rule of the spec written pair by pair in plain Python."""
+    allowed = torch.zeros(height * width, height * width, dtype=torch.bool)
+    for qr, qc, kr, kc in itertools.product(range(height), range(width), range(height), range(width)):
+        if exact:
+            ok = abs(qr - kr) <= window and abs(qc - kc) <= window
+        else:
+            dr, dc = kr // window - qr // window, kc // window - qc // window
+            if neighbor is None:
+                ok = abs(dr) <= 1 and abs(dc) <= 1
+            else:
+                ok = (dr, dc) in ((0, 0), NEIGHBOR_OFFSETS[neighbor])
+        allowed[qr * width + qc, kr * width + kc] = ok
+    return allowed
+
+
+@pytest.mark.parametrize("exact,neighbor", [(False, None), (True, None), (False, 0), (False, 4), (False, 6)])
+def test_reference_mask_is_the_spec_rule(exact, neighbor):
+    height, width, window = 8, 11, 3
+    torch.testing.assert_close(
+        allowed_keys(height, width, window, exact, neighbor), _allowed_by_definition(height, width, window, exact, neighbor)
+    )
+
+
+def test_interior_query_sees_nine_chunks_and_its_exact_square():
+    window = 3
+    allowed = allowed_keys(12, 12, window, exact=False, neighbor=None)
+    interior = 4 * 12 + 4  # row 4, column 4: chunk (1, 1), all neighbours inside the map
+    assert allowed[interior].sum() == 9 * window**2
+    exact = allowed_keys(12, 12, window, exact=True, neighbor=None)
+    assert exact[interior].sum() == (2 * window + 1) ** 2
+    corner = allowed_keys(12, 12, window, exact=False, neighbor=None)[0]
+    assert corner.sum() == 4 * window**2  # chunks (0,0), (0,1), (1,0), (1,1)
+
+
+def test_reference_uses_the_original_bias_layout():
+    """With zero queries and keys the weights are softmax(bias), bias = table[(dr + 2W-1)(4W-1) + dc + 2W-1]."""
+    window, height, width = 2, 4, 4  # 2x2 chunks: query 0 in chunk (0, 0) sees the whole map
+    table = torch.linspace(-3, 3, relative_bias_table_size(window), dtype=torch.float64)[:, None]
+    zeros = torch.zeros(1, 1, height * width, 1, dtype=torch.float64)
+    empty = torch.zeros(1, 1, 0, 1, dtype=torch.float64)
+    key = 2 * width + 3  # row 2, column 3
+    values = torch.zeros_like(zeros)
+    values[0, 0, key, 0] = 1.0
+    out = longformer_attention_reference(zeros, zeros, values, empty, empty, height, width, window, relative_bias_table=table)
+    span, side = 2 * window - 1, 4 * window - 1
+    # query (0, 0) minus key (r, c) is (-r, -c)
+    bias = torch.stack([table[(-(k // width) + span) * side + (-(k % width) + span), 0] for k in range(height * width)])
+    torch.testing.assert_close(out[0, 0, 0, 0], torch.softmax(bias, 0)[key])
+
+
+def test_rejects_exact_window_with_random_shift_and_unknown_implementation():
+    tensors = _inputs(1, 1, 5, 5, 1, 4, 3, torch.float32, 0)
+    with pytest.raises(ValueError, match="exact window and random shifting"):
+        _run("auto", tensors, 5, 5, 3, True, 1, False)
+    with pytest.raises(ValueError, match="Unknown longformer implementation 'cuda-magic'"):
+        _run("cuda-magic", tensors, 5, 5, 3, False, None, False)
+    with pytest.raises(ValueError, match="neighbor must be in"):
+        _run("vectorized", tensors, 5, 5, 3, False, 8, False)
+    assert resolve_implementation("auto") in LONGFORMER_IMPLEMENTATIONS

@@ -1,0 +1,286 @@
+"""ViL models: registration, save/load, sizes, attention semantics, training-time behaviour."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageClassification,
+)
+
+from vil_hf import (
+    PUBLISHED_MODELS,
+    ViLBackbone,
+    ViLConfig,
+    ViLForImageClassification,
+    ViLImageProcessorPil,
+    ViLModel,
+    published_arch,
+)
+from vil_hf.attention import ViLFullAttention, ViLLongformerAttention
+
+# A small model with every feature: longformer stages with 1-2 globals, full attention stages,
+# relative bias in 1, 3 and 4, absolute embeddings in 2, windows 3 and 5.
+TINY_ARCH = "l1,h2,d16,n1,s1,g2,p4,f3,a0_l2,h2,d16,n2,s1,g1,p2,f5,a1_l3,h2,d32,n1,s0,g1,p2,f7,a0_l4,h4,d32,n1,s0,g0,p2,f7,a0"
+
+
+def tiny_config(**kwargs) -> ViLConfig:
+    return ViLConfig(arch=TINY_ARCH, image_size=64, num_labels=5, **kwargs)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Push every parameter away from its init so that a dropped or swapped tensor shows."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def test_auto_classes_resolve_vil():
+    config = AutoConfig.for_model("vil", arch=TINY_ARCH, image_size=64)
+    assert isinstance(config, ViLConfig)
+    assert isinstance(AutoModel.from_config(config), ViLModel)
+    assert isinstance(AutoModelForImageClassification.from_config(config), ViLForImageClassification)
+    assert isinstance(AutoBackbone.from_config(config), ViLBackbone)
+
+
+@pytest.mark.parametrize("model_class", [ViLModel, ViLForImageClassification, ViLBackbone])
+def test_save_pretrained_round_trip(model_class, tmp_path):
+    config = tiny_config(out_features=["stage2", "stage4"])
+    model = randomize(model_class(config))
+    pixel_values = torch.randn(2, 3, 70, 90)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = model_class.from_pretrained(tmp_path).eval()
+    assert loaded.config.to_arch_string() == TINY_ARCH
+    with torch.no_grad():
+        expected, actual = model(pixel_values), loaded(pixel_values)
+    for key in expected:
+        a, b = expected[key], actual[key]
+        for x, y in zip(a if isinstance(a, tuple) else (a,), b if isinstance(b, tuple) else (b,)):
+            torch.testing.assert_close(y, x, rtol=0, atol=0)
+
+
+def test_auto_classes_load_saved_folders(tmp_path):
+    model = randomize(ViLForImageClassification(tiny_config()))
+    model.save_pretrained(tmp_path)
+    ViLImageProcessorPil().save_pretrained(tmp_path)
+    assert isinstance(AutoModelForImageClassification.from_pretrained(tmp_path), ViLForImageClassification)
+    assert isinstance(AutoModel.from_pretrained(tmp_path), ViLModel)
+    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path), ViLImageProcessorPil)
+
+
+# Published ImageNet-1K counts (vil-reference section 1, 1000 classes). They are those of the
+# absolute-embedding models at their training resolution (224; 384 for the Base models).
+PUBLISHED_PARAMS = {
+    "tiny": (6.7, 224),
+    "small": (24.6, 224),
+    "medium-deep": (39.7, 224),
+    "medium-wide": (39.8, 224),
+    "base-deep": (55.7, 384),
+    "base-wide": (79.0, 384),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED_MODELS)
+def test_published_classification_parameter_counts(name):
+    millions, image_size = PUBLISHED_PARAMS[name]
+    config = ViLConfig(arch=published_arch(name, absolute=True), num_labels=1000, image_size=image_size)
+    with torch.device("meta"):
+        model = ViLForImageClassification(config)
+    count = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"{name}: {count:.3f}M (published {millions}M)")
+    assert abs(count - millions) <= 0.05
+
+
+def test_published_arch_strings_round_trip():
+    for name in PUBLISHED_MODELS:
+        for sparse in (False, True):
+            arch = published_arch(name, sparse=sparse)
+            config = ViLConfig(arch=arch)
+            assert config.to_arch_string() == arch
+            rebuilt = ViLConfig(
+                hidden_sizes=config.hidden_sizes,
+                num_heads=config.num_heads,
+                depths=config.depths,
+                attention_types=config.attention_types,
+                num_global_tokens=config.num_global_tokens,
+                patch_sizes=config.patch_sizes,
+                window_sizes=config.window_sizes,
+                use_absolute_embeddings=config.use_absolute_embeddings,
+            )
+            assert rebuilt.arch == arch
+    small = ViLConfig(arch=published_arch("small", sparse=True))
+    assert small.attention_types == ["longformer"] * 4 and small.num_global_tokens == [1, 1, 1, 0]
+
+
+@pytest.mark.parametrize("size", [(64, 64), (100, 150), (250, 190), (33, 47)])
+def test_any_input_size(size):
+    model = randomize(ViLForImageClassification(tiny_config()))
+    with torch.no_grad():
+        logits = model(torch.randn(1, 3, *size)).logits
+    assert logits.shape == (1, 5) and torch.isfinite(logits).all()
+
+
+def test_backbone_maps_for_sizes_that_are_not_multiples_of_32():
+    config = ViLConfig(arch=TINY_ARCH.replace("s0", "s1"), out_features=["stage1", "stage2", "stage3", "stage4"])
+    backbone = randomize(ViLBackbone(config))
+    with torch.no_grad():
+        maps = backbone(torch.randn(2, 3, 97, 130)).feature_maps
+    assert [tuple(m.shape) for m in maps] == [(2, 16, 24, 32), (2, 16, 12, 16), (2, 32, 6, 8), (2, 32, 3, 4)]
+    assert backbone.channels == [16, 16, 32, 32]
+
+
+def test_backbone_returns_the_local_tokens_of_the_classification_model(tmp_path):
+    classifier = randomize(ViLForImageClassification(tiny_config()))
+    classifier.save_pretrained(tmp_path)
+    backbone = ViLBackbone.from_pretrained(tmp_path, out_features=["stage1", "stage3"]).eval()
+    pixel_values = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        hidden = classifier.vil(pixel_values, output_hidden_states=True)
+        maps = backbone(pixel_values).feature_maps
+    torch.testing.assert_close(maps[0], hidden.reshaped_hidden_states[0], rtol=0, atol=0)
+    torch.testing.assert_close(maps[1], hidden.reshaped_hidden_states[2], rtol=0, atol=0)
+    # stage tokens hold the global tokens first, then the local ones
+    tokens = hidden.hidden_states[0]
+    assert tokens.shape == (1, 2 + 16 * 24, 16)
+
+
+def test_longformer_equals_full_attention_when_the_window_covers_the_map():
+    """With one chunk covering the map and no bias, ViL's local/global split is plain attention."""
+    config = ViLConfig(arch="l1,h2,d16,n1,s1,g2,p4,f9,a1_l2,h2,d16,n1,s0,g2,p2,f7,a1_l3,h2,d16,n1,s0,g0,p2,f7,a1")
+    longformer, full = ViLLongformerAttention(config, 0).eval(), ViLFullAttention(config, 1).eval()
+    randomize(longformer)
+    with torch.no_grad():
+        full.qkv.weight.copy_(torch.cat([longformer.query.weight, longformer.kv.weight]))
+        full.qkv.bias.copy_(torch.cat([longformer.query.bias, longformer.kv.bias]))
+        full.proj.load_state_dict(longformer.proj.state_dict())
+    tokens = torch.randn(2, 2 + 6 * 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(longformer(tokens, 6, 8), full(tokens, 6, 8), rtol=1e-5, atol=1e-5)
+
+
+def test_separate_global_weights_are_used_for_global_queries():
+    config = ViLConfig(arch=TINY_ARCH, share_global_weights=False)
+    attention = randomize(ViLLongformerAttention(config, 0))
+    tokens = torch.randn(1, 2 + 5 * 6, 16)
+    with torch.no_grad():
+        before = attention(tokens, 5, 6)
+        attention.global_query.weight.mul_(3.0)
+        after = attention(tokens, 5, 6)
+    torch.testing.assert_close(after[:, 2:], before[:, 2:])  # local outputs do not use global_query
+    assert not torch.allclose(after[:, :2], before[:, :2])
+
+
+def test_full_attention_bias_table_is_resized_for_other_grids():
+    config = tiny_config()
+    attention = randomize(ViLFullAttention(config, 2))
+    rows, cols = attention.grid_size
+    assert (rows, cols) == (4, 4)
+    torch.testing.assert_close(attention._local_bias_table(rows, cols), attention.relative_position_bias_table)
+    with torch.no_grad():
+        attention.relative_position_bias_table.fill_(0.5)
+    resized = attention._local_bias_table(6, 3)
+    assert resized.shape == (11 * 5, 2)
+    torch.testing.assert_close(resized, torch.full_like(resized, 0.5))
+    assert attention.relative_bias(6, 3).shape == (2, 1 + 18, 1 + 18)
+
+
+def test_absolute_embeddings_slice_smaller_maps_and_stretch_larger_ones():
+    config = tiny_config()
+    model = randomize(ViLModel(config))
+    embeddings = model.encoder.stages[1].position_embeddings  # built for an 8x8 grid
+    small = embeddings(5, 7)
+    assert small.shape == (1, 1 + 35, 16)
+    torch.testing.assert_close(small[0, 1:].view(5, 7, 16)[:, 0, :8], embeddings.row_embeddings[0, :5])
+    torch.testing.assert_close(small[0, 1:].view(5, 7, 16)[0, :, 8:], embeddings.column_embeddings[0, :7])
+    assert embeddings(12, 9).shape == (1, 1 + 108, 16)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    config = tiny_config(random_shift=True, drop_path_rate=0.0)
+    model = randomize(ViLForImageClassification(config)).train()
+    pixel_values, labels = torch.randn(2, 3, 64, 80), torch.tensor([1, 3])
+
+    def gradients():
+        model.zero_grad()
+        torch.manual_seed(123)  # the same random shifts in both runs
+        model(pixel_values, labels=labels).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = gradients()
+    model.activation_checkpointing_enable()
+    checkpointed = gradients()
+    assert plain.keys() == checkpointed.keys() and len(plain) > 50
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_random_shift_only_in_training_and_can_be_switched_off():
+    config = tiny_config(random_shift=True)
+    model = randomize(ViLForImageClassification(config))
+    pixel_values = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        evaluation = model.eval()(pixel_values).logits
+        torch.testing.assert_close(model(pixel_values).logits, evaluation)
+        model.train()
+        shifted = [model(pixel_values).logits for _ in range(6)]
+        assert any(not torch.allclose(s, evaluation, atol=1e-5) for s in shifted)
+        model.set_random_shift(False)
+        torch.testing.assert_close(model(pixel_values).logits, evaluation)
+    assert model.config.random_shift is False
+
+
+def test_drop_path_rises_linearly_over_all_blocks():
+    model = ViLModel(tiny_config(drop_path_rate=0.3))
+    rates = [layer.drop_path.drop_prob for stage in model.encoder.stages for layer in stage.layers]
+    np.testing.assert_allclose(rates, np.linspace(0, 0.3, 5))
+
+
+def test_weight_init_follows_the_original():
+    model = ViLForImageClassification(ViLConfig(arch=published_arch("tiny"), num_labels=10))
+    attention = model.vil.encoder.stages[0].layers[0].attention
+    assert attention.query.bias.abs().max() == 0 and 0.015 < attention.kv.weight.std() < 0.025
+    assert 0.015 < attention.relative_position_bias_table.std() < 0.025
+    assert model.vil.encoder.stages[0].global_tokens.abs().max() > 0
+    norm = model.vil.encoder.stages[0].layers[0].layernorm_before
+    assert torch.equal(norm.weight, torch.ones_like(norm.weight)) and norm.eps == 1e-6
+
+
+def test_pooling_uses_first_global_token_or_the_mean():
+    arch = TINY_ARCH.replace("s0,g0", "s0,g2")
+    with_global = randomize(ViLModel(ViLConfig(arch=arch, image_size=64)))
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = with_global(pixel_values)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state[:, 0])
+    averaged = ViLModel(ViLConfig(arch=arch, image_size=64, average_pool=True))
+    averaged.load_state_dict(with_global.state_dict())
+    with torch.no_grad():
+        out = averaged.eval()(pixel_values)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state.mean(1))
+
+
+def test_classification_loss_and_backward_reach_the_first_stage():
+    model = ViLForImageClassification(tiny_config()).train()
+    output = model(torch.randn(2, 3, 64, 64), labels=torch.tensor([0, 4]))
+    assert output.loss.ndim == 0 and torch.isfinite(output.loss)
+    output.loss.backward()
+    assert model.vil.encoder.stages[0].patch_embeddings.projection.weight.grad.abs().sum() > 0
+    assert model.vil.encoder.stages[0].global_tokens.grad.abs().sum() > 0
+
+
+def test_image_processor_matches_the_original_evaluation_transform():
+    processor = ViLImageProcessorPil()
+    image = Image.fromarray(np.full((300, 400, 3), (255, 128, 0), dtype=np.uint8))
+    pixel_values = processor(images=image, return_tensors="pt")["pixel_values"]
+    assert pixel_values.shape == (1, 3, 224, 224)
+    mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
+    expected = (np.array([255, 128, 0]) / 255.0 - mean) / std
+    np.testing.assert_allclose(pixel_values[0, :, 100, 100].numpy(), expected, rtol=1e-5, atol=1e-5)
