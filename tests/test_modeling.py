@@ -284,3 +284,16 @@ def test_image_processor_matches_the_original_evaluation_transform():
     mean, std = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
     expected = (np.array([255, 128, 0]) / 255.0 - mean) / std
     np.testing.assert_allclose(pixel_values[0, :, 100, 100].numpy(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_image_classification_pipeline_runs_on_a_saved_folder(tmp_path):
+    from transformers import pipeline
+
+    config = tiny_config(id2label={i: f"shape{i}" for i in range(5)}, label2id={f"shape{i}": i for i in range(5)})
+    randomize(ViLForImageClassification(config)).save_pretrained(tmp_path)
+    ViLImageProcessorPil().save_pretrained(tmp_path)
+    classify = pipeline("image-classification", model=str(tmp_path))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (180, 260, 3), dtype=np.uint8))
+    predictions = classify(image, top_k=5)
+    assert sorted(p["label"] for p in predictions) == [f"shape{i}" for i in range(5)]
+    assert abs(sum(p["score"] for p in predictions) - 1.0) < 1e-4

@@ -16,7 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-from .attention import ATTENTION_CLASSES, ViLFullAttention, ViLLongformerAttention
+from .attention import ATTENTION_CLASSES, ViLAttentionBase, ViLLongformerAttention
 from .configuration_vil import ViLConfig
 
 
@@ -243,11 +243,9 @@ class ViLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ViLAbsolutePositionEmbeddings):
             for table in (module.row_embeddings, module.column_embeddings, module.global_embeddings):
                 init.trunc_normal_(table, std=std)
-        elif isinstance(module, (ViLLongformerAttention, ViLFullAttention)) and module.use_relative_bias:
-            init.trunc_normal_(module.relative_position_bias_table, std=std)
-            if module.num_global_tokens:
-                for bias in (module.global_to_local_bias, module.local_to_global_bias, module.global_to_global_bias):
-                    init.trunc_normal_(bias, std=std)
+        elif isinstance(module, ViLAttentionBase):
+            for table in module.bias_parameters():
+                init.trunc_normal_(table, std=std)
 
     def set_random_shift(self, enabled: bool) -> None:
         """Switch training-time random shifting on or off (the original turns it off late in training)."""

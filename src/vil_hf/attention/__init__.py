@@ -1,5 +1,6 @@
 """One module per attention type of ViL; the heavy part lives in ``vil_kernels``."""
 
+from .base import ViLAttentionBase
 from .full import ViLFullAttention
 from .longformer import ViLLongformerAttention
 
@@ -8,4 +9,4 @@ ATTENTION_CLASSES = {
     "full": ViLFullAttention,
 }
 
-__all__ = ["ATTENTION_CLASSES", "ViLFullAttention", "ViLLongformerAttention"]
+__all__ = ["ATTENTION_CLASSES", "ViLAttentionBase", "ViLFullAttention", "ViLLongformerAttention"]

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration_vil import ViLConfig
+from .base import ViLAttentionBase
 
 
 def full_relative_bias_index(height: int, width: int, device=None) -> torch.Tensor:
@@ -18,7 +19,7 @@ def full_relative_bias_index(height: int, width: int, device=None) -> torch.Tens
     return delta_rows * (2 * width - 1) + delta_cols
 
 
-class ViLFullAttention(nn.Module):
+class ViLFullAttention(ViLAttentionBase):
     """Dense multi-head attention over global and local tokens, with a fused `qkv` projection.
 
     The relative bias table is built for the grid of ``config.image_size``; other map sizes get
@@ -27,28 +28,13 @@ class ViLFullAttention(nn.Module):
     """
 
     def __init__(self, config: ViLConfig, stage_index: int):
-        super().__init__()
-        dim = config.hidden_sizes[stage_index]
-        self.num_heads = config.num_heads[stage_index]
-        self.head_dim = dim // self.num_heads
-        self.scale = self.head_dim**-0.5
-        self.num_global_tokens = config.num_global_tokens[stage_index]
-        self.attention_dropout = config.attention_probs_dropout_prob
+        super().__init__(config, stage_index)
         self.grid_size = config.table_grid_sizes()[stage_index]
-
-        self.qkv = nn.Linear(dim, 3 * dim, bias=config.qkv_bias)  # rows [q; k; v]
-        self.proj = nn.Linear(dim, dim)
-        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
-
-        self.use_relative_bias = not config.use_absolute_embeddings[stage_index]
+        self.qkv = nn.Linear(self.dim, 3 * self.dim, bias=config.qkv_bias)  # rows [q; k; v]
+        self.proj = nn.Linear(self.dim, self.dim)
         if self.use_relative_bias:
             rows, cols = self.grid_size
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * rows - 1) * (2 * cols - 1), self.num_heads))
-            if self.num_global_tokens:
-                g = self.num_global_tokens
-                self.global_to_local_bias = nn.Parameter(torch.zeros(self.num_heads, g))
-                self.local_to_global_bias = nn.Parameter(torch.zeros(self.num_heads, g))
-                self.global_to_global_bias = nn.Parameter(torch.zeros(self.num_heads, g, g))
 
     def _local_bias_table(self, height: int, width: int) -> torch.Tensor:
         """The table for a height x width map, ((2h-1)(2w-1), H)."""
@@ -83,7 +69,7 @@ class ViLFullAttention(nn.Module):
             keys,
             values,
             attn_mask=bias,
-            dropout_p=self.attention_dropout if self.training else 0.0,
+            dropout_p=self.dropout_probability(),
             scale=self.scale,
         )
         return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))

@@ -9,29 +9,24 @@ from torch import nn
 from vil_kernels import NEIGHBOR_OFFSETS, longformer_attention, relative_bias_table_size
 
 from ..configuration_vil import ViLConfig
+from .base import ViLAttentionBase
 
 
-class ViLLongformerAttention(nn.Module):
+class ViLLongformerAttention(ViLAttentionBase):
     """Multi-head attention of one ViL block with a longformer pattern.
 
     Local queries attend to their window (see ``vil_kernels.longformer_attention``) and to every
     global token; global queries attend to all tokens. With relative position bias (letter a0),
-    a table indexed by query-minus-key offset biases local-local scores and one learned value per
-    head and global token biases each global-local direction.
+    a ((4W-1)^2, H) table indexed by query-minus-key offset biases local-local scores.
     """
 
     def __init__(self, config: ViLConfig, stage_index: int):
-        super().__init__()
-        dim = config.hidden_sizes[stage_index]
-        self.num_heads = config.num_heads[stage_index]
-        self.head_dim = dim // self.num_heads
-        self.scale = self.head_dim**-0.5
-        self.num_global_tokens = config.num_global_tokens[stage_index]
+        super().__init__(config, stage_index)
+        dim = self.dim
         self.window = config.window_sizes[stage_index]
         self.exact_window = config.exact_window
         self.random_shift = config.random_shift
         self.implementation = config.longformer_implementation
-        self.attention_dropout = config.attention_probs_dropout_prob
 
         self.query = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.kv = nn.Linear(dim, 2 * dim, bias=config.qkv_bias)  # rows [keys; values]
@@ -43,16 +38,8 @@ class ViLLongformerAttention(nn.Module):
             self.global_query = nn.Linear(dim, dim, bias=config.qkv_bias)
             self.global_kv = nn.Linear(dim, 2 * dim, bias=config.qkv_bias)
             self.global_proj = nn.Linear(dim, dim)
-        self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
-
-        self.use_relative_bias = not config.use_absolute_embeddings[stage_index]
         if self.use_relative_bias:
             self.relative_position_bias_table = nn.Parameter(torch.zeros(relative_bias_table_size(self.window), self.num_heads))
-            if self.num_global_tokens:
-                g = self.num_global_tokens
-                self.global_to_local_bias = nn.Parameter(torch.zeros(self.num_heads, g))
-                self.local_to_global_bias = nn.Parameter(torch.zeros(self.num_heads, g))
-                self.global_to_global_bias = nn.Parameter(torch.zeros(self.num_heads, g, g))
 
     def _split_heads(self, tokens: torch.Tensor, parts: int) -> torch.Tensor:
         batch, length, _ = tokens.shape
@@ -84,7 +71,7 @@ class ViLLongformerAttention(nn.Module):
             neighbor=neighbor,
             relative_bias_table=self.relative_position_bias_table if self.use_relative_bias else None,
             local_to_global_bias=self.local_to_global_bias if self.use_relative_bias and num_global else None,
-            dropout_p=self.attention_dropout if self.training else 0.0,
+            dropout_p=self.dropout_probability(),
             implementation=self.implementation,
         )
         local_output = self.proj(local_context.transpose(1, 2).reshape(batch, length - num_global, dim))
@@ -109,7 +96,7 @@ class ViLLongformerAttention(nn.Module):
             keys,
             values,
             attn_mask=bias,
-            dropout_p=self.attention_dropout if self.training else 0.0,
+            dropout_p=self.dropout_probability(),
             scale=1.0,  # queries are already scaled
         )
         global_output = global_proj(global_context.transpose(1, 2).reshape(batch, num_global, dim))
