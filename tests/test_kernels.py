@@ -4,7 +4,6 @@ import itertools
 
 import pytest
 import torch
-
 from vil_kernels import (
     LONGFORMER_IMPLEMENTATIONS,
     NEIGHBOR_OFFSETS,
@@ -120,7 +119,8 @@ def _allowed_by_definition(height, width, window, exact, neighbor):
 def test_reference_mask_is_the_spec_rule(exact, neighbor):
     height, width, window = 8, 11, 3
     torch.testing.assert_close(
-        allowed_keys(height, width, window, exact, neighbor), _allowed_by_definition(height, width, window, exact, neighbor)
+        allowed_keys(height, width, window, exact, neighbor),
+        _allowed_by_definition(height, width, window, exact, neighbor),
     )
 
 
@@ -144,7 +144,9 @@ def test_reference_uses_the_original_bias_layout():
     key = 2 * width + 3  # row 2, column 3
     values = torch.zeros_like(zeros)
     values[0, 0, key, 0] = 1.0
-    out = longformer_attention_reference(zeros, zeros, values, empty, empty, height, width, window, relative_bias_table=table)
+    out = longformer_attention_reference(
+        zeros, zeros, values, empty, empty, height, width, window, relative_bias_table=table
+    )
     span, side = 2 * window - 1, 4 * window - 1
     # query (0, 0) minus key (r, c) is (-r, -c)
     bias = torch.stack([table[(-(k // width) + span) * side + (-(k % width) + span), 0] for k in range(height * width)])

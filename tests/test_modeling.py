@@ -25,7 +25,9 @@ from vil_hf.attention import ViLFullAttention, ViLLongformerAttention
 
 # A small model with every feature: longformer stages with 1-2 globals, full attention stages,
 # relative bias in 1, 3 and 4, absolute embeddings in 2, windows 3 and 5.
-TINY_ARCH = "l1,h2,d16,n1,s1,g2,p4,f3,a0_l2,h2,d16,n2,s1,g1,p2,f5,a1_l3,h2,d32,n1,s0,g1,p2,f7,a0_l4,h4,d32,n1,s0,g0,p2,f7,a0"
+TINY_ARCH = (
+    "l1,h2,d16,n1,s1,g2,p4,f3,a0_l2,h2,d16,n2,s1,g1,p2,f5,a1_l3,h2,d32,n1,s0,g1,p2,f7,a0_l4,h4,d32,n1,s0,g0,p2,f7,a0"
+)
 
 
 def tiny_config(**kwargs) -> ViLConfig:

@@ -64,7 +64,9 @@ def _info(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .configuration_vil import PUBLISHED_MODELS
 
-    parser = argparse.ArgumentParser(prog="vil-hf", description="Vision Longformer (ViL) for Hugging Face transformers.")
+    parser = argparse.ArgumentParser(
+        prog="vil-hf", description="Vision Longformer (ViL) for Hugging Face transformers."
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     convert = commands.add_parser(
@@ -80,18 +82,28 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--mode", type=int, default=0, help="MODE: 0 all chunks, >0 random shifting in training")
     convert.add_argument("--only-glo", action="store_true", help="ONLY_GLOBAL (global-only ablation)")
     convert.add_argument("--avg-pool", action="store_true", help="AVG_POOL: classify from the mean of all tokens")
-    convert.add_argument("--img-size", type=int, help="image size the tables were built for (224 classification, 1333 detection)")
-    convert.add_argument("--num-classes", type=int, help="classes of the classification head (default: from the checkpoint)")
-    convert.add_argument("--head", choices=["backbone", "mask_rcnn", "retinanet"], help="what to take from a detectron2 file")
+    convert.add_argument(
+        "--img-size", type=int, help="image size the tables were built for (224 classification, 1333 detection)"
+    )
+    convert.add_argument(
+        "--num-classes", type=int, help="classes of the classification head (default: from the checkpoint)"
+    )
+    convert.add_argument(
+        "--head", choices=["backbone", "mask_rcnn", "retinanet"], help="what to take from a detectron2 file"
+    )
     convert.add_argument("--num-detection-classes", type=int, help="object classes of a detectron2 detector")
     convert.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
     convert.set_defaults(handler=_convert)
 
     info = commands.add_parser("info", help="show a ViL architecture, its size, and run it once on a random image")
     group = info.add_mutually_exclusive_group()
-    group.add_argument("--model", choices=PUBLISHED_MODELS, default="small", help="a published backbone (default small)")
+    group.add_argument(
+        "--model", choices=PUBLISHED_MODELS, default="small", help="a published backbone (default small)"
+    )
     group.add_argument("--arch", help="an architecture string instead")
-    info.add_argument("--sparse", action="store_true", help="the detection '_sparse' string (longformer in every stage)")
+    info.add_argument(
+        "--sparse", action="store_true", help="the detection '_sparse' string (longformer in every stage)"
+    )
     info.add_argument("--image-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
     info.set_defaults(handler=_info)
     return parser

@@ -62,7 +62,9 @@ def parse_arch(arch: str) -> list[dict[str, int]]:
     Unlike the original, unknown letters, malformed values and missing or repeated stages are errors.
     """
     if not isinstance(arch, str) or not arch.strip():
-        raise ValueError(f"arch must be a non-empty architecture string such as {published_arch('small')!r}, got {arch!r}.")
+        raise ValueError(
+            f"arch must be a non-empty architecture string such as {published_arch('small')!r}, got {arch!r}."
+        )
     known = ", ".join(f"{k} ({v[0]})" for k, v in ARCH_LETTERS.items())
     stages = []
     for position, stage in enumerate(arch.strip().split("_"), start=1):
@@ -70,12 +72,18 @@ def parse_arch(arch: str) -> list[dict[str, int]]:
         for field in stage.split(","):
             field = field.strip()
             if not field:
-                raise ValueError(f"arch: stage {position} ({stage!r}) has an empty field; fields are letter+integer separated by ','.")
+                raise ValueError(
+                    f"arch: stage {position} ({stage!r}) has an empty field; fields are letter+integer separated by ','."
+                )
             letter, value = field[0], field[1:]
             if letter not in ARCH_LETTERS:
-                raise ValueError(f"arch: unknown letter {letter!r} in stage {position} ({stage!r}). Known letters: {known}.")
+                raise ValueError(
+                    f"arch: unknown letter {letter!r} in stage {position} ({stage!r}). Known letters: {known}."
+                )
             if not value.isdigit():
-                raise ValueError(f"arch: field {field!r} in stage {position} needs a non-negative integer after {letter!r}.")
+                raise ValueError(
+                    f"arch: field {field!r} in stage {position} needs a non-negative integer after {letter!r}."
+                )
             if letter in fields:
                 raise ValueError(f"arch: letter {letter!r} appears twice in stage {position} ({stage!r}).")
             fields[letter] = int(value)

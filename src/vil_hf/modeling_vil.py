@@ -148,7 +148,9 @@ class ViLLayer(GradientCheckpointingLayer):
         self.drop_path = ViLDropPath(drop_path_rate)
 
     def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        hidden_states = hidden_states + self.drop_path(self.attention(self.layernorm_before(hidden_states), height, width))
+        hidden_states = hidden_states + self.drop_path(
+            self.attention(self.layernorm_before(hidden_states), height, width)
+        )
         return hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
 
 
@@ -160,7 +162,9 @@ class ViLStage(nn.Module):
         dim = config.hidden_sizes[stage_index]
         self.num_global_tokens = config.num_global_tokens[stage_index]
         self.patch_embeddings = ViLPatchEmbeddings(config, stage_index)
-        self.global_tokens = nn.Parameter(torch.zeros(1, self.num_global_tokens, dim)) if self.num_global_tokens else None
+        self.global_tokens = (
+            nn.Parameter(torch.zeros(1, self.num_global_tokens, dim)) if self.num_global_tokens else None
+        )
         self.position_embeddings = (
             ViLAbsolutePositionEmbeddings(config, stage_index) if config.use_absolute_embeddings[stage_index] else None
         )
@@ -207,7 +211,9 @@ class ViLEncoder(nn.Module):
             if output_hidden_states:
                 hidden_states += (tokens,)
         return ViLEncoderOutput(
-            last_hidden_state=tokens, feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None
+            last_hidden_state=tokens,
+            feature_maps=feature_maps,
+            hidden_states=hidden_states if output_hidden_states else None,
         )
 
 
@@ -249,9 +255,9 @@ class ViLPreTrainedModel(PreTrainedModel):
 
     def set_random_shift(self, enabled: bool) -> None:
         """Switch training-time random shifting on or off (the original turns it off late in training)."""
-        self.config.random_shift = bool(enabled)
         if enabled and self.config.exact_window:
-            raise ValueError("Random shifting cannot be used with exact_window=True.")
+            raise ValueError("Random shifting cannot be used with exact_window=True (it samples whole chunks).")
+        self.config.random_shift = bool(enabled)
         for module in self.modules():
             if isinstance(module, ViLLongformerAttention):
                 module.random_shift = bool(enabled)
@@ -273,7 +279,9 @@ class ViLModel(ViLPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> ViLModelOutput | tuple:
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.encoder(pixel_values, output_hidden_states=output_hidden_states)
         sequence_output = self.layernorm(encoded.last_hidden_state)
@@ -295,7 +303,9 @@ class ViLForImageClassification(ViLPreTrainedModel):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.vil = ViLModel(config)
-        self.classifier = nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.classifier = (
+            nn.Linear(config.hidden_sizes[-1], config.num_labels) if config.num_labels > 0 else nn.Identity()
+        )
         self.post_init()
 
     def forward(
@@ -339,11 +349,15 @@ class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
     ) -> BackboneOutput | tuple:
         if output_attentions:
             raise ValueError("ViLBackbone does not return attention maps (the local attention is never materialised).")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         encoded = self.encoder(pixel_values, output_hidden_states=False)
         feature_maps = tuple(
-            feature_map for name, feature_map in zip(self.stage_names, encoded.feature_maps) if name in self.out_features
+            feature_map
+            for name, feature_map in zip(self.stage_names, encoded.feature_maps)
+            if name in self.out_features
         )
         output = BackboneOutput(
             feature_maps=feature_maps, hidden_states=encoded.feature_maps if output_hidden_states else None

@@ -23,7 +23,9 @@ def resolve_implementation(name: str) -> str:
     if name == "auto":
         return "vectorized"
     if name not in IMPLEMENTATIONS:
-        raise ValueError(f"Unknown longformer implementation {name!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}.")
+        raise ValueError(
+            f"Unknown longformer implementation {name!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}."
+        )
     return name
 
 
@@ -62,7 +64,9 @@ def longformer_attention(
     if exact and neighbor is not None:
         raise ValueError("The exact window and random shifting cannot be combined (the original rejects it too).")
     name = resolve_implementation(implementation)
-    logger.debug("longformer attention: %s (requested %s), map %dx%d, window %d", name, implementation, height, width, window)
+    logger.debug(
+        "longformer attention: %s (requested %s), map %dx%d, window %d", name, implementation, height, width, window
+    )
     return IMPLEMENTATIONS[name](
         local_queries,
         local_keys,

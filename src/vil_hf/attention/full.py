@@ -34,7 +34,9 @@ class ViLFullAttention(ViLAttentionBase):
         self.proj = nn.Linear(self.dim, self.dim)
         if self.use_relative_bias:
             rows, cols = self.grid_size
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * rows - 1) * (2 * cols - 1), self.num_heads))
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros((2 * rows - 1) * (2 * cols - 1), self.num_heads)
+            )
 
     def _local_bias_table(self, height: int, width: int) -> torch.Tensor:
         """The table for a height x width map, ((2h-1)(2w-1), H)."""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
 from vil_kernels import NEIGHBOR_OFFSETS, longformer_attention, relative_bias_table_size
 
 from ..configuration_vil import ViLConfig
@@ -39,7 +38,9 @@ class ViLLongformerAttention(ViLAttentionBase):
             self.global_kv = nn.Linear(dim, 2 * dim, bias=config.qkv_bias)
             self.global_proj = nn.Linear(dim, dim)
         if self.use_relative_bias:
-            self.relative_position_bias_table = nn.Parameter(torch.zeros(relative_bias_table_size(self.window), self.num_heads))
+            self.relative_position_bias_table = nn.Parameter(
+                torch.zeros(relative_bias_table_size(self.window), self.num_heads)
+            )
 
     def _split_heads(self, tokens: torch.Tensor, parts: int) -> torch.Tensor:
         batch, length, _ = tokens.shape

@@ -102,7 +102,7 @@ def _map_block_key(stage: int, rest: str) -> str | None:
     layer = f"{base}.layers.{(index - 1) // 2}"
     if index % 2:  # attention block
         if name.startswith("norm."):
-            return f"{layer}.layernorm_before.{name[len('norm.'):]}"
+            return f"{layer}.layernorm_before.{name[len('norm.') :]}"
         attn = name[len("attn.") :] if name.startswith("attn.") else f"<unknown>.{name}"
         if attn == "relative_position_index":
             return None
@@ -111,11 +111,13 @@ def _map_block_key(stage: int, rest: str) -> str | None:
             "g2g_relative_position_bias": "global_to_global_bias",
         }
         module, _, param = attn.partition(".")
-        module = {"query_global": "global_query", "kv_global": "global_kv", "proj_global": "global_proj"}.get(module, module)
+        module = {"query_global": "global_query", "kv_global": "global_kv", "proj_global": "global_proj"}.get(
+            module, module
+        )
         attn = renames.get(attn, f"{module}.{param}" if param else module)
         return f"{layer}.attention.{attn}"
     if name.startswith("norm."):
-        return f"{layer}.layernorm_after.{name[len('norm.'):]}"
+        return f"{layer}.layernorm_after.{name[len('norm.') :]}"
     return f"{layer}.{name}"  # mlp.fc1.*, mlp.fc2.*
 
 
@@ -161,7 +163,11 @@ def fold_global_copies(mapped: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     differing = [
         k
         for k in global_keys
-        if (local := k.replace(".global_query.", ".query.").replace(".global_kv.", ".kv.").replace(".global_proj.", ".proj."))
+        if (
+            local := k.replace(".global_query.", ".query.")
+            .replace(".global_kv.", ".kv.")
+            .replace(".global_proj.", ".proj.")
+        )
         not in mapped
         or mapped[local].shape != mapped[k].shape
         or not torch.equal(mapped[local], mapped[k])
@@ -238,10 +244,18 @@ def _check_and_load(model: torch.nn.Module, mapped: dict[str, torch.Tensor], unk
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()}, strict=True)
 
 
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConversionError(f"Output path {str(out_dir)!r} exists and is not a folder; choose another OUT_DIR.")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise ConversionError(
+            f"Output folder {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it."
+        )
+
+
 def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
     """Write into a temporary sibling folder, then rename it into place."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"Output folder {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it.")
+    _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
@@ -267,13 +281,14 @@ def convert_checkpoint(
     ``head="backbone"`` a ViLBackbone folder. Nothing is left behind on failure.
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ConversionError(f"Output folder {str(out_dir)!r} exists and is not empty; pass --overwrite to replace it.")
+    _check_out_dir(out_dir, overwrite)  # before the slow part; checked again just before writing
     kind, state_dict, checkpoint = load_original_checkpoint(source)
     dropped: list[str] = []
     if kind == "classification":
         if options.head not in (None, "classification"):
-            raise ConversionError(f"--head {options.head} applies to detectron2 files; {str(source)!r} is a classification file.")
+            raise ConversionError(
+                f"--head {options.head} applies to detectron2 files; {str(source)!r} is a classification file."
+            )
         head = state_dict.get("head.weight")
         checkpoint_classes = int(head.shape[0]) if head is not None else 0
         num_classes = options.num_classes if options.num_classes is not None else checkpoint_classes
@@ -288,10 +303,18 @@ def convert_checkpoint(
                 "(--head mask_rcnn / retinanet convert whole detectors)."
             )
         if head_kind != "backbone":
-            raise ConversionError(f"--head {head_kind}: whole detectors are not supported by this version; use --head backbone.")
-        backbone = {k[len(DETECTRON2_BACKBONE_PREFIX) :]: v for k, v in state_dict.items() if k.startswith(DETECTRON2_BACKBONE_PREFIX)}
+            raise ConversionError(
+                f"--head {head_kind}: whole detectors are not supported by this version; use --head backbone."
+            )
+        backbone = {
+            k[len(DETECTRON2_BACKBONE_PREFIX) :]: v
+            for k, v in state_dict.items()
+            if k.startswith(DETECTRON2_BACKBONE_PREFIX)
+        }
         if not backbone:
-            raise ConversionError(f"No '{DETECTRON2_BACKBONE_PREFIX}*' keys in {str(source)!r}: not a ViL detectron2 checkpoint.")
+            raise ConversionError(
+                f"No '{DETECTRON2_BACKBONE_PREFIX}*' keys in {str(source)!r}: not a ViL detectron2 checkpoint."
+            )
         dropped = sorted(k for k in state_dict if not k.startswith(DETECTRON2_BACKBONE_PREFIX))
         # The original detection backbone still builds the classification norm and head; it never uses them.
         unused = [k for k in backbone if k.startswith(("norm.", "head."))]
