@@ -696,3 +696,15 @@ def test_differing_global_projections_are_kept(tmp_path, cls_path, cls_checkpoin
         reference_logits = reference(pixel_values).logits
     assert logits.shape == reference_logits.shape == (1, 10)
     assert not torch.allclose(logits, reference_logits, atol=1e-5)
+
+
+def test_num_detection_classes_with_backbone_head_is_refused(det_path, det_arch, tmp_path):
+    out_dir = tmp_path / "out"
+    _convert_fails(
+        det_path,
+        out_dir,
+        "--num-detection-classes applies to whole detectors",
+        arch=det_arch,
+        head="backbone",
+        num_detection_classes=80,
+    )

@@ -19,7 +19,8 @@ from ..modeling_vil import ViLBackbone, ViLForImageClassification
 logger = logging.getLogger(__name__)
 
 DETECTRON2_BACKBONE_PREFIX = "backbone.bottom_up."
-ATTENTION_TYPE_NAMES = {"longformerhand": "longformer", "longformerauto": "longformer", "longformer": "longformer"}
+# The original's names of its (hand-written and autograd) longformer implementations.
+LONGFORMER_ATTENTION_NAMES = ("longformerhand", "longformerauto", "longformer")
 NOT_YET_SUPPORTED_ATTENTION = ("srformer", "performer", "linformer")
 
 
@@ -188,7 +189,7 @@ def build_config(options: ConversionOptions, kind: str, checkpoint: dict, state_
         raise ConversionError(f"--attn-type {attn_type} (a paper ablation) is not supported by this version of vil-hf.")
     if options.only_glo:
         raise ConversionError("--only-glo (the global-only ablation) is not supported by this version of vil-hf.")
-    if attn_type != "full" and attn_type not in ATTENTION_TYPE_NAMES:
+    if attn_type != "full" and attn_type not in LONGFORMER_ATTENTION_NAMES:
         raise ConversionError(f"Unknown --attn-type {attn_type!r}; the original's names are longformerhand and full.")
     if options.sw_exact not in (0, 1):
         raise ConversionError(
@@ -306,6 +307,8 @@ def convert_checkpoint(
             raise ConversionError(
                 f"--head {head_kind}: whole detectors are not supported by this version; use --head backbone."
             )
+        if options.num_detection_classes is not None:
+            raise ConversionError("--num-detection-classes applies to whole detectors, not to --head backbone.")
         backbone = {
             k[len(DETECTRON2_BACKBONE_PREFIX) :]: v
             for k, v in state_dict.items()
