@@ -708,3 +708,11 @@ def test_num_detection_classes_with_backbone_head_is_refused(det_path, det_arch,
         head="backbone",
         num_detection_classes=80,
     )
+
+
+def test_checkpoint_with_non_tensor_objects_explains_how_to_keep_the_weights(cls_checkpoint, tmp_path):
+    import argparse
+
+    source = _save(tmp_path, {**cls_checkpoint, "args": argparse.Namespace(lr=0.1)})
+    message = _convert_fails(source, tmp_path / "out", "holds objects other than tensors")
+    assert "weights_only" in message and "torch.save" in message

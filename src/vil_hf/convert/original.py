@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -61,6 +62,13 @@ def load_original_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, to
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
+        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+            raise ConversionError(
+                f"{str(path)!r} holds objects other than tensors, which vil-hf does not unpickle "
+                "(torch.load(weights_only=True) refused them). If you trust the file, keep only its weights: "
+                "python -c \"import torch; c = torch.load('IN', weights_only=False); "
+                "torch.save({k: c[k] for k in ('net', 'model', 'arch') if k in c}, 'OUT')\""
+            ) from error
         raise ConversionError(
             f"Could not read {str(path)!r} as a PyTorch checkpoint ({type(error).__name__}: {error}). "
             "Is the file complete, and is it a checkpoint of the original ViL code?"
