@@ -4,6 +4,7 @@ import itertools
 
 import pytest
 import torch
+
 from vil_kernels import (
     LONGFORMER_IMPLEMENTATIONS,
     NEIGHBOR_OFFSETS,

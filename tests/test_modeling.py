@@ -22,6 +22,7 @@ from vil_hf import (
     published_arch,
 )
 from vil_hf.attention import ViLFullAttention, ViLLongformerAttention
+from vil_hf.configuration_vil import STAGE_FIELDS, stage_lists_from_arch
 
 # A small model with every feature: longformer stages with 1-2 globals, full attention stages,
 # relative bias in 1, 3 and 4, absolute embeddings in 2, windows 3 and 5.
@@ -117,6 +118,7 @@ def test_published_arch_strings_round_trip():
                 use_absolute_embeddings=config.use_absolute_embeddings,
             )
             assert rebuilt.arch == arch
+    assert tuple(stage_lists_from_arch(published_arch("small"))) == STAGE_FIELDS
     small = ViLConfig(arch=published_arch("small", sparse=True))
     assert small.attention_types == ["longformer"] * 4 and small.num_global_tokens == [1, 1, 1, 0]
 

@@ -5,8 +5,6 @@ Pure PyTorch; nothing here depends on transformers, so the kernels can be tested
 
 from .longformer import (
     IMPLEMENTATIONS as LONGFORMER_IMPLEMENTATIONS,
-)
-from .longformer import (
     NEIGHBOR_OFFSETS,
     longformer_attention,
     longformer_attention_reference,

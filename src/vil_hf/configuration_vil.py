@@ -102,6 +102,19 @@ def parse_arch(arch: str) -> list[dict[str, int]]:
     return stages
 
 
+# The per-stage lists a ViLConfig stores, one entry per stage.
+STAGE_FIELDS = (
+    "hidden_sizes",
+    "num_heads",
+    "depths",
+    "attention_types",
+    "num_global_tokens",
+    "patch_sizes",
+    "window_sizes",
+    "use_absolute_embeddings",
+)
+
+
 def stage_lists_from_arch(arch: str, attention_type: str = "longformer") -> dict[str, list]:
     """The per-stage lists that ViLConfig stores, from an architecture string (`s1` -> attention_type)."""
     stages = parse_arch(arch)
@@ -249,16 +262,7 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
 
     def _validate(self) -> None:
-        lists = {
-            "hidden_sizes": self.hidden_sizes,
-            "num_heads": self.num_heads,
-            "depths": self.depths,
-            "attention_types": self.attention_types,
-            "num_global_tokens": self.num_global_tokens,
-            "patch_sizes": self.patch_sizes,
-            "window_sizes": self.window_sizes,
-            "use_absolute_embeddings": self.use_absolute_embeddings,
-        }
+        lists = {name: getattr(self, name) for name in STAGE_FIELDS}
         lengths = {name: len(value) for name, value in lists.items()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"Per-stage lists must all have one entry per stage; got lengths {lengths}.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
 from vil_kernels import NEIGHBOR_OFFSETS, longformer_attention, relative_bias_table_size
 
 from ..configuration_vil import ViLConfig
