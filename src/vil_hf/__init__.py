@@ -9,9 +9,18 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
+    AutoModelForInstanceSegmentation,
+    AutoModelForObjectDetection,
 )
 
 from .configuration_vil import PUBLISHED_MODELS, ViLConfig, parse_arch, published_arch
+from .detection import (
+    DetectionImageProcessorPil,
+    MaskRCNNConfig,
+    MaskRCNNForObjectDetection,
+    RetinaNetConfig,
+    RetinaNetForObjectDetection,
+)
 from .image_processing_vil import ViLImageProcessorPil
 from .modeling_vil import ViLBackbone, ViLForImageClassification, ViLModel, ViLPreTrainedModel
 
@@ -22,8 +31,19 @@ AutoModel.register(ViLConfig, ViLModel, exist_ok=True)
 AutoModelForImageClassification.register(ViLConfig, ViLForImageClassification, exist_ok=True)
 AutoBackbone.register(ViLConfig, ViLBackbone, exist_ok=True)
 AutoImageProcessor.register(ViLConfig, image_processor_classes={"pil": ViLImageProcessorPil}, exist_ok=True)
+for _config, _detector in ((MaskRCNNConfig, MaskRCNNForObjectDetection), (RetinaNetConfig, RetinaNetForObjectDetection)):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForObjectDetection.register(_config, _detector, exist_ok=True)
+    AutoImageProcessor.register(_config, image_processor_classes={"pil": DetectionImageProcessorPil}, exist_ok=True)
+# Mask R-CNN also answers instance segmentation.
+AutoModelForInstanceSegmentation.register(MaskRCNNConfig, MaskRCNNForObjectDetection, exist_ok=True)
 
 __all__ = [
+    "DetectionImageProcessorPil",
+    "MaskRCNNConfig",
+    "MaskRCNNForObjectDetection",
+    "RetinaNetConfig",
+    "RetinaNetForObjectDetection",
     "PUBLISHED_MODELS",
     "ViLBackbone",
     "ViLConfig",

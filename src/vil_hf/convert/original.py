@@ -14,12 +14,19 @@ from pathlib import Path
 import torch
 
 from ..configuration_vil import ViLConfig, stage_lists_from_arch
+from ..detection import (
+    DetectionImageProcessorPil,
+    MaskRCNNConfig,
+    MaskRCNNForObjectDetection,
+    RetinaNetConfig,
+    RetinaNetForObjectDetection,
+)
 from ..image_processing_vil import ViLImageProcessorPil
 from ..modeling_vil import ViLBackbone, ViLForImageClassification
+from .detectron2 import DETECTOR_HEADS, DETECTRON2_BACKBONE_PREFIX, detectron2_num_classes, map_detectron2_head_keys
 
 logger = logging.getLogger(__name__)
 
-DETECTRON2_BACKBONE_PREFIX = "backbone.bottom_up."
 # The original's names of its (hand-written and autograd) longformer implementations.
 LONGFORMER_ATTENTION_NAMES = ("longformerhand", "longformerauto", "longformer")
 NOT_YET_SUPPORTED_ATTENTION = ("srformer", "performer", "linformer")
@@ -281,18 +288,45 @@ def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
         raise
 
 
+def _detector_config(head: str, backbone_config: ViLConfig, head_state: dict, options: ConversionOptions):
+    """The detector config and its mapped head weights for a detectron2 file."""
+    config_class, model_class = (
+        (MaskRCNNConfig, MaskRCNNForObjectDetection) if head == "mask_rcnn" else (RetinaNetConfig, RetinaNetForObjectDetection)
+    )
+    probe = config_class(backbone_config=backbone_config)  # anchors per location for RetinaNet's class count
+    anchors = getattr(probe, "num_anchors_per_location", 1)
+    try:
+        checkpoint_classes = detectron2_num_classes(head_state, head, anchors)
+    except KeyError as error:
+        raise ConversionError(
+            f"--head {head}: the checkpoint has no {error.args[0]!r}; is it a "
+            f"{'RetinaNet' if head == 'retinanet' else 'Mask R-CNN'} checkpoint? Check --head."
+        ) from None
+    if options.num_detection_classes is not None and options.num_detection_classes != checkpoint_classes:
+        raise ConversionError(
+            f"--num-detection-classes {options.num_detection_classes} contradicts the checkpoint, whose classifier "
+            f"has {checkpoint_classes} object classes (MODEL.ROI_HEADS/RETINANET.NUM_CLASSES); drop the option or "
+            "fix it."
+        )
+    mapped, unknown, _ = map_detectron2_head_keys(head_state, head)
+    config = config_class(backbone_config=backbone_config, num_labels=checkpoint_classes)
+    return model_class, config, mapped, unknown
+
+
 def convert_checkpoint(
     source: str | os.PathLike, out_dir: str | os.PathLike, options: ConversionOptions, overwrite: bool = False
 ) -> ConversionReport:
     """Convert an original ViL checkpoint into a folder the Auto classes load.
 
-    A classification file becomes a ViLForImageClassification folder; a detectron2 file with
-    ``head="backbone"`` a ViLBackbone folder. Nothing is left behind on failure.
+    A classification file becomes a ViLForImageClassification folder; a detectron2 file a ViLBackbone folder
+    (``head="backbone"``) or a whole detector with its image processor (``"mask_rcnn"``, ``"retinanet"``).
+    Nothing is left behind on failure.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir, overwrite)  # before the slow part; checked again just before writing
     kind, state_dict, checkpoint = load_original_checkpoint(source)
     dropped: list[str] = []
+    head_state: dict[str, torch.Tensor] = {}  # detectron2's FPN and heads, outside the ViL backbone
     if kind == "classification":
         if options.head not in (None, "classification"):
             raise ConversionError(
@@ -301,21 +335,18 @@ def convert_checkpoint(
         head = state_dict.get("head.weight")
         checkpoint_classes = int(head.shape[0]) if head is not None else 0
         num_classes = options.num_classes if options.num_classes is not None else checkpoint_classes
-        config = build_config(options, kind, checkpoint, state_dict, num_labels=num_classes)
-        model_class = ViLForImageClassification
-        prefix = "vil."
+        vil_config = build_config(options, kind, checkpoint, state_dict, num_labels=num_classes)
+        head_kind = "classification"
     else:
         head_kind = options.head
         if head_kind is None:
             raise ConversionError(
-                "This is a detectron2 checkpoint: pass --head backbone to extract the ViL backbone "
-                "(--head mask_rcnn / retinanet convert whole detectors)."
+                "This is a detectron2 checkpoint: pass --head mask_rcnn or --head retinanet to convert the whole "
+                "detector, or --head backbone to extract the ViL backbone."
             )
-        if head_kind != "backbone":
-            raise ConversionError(
-                f"--head {head_kind}: whole detectors are not supported by this version; use --head backbone."
-            )
-        if options.num_detection_classes is not None:
+        if head_kind not in ("backbone", *DETECTOR_HEADS):
+            raise ConversionError(f"--head {head_kind}: choose backbone, mask_rcnn or retinanet for detectron2 files.")
+        if head_kind == "backbone" and options.num_detection_classes is not None:
             raise ConversionError("--num-detection-classes applies to whole detectors, not to --head backbone.")
         backbone = {
             k[len(DETECTRON2_BACKBONE_PREFIX) :]: v
@@ -326,20 +357,28 @@ def convert_checkpoint(
             raise ConversionError(
                 f"No '{DETECTRON2_BACKBONE_PREFIX}*' keys in {str(source)!r}: not a ViL detectron2 checkpoint."
             )
-        dropped = sorted(k for k in state_dict if not k.startswith(DETECTRON2_BACKBONE_PREFIX))
         # The original detection backbone still builds the classification norm and head; it never uses them.
         unused = [k for k in backbone if k.startswith(("norm.", "head."))]
-        dropped += [DETECTRON2_BACKBONE_PREFIX + k for k in unused]
+        dropped = [DETECTRON2_BACKBONE_PREFIX + k for k in unused]
+        head_state = {k: v for k, v in state_dict.items() if not k.startswith(DETECTRON2_BACKBONE_PREFIX)}
         state_dict = {k: v for k, v in backbone.items() if k not in unused}
-        config = build_config(options, kind, checkpoint, state_dict)
-        config.set_output_features_output_indices(out_features=list(config.stage_names), out_indices=None)
-        model_class = ViLBackbone
-        prefix = ""
+        vil_config = build_config(options, kind, checkpoint, state_dict)
+        if head_kind == "backbone":
+            dropped += sorted(head_state)
+            head_state = {}
+            vil_config.set_output_features_output_indices(out_features=list(vil_config.stage_names), out_indices=None)
 
     mapped, unknown = map_original_state_dict(state_dict)
-    mapped, shared, folded = fold_global_copies(mapped)
-    config.share_global_weights = shared
-    mapped = {(k if k.startswith("classifier.") else prefix + k): v for k, v in mapped.items()}
+    mapped, vil_config.share_global_weights, folded = fold_global_copies(mapped)
+    if head_kind == "classification":
+        model_class, config = ViLForImageClassification, vil_config
+        mapped = {(k if k.startswith("classifier.") else "vil." + k): v for k, v in mapped.items()}
+    elif head_kind == "backbone":
+        model_class, config = ViLBackbone, vil_config
+    else:
+        model_class, config, head_mapped, head_unknown = _detector_config(head_kind, vil_config, head_state, options)
+        mapped = {"backbone." + k: v for k, v in mapped.items()} | head_mapped
+        unknown = unknown + head_unknown
     model = model_class(config).eval()
     _check_and_load(model, mapped, unknown, f"{kind} checkpoint {str(source)!r}")
 
@@ -347,6 +386,8 @@ def convert_checkpoint(
         model.save_pretrained(folder)
         if kind == "classification":
             ViLImageProcessorPil().save_pretrained(folder)
+        elif head_kind in DETECTOR_HEADS:
+            DetectionImageProcessorPil().save_pretrained(folder)
 
     _write_atomically(out_dir, overwrite, write)
     return ConversionReport(
