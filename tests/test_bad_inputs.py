@@ -510,16 +510,31 @@ def test_detectron2_without_head(tmp_path, det_path, det_arch, capsys):
     )
 
 
-def test_detectron2_whole_detector_not_supported(tmp_path, det_path, det_arch, capsys):
+def test_detectron2_backbone_file_as_whole_detector(tmp_path, det_path, det_arch, capsys):
+    # det_path holds only backbone weights: asking for a whole detector names the missing head.
     out = tmp_path / "out"
-    _convert_fails(
-        det_path, out, match=r"--head mask_rcnn.*not supported", arch=det_arch, img_size=1333, head="mask_rcnn"
-    )
+    for head, key in (("mask_rcnn", "roi_heads.box_predictor.cls_score.weight"), ("retinanet", "head.cls_score.weight")):
+        _convert_fails(det_path, out, match=rf"--head {head}.*no '{key}'.*Check --head", arch=det_arch, head=head)
     _cli_fails(
-        ["convert", str(det_path), str(out), "--arch", det_arch, "--img-size", "1333", "--head", "mask_rcnn"],
+        ["convert", str(det_path), str(out), "--arch", det_arch, "--head", "mask_rcnn"],
         out,
         capsys,
-        match=r"--head mask_rcnn.*not supported",
+        match=r"no 'roi_heads.box_predictor.cls_score.weight'",
+    )
+
+
+def test_detectron2_class_count_contradicts_option(tmp_path, det_checkpoint, det_arch):
+    model = dict(det_checkpoint["model"])
+    model["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(81, 1024)
+    path = tmp_path / "with_head.pth"
+    torch.save({"model": model}, path)
+    _convert_fails(
+        path,
+        tmp_path / "out",
+        match=r"--num-detection-classes 20 contradicts the checkpoint, whose classifier has 80 object classes",
+        arch=det_arch,
+        head="mask_rcnn",
+        num_detection_classes=20,
     )
 
 

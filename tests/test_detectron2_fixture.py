@@ -70,8 +70,8 @@ def test_detections_and_masks_match_by_matching(converted):
     image_size = tuple(reference["image"].shape[-2:])
     masks = paste_masks_in_image(outputs.pred_masks[0], boxes, image_size)
     iou = box_iou(ref_boxes, boxes)
-    compatible = (iou > 0.99) & (ref_labels[:, None] == labels[None]) & (
-        (ref_scores[:, None] - scores[None]).abs() < 1e-4
+    compatible = (
+        (iou > 0.99) & (ref_labels[:, None] == labels[None]) & ((ref_scores[:, None] - scores[None]).abs() < 1e-4)
     )
     # Near the top-k cut-off a detection may swap with an equal-scoring neighbour: allow a couple.
     unmatched = [i for i in range(len(ref_boxes)) if not compatible[i].any()]

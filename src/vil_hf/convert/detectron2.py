@@ -13,22 +13,34 @@ DETECTOR_HEADS = ("mask_rcnn", "retinanet")
 _REBUILT_BUFFERS = re.compile(r"^(pixel_mean|pixel_std|.*anchor_generator\.cell_anchors\.\d+)$")
 
 _MASK_RCNN_RULES = [
-    (re.compile(r"^proposal_generator\.rpn_head\.(conv|objectness_logits|anchor_deltas)\.(weight|bias)$"),
-     lambda m: f"rpn.head.{m[1]}.{m[2]}"),
-    (re.compile(r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$"),
-     lambda m: f"roi_heads.box_head.fcs.{int(m[1]) - 1}.{m[2]}"),
-    (re.compile(r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$"),
-     lambda m: f"roi_heads.box_predictor.{m[1]}.{m[2]}"),
-    (re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$"),
-     lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.{m[2]}"),
-    (re.compile(r"^roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)$"),
-     lambda m: f"roi_heads.mask_head.{m[1]}.{m[2]}"),
+    (
+        re.compile(r"^proposal_generator\.rpn_head\.(conv|objectness_logits|anchor_deltas)\.(weight|bias)$"),
+        lambda m: f"rpn.head.{m[1]}.{m[2]}",
+    ),
+    (
+        re.compile(r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$"),
+        lambda m: f"roi_heads.box_head.fcs.{int(m[1]) - 1}.{m[2]}",
+    ),
+    (
+        re.compile(r"^roi_heads\.box_predictor\.(cls_score|bbox_pred)\.(weight|bias)$"),
+        lambda m: f"roi_heads.box_predictor.{m[1]}.{m[2]}",
+    ),
+    (
+        re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(weight|bias)$"),
+        lambda m: f"roi_heads.mask_head.convs.{int(m[1]) - 1}.{m[2]}",
+    ),
+    (
+        re.compile(r"^roi_heads\.mask_head\.(deconv|predictor)\.(weight|bias)$"),
+        lambda m: f"roi_heads.mask_head.{m[1]}.{m[2]}",
+    ),
 ]
 
 _RETINANET_RULES = [
     # detectron2's subnets are Sequential(conv, ReLU, conv, ReLU, ...): convs sit at even indices.
-    (re.compile(r"^head\.(cls|bbox)_subnet\.(\d+)\.(weight|bias)$"),
-     lambda m: f"detector.head.{m[1]}_convs.{int(m[2]) // 2}.{m[3]}"),
+    (
+        re.compile(r"^head\.(cls|bbox)_subnet\.(\d+)\.(weight|bias)$"),
+        lambda m: f"detector.head.{m[1]}_convs.{int(m[2]) // 2}.{m[3]}",
+    ),
     (re.compile(r"^head\.(cls_score|bbox_pred)\.(weight|bias)$"), lambda m: f"detector.head.{m[1]}.{m[2]}"),
 ]
 
@@ -76,4 +88,3 @@ def detectron2_num_classes(state_dict: dict[str, torch.Tensor], head: str, ancho
     if weight is None:
         raise KeyError("head.cls_score.weight")
     return int(weight.shape[0]) // anchors_per_location
-

@@ -20,7 +20,7 @@ class AnchorGenerator(nn.Module):
         self.sizes = [list(level_sizes) for level_sizes in sizes]
         self.aspect_ratios = list(aspect_ratios)
         self.offset = offset
-        for level, level_sizes in enumerate(self.sizes):
+        for level in range(len(self.sizes)):
             self.register_buffer(f"cell_anchors_{level}", self.cell_anchors(level), persistent=False)
 
     @property

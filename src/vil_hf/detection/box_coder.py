@@ -53,7 +53,12 @@ class BoxCoder:
         pred_w = torch.exp(dw) * widths
         pred_h = torch.exp(dh) * heights
         boxes = torch.stack(
-            (pred_ctr_x - 0.5 * pred_w, pred_ctr_y - 0.5 * pred_h, pred_ctr_x + 0.5 * pred_w, pred_ctr_y + 0.5 * pred_h),
+            (
+                pred_ctr_x - 0.5 * pred_w,
+                pred_ctr_y - 0.5 * pred_h,
+                pred_ctr_x + 0.5 * pred_w,
+                pred_ctr_y + 0.5 * pred_h,
+            ),
             dim=2,
         )  # (N, k, 4)
         return boxes.reshape(deltas.shape)

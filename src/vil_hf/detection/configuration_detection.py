@@ -29,7 +29,9 @@ def _resolve_backbone_config(backbone_config) -> PretrainedConfig:
         if model_type is None:
             raise ValueError("backbone_config given as a dict needs a 'model_type' (e.g. 'vil', 'swin', 'resnet').")
         return AutoConfig.for_model(model_type, **backbone_config)
-    raise TypeError(f"backbone_config must be a PretrainedConfig, a dict or None, not {type(backbone_config).__name__}.")
+    raise TypeError(
+        f"backbone_config must be a PretrainedConfig, a dict or None, not {type(backbone_config).__name__}."
+    )
 
 
 def _backbone_stages(backbone_config: PretrainedConfig) -> list[str]:

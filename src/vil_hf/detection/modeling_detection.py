@@ -7,8 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
-from transformers import initialization as init
+from transformers import PreTrainedModel, initialization as init
 from transformers.backbone_utils import load_backbone
 from transformers.utils import ModelOutput
 
@@ -109,8 +108,11 @@ class DetectionPreTrainedModel(PreTrainedModel):
             for conv in [*module.cls_convs, *module.bbox_convs, module.bbox_pred]:
                 _normal_fill(conv, std=self.config.initializer_range)
             prior = self.config.prior_probability
-            _normal_fill(module.cls_score, std=self.config.initializer_range, bias=-torch.log(
-                torch.tensor((1 - prior) / prior)).item())
+            _normal_fill(
+                module.cls_score,
+                std=self.config.initializer_range,
+                bias=-torch.log(torch.tensor((1 - prior) / prior)).item(),
+            )
 
     # ------------------------------------------------------------------------------------ shared plumbing
     def _prepare_inputs(
@@ -267,7 +269,9 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
         super().__init__(config)
         self.backbone = load_backbone(config)
         channels = list(self.backbone.channels)
-        self.fpn = FeaturePyramidNetwork(channels, config.fpn_channels, LastLevelP6P7(channels[-1], config.fpn_channels))
+        self.fpn = FeaturePyramidNetwork(
+            channels, config.fpn_channels, LastLevelP6P7(channels[-1], config.fpn_channels)
+        )
         self.detector = RetinaNetDetector(config, config.fpn_channels)
         self.post_init()
 
@@ -282,7 +286,9 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
     ) -> DetectionOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         if self.training and labels is None:
-            raise ValueError("RetinaNetForObjectDetection needs `labels` in training mode; call model.eval() to detect.")
+            raise ValueError(
+                "RetinaNetForObjectDetection needs `labels` in training mode; call model.eval() to detect."
+            )
         pixel_values, image_sizes = self._prepare_inputs(pixel_values, pixel_mask)
         targets = self._prepare_targets(labels, image_sizes, needs_masks=False)
         pyramid, strides = self._backbone_pyramid(pixel_values)

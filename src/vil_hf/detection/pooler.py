@@ -12,9 +12,7 @@ from vil_kernels.ops import roi_align
 
 def boxes_to_rois(boxes: list[torch.Tensor]) -> torch.Tensor:
     """Per-image (K_i, 4) boxes -> (sum K_i, 5) rows of (image index, x1, y1, x2, y2)."""
-    rois = [
-        torch.cat((box.new_full((box.shape[0], 1), float(index)), box), dim=1) for index, box in enumerate(boxes)
-    ]
+    rois = [torch.cat((box.new_full((box.shape[0], 1), float(index)), box), dim=1) for index, box in enumerate(boxes)]
     return torch.cat(rois, dim=0) if rois else torch.zeros(0, 5)
 
 

@@ -1,0 +1,153 @@
+"""Greedy non-maximum suppression with torchvision's semantics, in plain PyTorch.
+
+Semantics (torchvision CPU): visit boxes by decreasing score, ties kept in input order (stable sort); a box
+is kept unless an already kept box overlaps it with IoU > threshold. The result lists kept indices in that
+visiting order.
+
+Two implementations give identical results:
+
+* :func:`nms_greedy` - the plain one: one vectorised IoU row per kept box against every later box.
+* :func:`nms_blocked` - the fast one (what :func:`nms` runs): boxes are taken in blocks of ``block_size``;
+  inside a block the greedy chain is resolved as a fixed point on the block's (B, B) suppression matrix,
+  then the block's kept boxes suppress all later live boxes in one (kept, live) IoU tile. Only the upper
+  triangle (later boxes) is ever compared, and suppressed boxes drop out of later tiles.
+
+The fixed point: with ``M[i, j]`` = "i may suppress j" (i before j, IoU > t) and ``c`` the block's boxes not
+suppressed by earlier blocks, greedy keeps ``k[j] = c[j] and not any_i(k[i] and M[i, j])``. That recursion has
+exactly one solution (induct on j). Iterating ``k <- c & ~any(k[:, None] & M)`` from ``k = c`` fixes one more
+leading entry per step, so it stops within B steps, and a stationary ``k`` satisfies the recursion, hence is
+the greedy answer. Real detections rarely chain more than a few boxes deep, so it takes a handful of steps.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .boxes import check_boxes, pairwise_iou
+
+__all__ = ["batched_nms", "nms", "nms_blocked", "nms_greedy"]
+
+
+def _strict_threshold(iou_threshold: float, dtype: torch.dtype) -> float:
+    """A threshold t' representable in ``dtype`` with ``iou > t'`` (in dtype) == ``double(iou) > iou_threshold``.
+
+    torchvision compares the float IoU with the double threshold; torch would instead round the threshold
+    to the tensor's dtype, which flips ``iou == round(t)`` whenever ``round(t) > t`` (e.g. a float32 IoU
+    exactly at float32(0.3)). Stepping one ulp down in that case restores the double comparison.
+    """
+    exact = torch.tensor(float(iou_threshold), dtype=torch.float64)
+    rounded = exact.to(dtype)
+    if rounded.to(torch.float64) > exact:
+        rounded = torch.nextafter(rounded, torch.tensor(-math.inf, dtype=dtype))
+    return rounded.item()
+
+
+def _prepare(boxes, scores, idxs=None):
+    check_boxes(boxes)
+    if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
+        shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
+        raise ValueError(f"scores must have shape ({boxes.shape[0]},) to match boxes, got {shape}")
+    if idxs is not None:
+        if not isinstance(idxs, torch.Tensor) or idxs.shape != scores.shape:
+            shape = tuple(idxs.shape) if isinstance(idxs, torch.Tensor) else type(idxs).__name__
+            raise ValueError(f"idxs must have shape ({boxes.shape[0]},) to match boxes, got {shape}")
+        if idxs.is_floating_point() or idxs.is_complex():
+            raise TypeError(f"idxs must hold integer category ids, got {idxs.dtype}")
+    if not boxes.is_floating_point():
+        boxes = boxes.float()
+    elif boxes.dtype not in (torch.float32, torch.float64):
+        # float16/bfloat16 IoUs would round far more than the reference's float32 ones
+        boxes = boxes.float()
+    order = torch.sort(scores, descending=True, stable=True).indices  # (N,)
+    coords = boxes[order].t().contiguous()  # (4, N) sorted, coordinate-major for pairwise_iou
+    area = (coords[2] - coords[0]) * (coords[3] - coords[1])  # (N,)
+    sorted_idxs = None if idxs is None else idxs[order]
+    return order, coords, area, sorted_idxs
+
+
+def nms_greedy(
+    boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, idxs: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Plain greedy NMS (one IoU row per kept box); reference for :func:`nms_blocked`. ``idxs``: per-class NMS."""
+    order, b, area, cls = _prepare(boxes, scores, idxs)
+    threshold = _strict_threshold(iou_threshold, b.dtype)
+    n = b.shape[1]
+    suppressed = torch.zeros(n, dtype=torch.bool, device=b.device)
+    keep = []
+    for i in range(n):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        over = pairwise_iou(b[:, i : i + 1], area[i : i + 1], b[:, i + 1 :], area[i + 1 :])[0] > threshold  # (n-i-1,)
+        if cls is not None:
+            over &= cls[i + 1 :] == cls[i]
+        suppressed[i + 1 :] |= over
+    return order[torch.tensor(keep, dtype=torch.long, device=b.device)]
+
+
+def nms_blocked(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float,
+    idxs: torch.Tensor | None = None,
+    block_size: int = 256,
+) -> torch.Tensor:
+    """Block-tiled greedy NMS (see the module docstring); same result as :func:`nms_greedy`."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    order, b, area, cls = _prepare(boxes, scores, idxs)
+    threshold = _strict_threshold(iou_threshold, b.dtype)
+    n = b.shape[1]
+    device = b.device
+    alive = torch.ones(n, dtype=torch.bool, device=device)
+    kept = []
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        candidates = alive[start:stop]  # (B,)
+        if not bool(candidates.any()):
+            continue
+        bb, ba = b[:, start:stop], area[start:stop]
+        may_suppress = pairwise_iou(bb, ba, bb, ba) > threshold  # (B, B)
+        may_suppress = torch.triu(may_suppress, diagonal=1)  # only an earlier box suppresses a later one
+        if cls is not None:
+            may_suppress &= cls[start:stop, None] == cls[None, start:stop]
+        keep = candidates
+        while True:
+            new_keep = candidates & ~(may_suppress & keep[:, None]).any(0)
+            if torch.equal(new_keep, keep):
+                break
+            keep = new_keep
+        kept_idx = start + keep.nonzero()[:, 0]  # (k,)
+        kept.append(kept_idx)
+        if stop == n:
+            break
+        live = stop + alive[stop:].nonzero()[:, 0]  # (l,)
+        if live.numel() == 0:
+            continue
+        over = pairwise_iou(b[:, kept_idx], area[kept_idx], b[:, live], area[live]) > threshold  # (k, l)
+        if cls is not None:
+            over &= cls[kept_idx, None] == cls[None, live]
+        alive[live[over.any(0)]] = False
+    if not kept:
+        return torch.empty(0, dtype=torch.long, device=device)
+    return order[torch.cat(kept)]
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Indices (LongTensor) of the boxes kept by greedy NMS, by decreasing score; torchvision.ops.nms semantics.
+
+    boxes (N, 4) as (x1, y1, x2, y2), scores (N,); boxes with IoU > ``iou_threshold`` against a higher-scoring
+    kept box are dropped.
+    """
+    return nms_blocked(boxes, scores, iou_threshold)
+
+
+def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """NMS within each category ``idxs`` (N,) independently; kept indices by decreasing score.
+
+    Boxes of different categories never suppress each other. Done as one pass with the cross-category pairs
+    masked out, rather than torchvision's coordinate offset, so the IoUs are the unshifted ones exactly.
+    """
+    return nms_blocked(boxes, scores, iou_threshold, idxs=idxs)

@@ -1,0 +1,304 @@
+"""RoIAlign with the semantics of torchvision's CPU kernel, vectorised over RoIs in plain PyTorch.
+
+For each RoI and output bin, a grid of ``grid_h x grid_w`` points is bilinearly sampled and averaged. The
+per-point rules mirror the reference kernel so results agree to float rounding:
+
+* point ``y = start + ph * bin_h + (iy + 0.5) * bin_h / grid_h`` (same for x), evaluated in that order;
+* a point with ``y < -1`` or ``y > H`` (or the same in x) contributes 0 but still counts in the average;
+* otherwise ``y`` is clamped up to 0, and at or past ``H - 1`` both taps sit on row ``H - 1``;
+* the average divides by ``max(grid_h * grid_w, 1)``;
+* ``aligned=False`` forces RoI sides of at least 1; ``aligned=True`` shifts boxes by half a pixel instead.
+
+Bilinear weights are separable (``w = wy * wx``) and so is the in-range test, so each output value is a
+weighted sum over a (2 grid_h) x (2 grid_w) set of taps: the RoI's y taps crossed with its x taps. Every
+output value becomes one "bag" of tap indices into the (N*H*W, C) channels-last feature table.
+
+The adaptive grid (``sampling_ratio <= 0``: ``ceil(roi_side / output_side)``) differs per RoI. RoIs are
+grouped by their grid rounded up to a bucket (1, 2, 3, 4, 6, 8, 12, 16, ...), each group padded to its bucket
+with zero-weight taps: padding costs at most 1.5x per axis, and there is no loop over RoIs.
+
+Two ways to reduce the bags, same numbers:
+
+* :func:`roi_align_gather` (plain): gather the taps, (bags, taps, C), and contract with the weights;
+  chunked over RoIs to bound that tensor.
+* :func:`roi_align` (fast, CPU and CUDA): ``F.embedding_bag`` with per-sample weights does the gather and the
+  weighted sum in one kernel without materialising the taps, forward and backward.
+
+Gradients flow to ``input`` only (as in torchvision); the box geometry is treated as constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["roi_align", "roi_align_gather"]
+
+# Tap entries (bags x taps) per reduction call: bounds the int64 index and weight tensors to ~50 MB.
+_MAX_TAPS_PER_CALL = 1 << 22
+# The plain path also materialises (taps, C) gathered values: keep that to 64 MB of float32.
+_MAX_GATHERED_ELEMENTS = 1 << 24
+
+
+def _pair(output_size) -> tuple[int, int]:
+    if isinstance(output_size, int):
+        size = (output_size, output_size)
+    else:
+        size = tuple(int(s) for s in output_size)
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"output_size must be a positive int or (height, width), got {output_size!r}")
+    return size
+
+
+def _as_rois(boxes, input: torch.Tensor) -> torch.Tensor:
+    """Boxes as one (K, 5) tensor of (batch_index, x1, y1, x2, y2) in the input's dtype and device."""
+    if isinstance(boxes, torch.Tensor):
+        if boxes.dim() != 2 or boxes.shape[1] != 5:
+            raise ValueError(
+                "boxes given as a tensor must have shape (K, 5) as (batch_index, x1, y1, x2, y2), "
+                f"got {tuple(boxes.shape)}; pass a list of (K_i, 4) tensors for per-image boxes"
+            )
+        rois = boxes
+    elif isinstance(boxes, (list, tuple)):
+        if len(boxes) != input.shape[0]:
+            raise ValueError(f"got {len(boxes)} per-image box tensors for a batch of {input.shape[0]} images")
+        parts = []
+        for i, b in enumerate(boxes):
+            if not isinstance(b, torch.Tensor) or b.dim() != 2 or b.shape[1] != 4:
+                shape = tuple(b.shape) if isinstance(b, torch.Tensor) else type(b).__name__
+                raise ValueError(f"boxes[{i}] must be a (K_i, 4) tensor of (x1, y1, x2, y2), got {shape}")
+            b = b.to(device=input.device, dtype=input.dtype)
+            parts.append(torch.cat([b.new_full((b.shape[0], 1), float(i)), b], dim=1))
+        rois = torch.cat(parts) if parts else input.new_zeros(0, 5)
+    else:
+        raise TypeError(f"boxes must be a (K, 5) tensor or a list of (K_i, 4) tensors, got {type(boxes).__name__}")
+    rois = rois.detach().to(device=input.device, dtype=input.dtype)
+    if rois.shape[0]:
+        batch = rois[:, 0]
+        if bool(((batch < 0) | (batch >= input.shape[0])).any()):
+            raise ValueError(f"RoI batch indices must lie in [0, {input.shape[0]}); got {batch.unique().tolist()}")
+    return rois
+
+
+def _check_input(input: torch.Tensor) -> None:
+    if not isinstance(input, torch.Tensor) or input.dim() != 4:
+        shape = tuple(input.shape) if isinstance(input, torch.Tensor) else type(input).__name__
+        raise ValueError(f"input must be an (N, C, H, W) tensor, got {shape}")
+    if not input.is_floating_point():
+        raise TypeError(f"input must be floating point, got {input.dtype}")
+
+
+def _geometry(rois, spatial_scale, out_h, out_w, sampling_ratio, aligned):
+    """Per-RoI start, bin size and sampling grid along y and x: six (K,) tensors."""
+    offset = 0.5 if aligned else 0.0
+    start_x = rois[:, 1] * spatial_scale - offset
+    start_y = rois[:, 2] * spatial_scale - offset
+    width = rois[:, 3] * spatial_scale - offset - start_x
+    height = rois[:, 4] * spatial_scale - offset - start_y
+    if not aligned:
+        width, height = width.clamp(min=1.0), height.clamp(min=1.0)
+    bin_h, bin_w = height / out_h, width / out_w
+    if sampling_ratio > 0:
+        grid_h = torch.full_like(bin_h, sampling_ratio, dtype=torch.long)
+        grid_w = torch.full_like(bin_w, sampling_ratio, dtype=torch.long)
+    else:
+        # a negative side (x2 < x1 with aligned=True) gives no samples, hence zeros, like the reference loop
+        grid_h, grid_w = bin_h.ceil().clamp(min=0).long(), bin_w.ceil().clamp(min=0).long()
+    return start_y, start_x, bin_h, bin_w, grid_h, grid_w
+
+
+def _bucket(grid: torch.Tensor) -> torch.Tensor:
+    """Round grid sizes up to 0, 1, 2, 3, 4, 6, 8, 12, 16, 24, ... (at most 1.5x)."""
+    top = int(grid.max()) if grid.numel() else 0
+    edges = [0, 1, 2, 3, 4]
+    while edges[-1] < top:
+        edges.append(edges[-2] * 2)  # 4 -> 6 (=3*2), 8, 12, 16, ...
+    edges_t = torch.tensor(edges, device=grid.device)
+    return edges_t[torch.bucketize(grid, edges_t)]
+
+
+def _axis_taps(start, bin_size, grid, pooled: int, padded_grid: int, size: int):
+    """Bilinear taps along one axis: row/column indices and weights, each (k, pooled, padded_grid, 2)."""
+    dtype = start.dtype
+    p = torch.arange(pooled, device=start.device, dtype=dtype)[None, :, None]  # (1, P, 1)
+    i = torch.arange(padded_grid, device=start.device)[None, None, :]  # (1, 1, G)
+    grid_f = grid.clamp(min=1).to(dtype)[:, None, None]
+    bin_size = bin_size[:, None, None]
+    coord = start[:, None, None] + p * bin_size + (i.to(dtype) + 0.5) * bin_size / grid_f  # (k, P, G)
+    valid = (i < grid[:, None, None]) & (coord >= -1.0) & (coord <= size)
+    coord = coord.clamp(min=0.0)
+    low = coord.floor().clamp(max=size - 1)
+    at_edge = low >= size - 1
+    coord = torch.where(at_edge, low, coord)
+    frac = coord - low  # (k, P, G); 0 at the edge, so the high tap gets no weight there
+    low_i = low.long()
+    high_i = torch.where(at_edge, low_i, low_i + 1)
+    zero = torch.zeros((), dtype=dtype, device=start.device)
+    weights = torch.stack([torch.where(valid, 1.0 - frac, zero), torch.where(valid, frac, zero)], dim=-1)
+    # out-of-range points keep a harmless in-range index; their weight is 0
+    index = torch.stack([torch.where(valid, low_i, 0), torch.where(valid, high_i, 0)], dim=-1)
+    return index, weights
+
+
+def _bags(rois, geometry, members, grid_hw, out_hw, hw):
+    """Tap indices and weights for the RoIs ``members``: (k*out_h*out_w, taps) each, plus the (k,) counts."""
+    start_y, start_x, bin_h, bin_w, grid_h, grid_w = (g[members] for g in geometry)
+    (gh, gw), (ph, pw), (height, width) = grid_hw, out_hw, hw
+    k = members.shape[0]
+    y_idx, y_w = _axis_taps(start_y, bin_h, grid_h, ph, gh, height)  # (k, ph, gh, 2)
+    x_idx, x_w = _axis_taps(start_x, bin_w, grid_w, pw, gw, width)  # (k, pw, gw, 2)
+    base = rois[members, 0].long() * (height * width)  # (k,)
+    index = (
+        base[:, None, None, None, None]
+        + (y_idx * width).reshape(k, ph, 1, 2 * gh, 1)
+        + x_idx.reshape(k, 1, pw, 1, 2 * gw)
+    )  # (k, ph, pw, 2gh, 2gw)
+    weight = y_w.reshape(k, ph, 1, 2 * gh, 1) * x_w.reshape(k, 1, pw, 1, 2 * gw)
+    count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)  # (k,)
+    taps = 4 * gh * gw
+    return index.reshape(-1, taps), weight.reshape(-1, taps), count
+
+
+def _groups(grid_h, grid_w, bucketed: bool):
+    """(member indices, (grid_h, grid_w)) per group of RoIs sharing one padded sampling grid."""
+    if not bucketed:
+        return [(torch.arange(grid_h.shape[0], device=grid_h.device), (int(grid_h.max()), int(grid_w.max())))]
+    bh, bw = _bucket(grid_h), _bucket(grid_w)
+    key = bh * (int(bw.max()) + 1) + bw
+    order = torch.sort(key, stable=True).indices
+    _, counts = torch.unique_consecutive(key[order], return_counts=True)
+    groups = []
+    for members in torch.split(order, counts.tolist()):
+        first = members[0]
+        groups.append((members, (int(bh[first]), int(bw[first]))))
+    return groups
+
+
+def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, tap_budget, bucketed):
+    _check_input(input)
+    ph, pw = _pair(output_size)
+    rois = _as_rois(boxes, input)
+    n, c, height, width = input.shape
+    k = rois.shape[0]
+    if k == 0 or c == 0 or height == 0 or width == 0:
+        return input.new_zeros(k, c, ph, pw)
+    geometry = _geometry(rois, float(spatial_scale), ph, pw, int(sampling_ratio), aligned)
+    table = input.permute(0, 2, 3, 1).reshape(n * height * width, c)  # channels-last: one row per pixel
+    pieces, placed = [], []
+    # (RoI members, padded grid) chunks, packed into calls of at most tap_budget taps each
+    calls, call_taps = [[]], 0
+    for members, grid_hw in _groups(geometry[4], geometry[5], bucketed):
+        if grid_hw[0] == 0 or grid_hw[1] == 0:
+            # no sample points at all: the reference averages nothing, i.e. zeros
+            pieces.append(input.new_zeros(members.shape[0], ph, pw, c))
+            placed.append(members)
+            continue
+        taps_per_roi = ph * pw * 4 * grid_hw[0] * grid_hw[1]
+        for part in torch.split(members, max(1, tap_budget // taps_per_roi)):
+            taps = part.shape[0] * taps_per_roi
+            if calls[-1] and call_taps + taps > tap_budget:
+                calls.append([])
+                call_taps = 0
+            calls[-1].append((part, grid_hw))
+            call_taps += taps
+    for call in calls:
+        if not call:
+            continue
+        bags = [_bags(rois, geometry, part, grid_hw, (ph, pw), (height, width)) for part, grid_hw in call]
+        summed = reduce(table, [b[0] for b in bags], [b[1] for b in bags])  # (sum of kp*ph*pw, C)
+        parts = torch.cat([part for part, _ in call])
+        count = torch.cat([b[2] for b in bags])  # (sum of kp,)
+        pieces.append(summed.reshape(parts.shape[0], ph, pw, c) / count[:, None, None, None])
+        placed.append(parts)
+    out = torch.cat(pieces) if len(pieces) > 1 else pieces[0]  # (K, ph, pw, C) in group order
+    where = torch.cat(placed) if len(placed) > 1 else placed[0]
+    if not torch.equal(where, torch.arange(k, device=where.device)):
+        inverse = torch.empty_like(where)
+        inverse[where] = torch.arange(k, device=where.device)
+        out = out.index_select(0, inverse)
+    return out.permute(0, 3, 1, 2).contiguous()  # (K, C, ph, pw)
+
+
+def _reduce_gather(table, indices, weights):
+    """Weighted tap sums: lists of (bags_i, taps_i) indices and weights -> (sum of bags_i, C)."""
+    sums = []
+    for index, weight in zip(indices, weights):
+        # index_select, not table[index]: its backward is index_add_, far faster than index_put_ on CPU
+        taps = table.index_select(0, index.reshape(-1)).reshape(*index.shape, table.shape[1])  # (bags, taps, C)
+        sums.append(torch.bmm(weight[:, None, :], taps)[:, 0])
+    return torch.cat(sums) if len(sums) > 1 else sums[0]
+
+
+def _gather_budget(input) -> int:
+    channels = input.shape[1] if isinstance(input, torch.Tensor) and input.dim() == 4 else 1
+    return min(_MAX_TAPS_PER_CALL, _MAX_GATHERED_ELEMENTS // max(1, channels))
+
+
+def _reduce_embedding_bag(table, indices, weights):
+    """Same as :func:`_reduce_gather` in one embedding_bag call.
+
+    One call per batch of groups matters for the backward: each call builds a dense (N*H*W, C) gradient.
+    Groups have different tap counts, so the bags are passed flat with offsets.
+    """
+    offsets, start = [], 0
+    for index in indices:
+        bags, taps = index.shape
+        offsets.append(torch.arange(bags, device=index.device) * taps + start)
+        start += bags * taps
+    flat_index = torch.cat([index.reshape(-1) for index in indices])
+    flat_weight = torch.cat([weight.reshape(-1) for weight in weights])
+    return F.embedding_bag(flat_index, table, torch.cat(offsets), mode="sum", per_sample_weights=flat_weight)
+
+
+def _check_args(spatial_scale, sampling_ratio):
+    if not math.isfinite(float(spatial_scale)) or float(spatial_scale) <= 0:
+        raise ValueError(f"spatial_scale must be a positive number, got {spatial_scale!r}")
+    if int(sampling_ratio) != sampling_ratio:
+        raise ValueError(f"sampling_ratio must be an integer, got {sampling_ratio!r}")
+
+
+def roi_align(
+    input: torch.Tensor,
+    boxes,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+) -> torch.Tensor:
+    """RoIAlign, torchvision.ops.roi_align semantics: (N, C, H, W) features -> (K, C, out_h, out_w).
+
+    boxes: a (K, 5) tensor of (batch_index, x1, y1, x2, y2) in input-image coordinates, or a list of N
+    (K_i, 4) tensors of (x1, y1, x2, y2). ``spatial_scale`` maps box coordinates to the feature map;
+    ``sampling_ratio <= 0`` picks ``ceil(roi_side / out_side)`` points per bin and axis for each RoI;
+    ``aligned=True`` is detectron2's ROIAlignV2 (half-pixel shift). Differentiable w.r.t. ``input``.
+    """
+    _check_args(spatial_scale, sampling_ratio)
+    fast = isinstance(input, torch.Tensor) and input.device.type in ("cpu", "cuda")
+    if fast:
+        reduce, budget = _reduce_embedding_bag, _MAX_TAPS_PER_CALL
+    else:
+        reduce, budget = _reduce_gather, _gather_budget(input)
+    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, budget, bucketed=True)
+
+
+def roi_align_gather(
+    input: torch.Tensor,
+    boxes,
+    output_size,
+    spatial_scale: float = 1.0,
+    sampling_ratio: int = -1,
+    aligned: bool = False,
+    bucketed: bool = False,
+) -> torch.Tensor:
+    """The plain formulation of :func:`roi_align` (explicit gather, then a weighted sum); same arguments.
+
+    By default every RoI is padded to the largest sampling grid (one group); ``bucketed=True`` groups as
+    :func:`roi_align` does. Runs on any device; used to check the fast path.
+    """
+    _check_args(spatial_scale, sampling_ratio)
+    budget = _gather_budget(input)
+    return _roi_align(
+        input, boxes, output_size, spatial_scale, sampling_ratio, aligned, _reduce_gather, budget, bucketed
+    )

@@ -1,0 +1,376 @@
+"""vil_kernels.ops: box IoU, NMS and RoIAlign against stored torchvision outputs and plain loop references."""
+
+import importlib
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vil_kernels.ops import (
+    batched_nms,
+    box_area,
+    box_iou,
+    nms,
+    nms_blocked,
+    nms_greedy,
+    roi_align,
+    roi_align_gather,
+)
+
+roi_align_module = importlib.import_module("vil_kernels.ops.roi_align")
+
+ROI_ALIGN_IMPLEMENTATIONS = {
+    "embedding_bag": roi_align,
+    "gather": roi_align_gather,
+    "gather_bucketed": lambda *args, **kwargs: roi_align_gather(*args, bucketed=True, **kwargs),
+}
+
+
+@pytest.fixture(scope="module")
+def tv(fixtures_dir):
+    from safetensors.torch import load_file
+
+    folder = fixtures_dir / "torchvision_ops"
+    if not (folder / "reference.safetensors").is_file():
+        pytest.skip(f"torchvision_ops fixtures not found in {folder}")
+    meta = json.loads((folder / "meta.json").read_text())
+    return meta, load_file(str(folder / "reference.safetensors"))
+
+
+# --- plain references, written for clarity, not speed ---------------------------------------------------
+
+
+def nms_loop(boxes, scores, threshold, idxs=None):
+    """O(n^2) greedy NMS on float32 scalars, the arithmetic order of torchvision's CPU kernel."""
+    b = boxes.numpy().astype(np.float32)
+    s = scores.tolist()
+    cls = None if idxs is None else idxs.tolist()
+    order = sorted(range(len(s)), key=lambda i: -s[i])  # Python's sort is stable
+    area = [(r[2] - r[0]) * (r[3] - r[1]) for r in b]
+    suppressed = [False] * len(s)
+    keep = []
+    for pos, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        for j in order[pos + 1 :]:
+            if suppressed[j] or (cls is not None and cls[i] != cls[j]):
+                continue
+            w = max(np.float32(0), min(b[i][2], b[j][2]) - max(b[i][0], b[j][0]))
+            h = max(np.float32(0), min(b[i][3], b[j][3]) - max(b[i][1], b[j][1]))
+            inter = w * h
+            if float(inter / (area[i] + area[j] - inter)) > threshold:
+                suppressed[j] = True
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def _bilinear(image, y, x):
+    """One sample of image (C, H, W) with torchvision's boundary rules."""
+    height, width = image.shape[1:]
+    if y < -1.0 or y > height or x < -1.0 or x > width:
+        return torch.zeros(image.shape[0], dtype=image.dtype)
+    y, x = max(y, 0.0), max(x, 0.0)
+    y0, x0 = int(y), int(x)
+    if y0 >= height - 1:
+        y0 = y1 = height - 1
+        y = float(y0)
+    else:
+        y1 = y0 + 1
+    if x0 >= width - 1:
+        x0 = x1 = width - 1
+        x = float(x0)
+    else:
+        x1 = x0 + 1
+    ly, lx = y - y0, x - x0
+    hy, hx = 1.0 - ly, 1.0 - lx
+    return (
+        hy * hx * image[:, y0, x0]
+        + hy * lx * image[:, y0, x1]
+        + ly * hx * image[:, y1, x0]
+        + ly * lx * image[:, y1, x1]
+    )
+
+
+def roi_align_loop(features, rois, output_size, spatial_scale, sampling_ratio, aligned):
+    """Per RoI, per bin, per sample point: RoIAlign as the reference kernel states it."""
+    out_h, out_w = output_size
+    out = features.new_zeros(rois.shape[0], features.shape[1], out_h, out_w)
+    offset = 0.5 if aligned else 0.0
+    for k, (batch, x1, y1, x2, y2) in enumerate(rois.tolist()):
+        start_x, start_y = x1 * spatial_scale - offset, y1 * spatial_scale - offset
+        roi_w = x2 * spatial_scale - offset - start_x
+        roi_h = y2 * spatial_scale - offset - start_y
+        if not aligned:
+            roi_w, roi_h = max(roi_w, 1.0), max(roi_h, 1.0)
+        bin_h, bin_w = roi_h / out_h, roi_w / out_w
+        grid_h = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_h / out_h)
+        grid_w = sampling_ratio if sampling_ratio > 0 else math.ceil(roi_w / out_w)
+        count = max(grid_h * grid_w, 1)
+        image = features[int(batch)]
+        for ph in range(out_h):
+            for pw in range(out_w):
+                total = torch.zeros(features.shape[1], dtype=features.dtype)
+                for iy in range(grid_h):
+                    y = start_y + ph * bin_h + (iy + 0.5) * bin_h / grid_h
+                    for ix in range(grid_w):
+                        x = start_x + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        total = total + _bilinear(image, y, x)
+                out[k, :, ph, pw] = total / count
+    return out
+
+
+def _random_boxes(n, generator, size=100.0, max_side=40.0, dtype=torch.float32):
+    xy = torch.rand(n, 2, generator=generator, dtype=dtype) * size
+    wh = torch.rand(n, 2, generator=generator, dtype=dtype) * max_side
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+def _random_rois(n, generator, num_images, height, width, spatial_scale, dtype):
+    """Boxes in image coordinates: mostly inside, some hanging off any edge, some tiny or reversed."""
+    span_x, span_y = width / spatial_scale, height / spatial_scale
+    x1 = torch.rand(n, generator=generator, dtype=dtype) * span_x * 1.4 - 0.2 * span_x
+    y1 = torch.rand(n, generator=generator, dtype=dtype) * span_y * 1.4 - 0.2 * span_y
+    w = torch.rand(n, generator=generator, dtype=dtype) * span_x * 0.8
+    h = torch.rand(n, generator=generator, dtype=dtype) * span_y * 0.8
+    w[::5] = 0.3 / spatial_scale  # smaller than a feature pixel
+    h[1::7] = -0.2 / spatial_scale  # reversed: aligned=True gives it no samples
+    batch = torch.randint(0, num_images, (n,), generator=generator).to(dtype)
+    return torch.stack([batch, x1, y1, x1 + w, y1 + h], dim=1)
+
+
+# --- stored torchvision outputs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.7])
+@pytest.mark.parametrize("implementation", [nms, nms_greedy])
+def test_nms_matches_torchvision(tv, implementation, threshold):
+    _, ref = tv
+    keep = implementation(ref["nms.boxes"], ref["nms.scores"], threshold)
+    assert keep.dtype == torch.long
+    assert torch.equal(keep, ref[f"nms.keep_iou{threshold}"])
+
+
+def test_nms_fixture_has_a_score_tie_kept_in_input_order(tv):
+    # the tie is what pins the stable sort: both boxes survive at 0.7 and torchvision lists the lower index first
+    _, ref = tv
+    values, counts = ref["nms.scores"].unique(return_counts=True)
+    tied = (ref["nms.scores"] == values[counts > 1][0]).nonzero()[:, 0].tolist()
+    keep = ref["nms.keep_iou0.7"].tolist()
+    assert [keep.index(i) for i in tied] == [keep.index(tied[0]), keep.index(tied[0]) + 1]
+
+
+def test_batched_nms_matches_torchvision(tv):
+    _, ref = tv
+    keep = batched_nms(ref["nms.boxes"], ref["nms.scores"], ref["nms.classes"], 0.5)
+    assert torch.equal(keep, ref["batched_nms.keep_iou0.5"])
+
+
+def test_box_iou_matches_torchvision(tv):
+    _, ref = tv
+    torch.testing.assert_close(box_iou(ref["box_iou.a"], ref["box_iou.b"]), ref["box_iou.iou"], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("implementation", sorted(ROI_ALIGN_IMPLEMENTATIONS))
+def test_roi_align_matches_torchvision(tv, implementation):
+    meta, ref = tv
+    fn = ROI_ALIGN_IMPLEMENTATIONS[implementation]
+    features, rois = ref["roi_align.features"], ref["roi_align.rois"]
+    cases = [name for name in meta["tensors"] if name.startswith("roi_align.out_")]
+    assert len(cases) == 8
+    for name in cases:
+        scale, ratio, size = name.removeprefix("roi_align.out_").split("_")
+        out = fn(features, rois, int(size[1:]), float(scale[1:]), int(ratio[2:]), aligned=True)
+        torch.testing.assert_close(out, ref[name], rtol=1e-5, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# --- NMS against the plain loop --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+def test_nms_against_loop_with_duplicate_scores(seed, threshold):
+    generator = torch.Generator().manual_seed(seed)
+    boxes = _random_boxes(150, generator, size=80.0)
+    # few distinct scores: many ties, broken by input order
+    scores = torch.randint(0, 20, (150,), generator=generator).float() / 20
+    expected = nms_loop(boxes, scores, threshold)
+    assert torch.equal(nms_greedy(boxes, scores, threshold), expected)
+    assert torch.equal(nms(boxes, scores, threshold), expected)
+    for block_size in (1, 7, 64, 1000):
+        assert torch.equal(nms_blocked(boxes, scores, threshold, block_size=block_size), expected)
+
+
+def test_nms_fast_path_against_plain_on_many_boxes():
+    generator = torch.Generator().manual_seed(3)
+    boxes = _random_boxes(1200, generator, size=400.0, max_side=120.0)
+    scores = torch.rand(1200, generator=generator)
+    scores[::3] = scores[1::3]  # ties across blocks
+    classes = torch.randint(0, 5, (1200,), generator=generator)
+    for threshold in (0.5, 0.7):
+        plain = nms_greedy(boxes, scores, threshold)
+        assert torch.equal(nms_blocked(boxes, scores, threshold, block_size=100), plain)  # many blocks
+        assert torch.equal(nms(boxes, scores, threshold), plain)
+    per_class = nms_greedy(boxes, scores, 0.5, idxs=classes)
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), per_class)
+
+
+def test_nms_long_suppression_chain_inside_one_block():
+    # box i overlaps only its neighbours: greedy keeps every other box, a chain as deep as the block
+    x = torch.arange(40, dtype=torch.float32) * 0.3
+    boxes = torch.stack([x, torch.zeros(40), x + 1.0, torch.ones(40)], dim=1)
+    scores = torch.linspace(1.0, 0.1, 40)
+    expected = nms_loop(boxes, scores, 0.5)
+    assert torch.equal(expected, torch.arange(0, 40, 2))
+    assert torch.equal(nms_blocked(boxes, scores, 0.5, block_size=64), expected)
+
+
+def test_batched_nms_is_nms_per_category():
+    generator = torch.Generator().manual_seed(4)
+    boxes = _random_boxes(300, generator)
+    scores = torch.randint(0, 30, (300,), generator=generator).float()
+    classes = torch.randint(0, 4, (300,), generator=generator)
+    kept = []
+    for c in classes.unique():
+        members = (classes == c).nonzero()[:, 0]
+        kept.append(members[nms_loop(boxes[members], scores[members], 0.5)])
+    kept = torch.cat(kept).sort().values
+    expected = kept[torch.sort(scores[kept], descending=True, stable=True).indices]
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), expected)
+    assert torch.equal(nms_loop(boxes, scores, 0.5, idxs=classes), expected)
+
+
+def test_nms_threshold_compared_in_double_like_torchvision():
+    # IoU = 30/100 is float32(0.3), which lies above 0.3: torchvision suppresses; a float32 compare would not
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 3.0]])
+    scores = torch.tensor([0.9, 0.8])
+    assert nms(boxes, scores, 0.3).tolist() == [0]
+    assert nms_greedy(boxes, scores, 0.3).tolist() == [0]
+    # IoU exactly 0.5 is not > 0.5: both stay
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]])
+    assert nms(boxes, scores, 0.5).tolist() == [0, 1]
+    assert nms(boxes.double(), scores.double(), 0.5).tolist() == [0, 1]
+
+
+def test_box_iou_and_area():
+    generator = torch.Generator().manual_seed(5)
+    a, b = _random_boxes(9, generator, dtype=torch.float64), _random_boxes(6, generator, dtype=torch.float64)
+    iou = box_iou(a, b)
+    assert iou.shape == (9, 6)
+    for i in range(9):
+        for j in range(6):
+            w = max(0.0, min(a[i, 2], b[j, 2]) - max(a[i, 0], b[j, 0]))
+            h = max(0.0, min(a[i, 3], b[j, 3]) - max(a[i, 1], b[j, 1]))
+            union = box_area(a[i : i + 1])[0] + box_area(b[j : j + 1])[0] - w * h
+            assert iou[i, j].item() == pytest.approx(float(w * h / union), abs=1e-12)
+    # integer boxes are upcast to float32, as torchvision does
+    iou = box_iou(torch.tensor([[0, 0, 2, 2]]), torch.tensor([[1, 1, 3, 3]]))
+    assert iou.dtype == torch.float32 and iou.item() == pytest.approx(1 / 7)
+
+
+# --- RoIAlign against the plain loop ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [-1, 0, 1, 3])
+def test_roi_align_against_loop(aligned, sampling_ratio):
+    generator = torch.Generator().manual_seed(10 + sampling_ratio + 7 * aligned)
+    features = torch.randn(2, 3, 11, 17, generator=generator, dtype=torch.float64)
+    rois = _random_rois(14, generator, 2, 11, 17, 0.5, torch.float64)
+    expected = roi_align_loop(features, rois, (3, 4), 0.5, sampling_ratio, aligned)
+    for name, fn in ROI_ALIGN_IMPLEMENTATIONS.items():
+        out = fn(features, rois, (3, 4), 0.5, sampling_ratio, aligned)
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_roi_align_fast_path_against_plain_random():
+    # many RoIs of widely varying size -> many grid buckets, several reduction calls when the budget is small
+    generator = torch.Generator().manual_seed(11)
+    features = torch.randn(3, 16, 40, 57, generator=generator)
+    rois = _random_rois(300, generator, 3, 40, 57, 0.25, torch.float32)
+    for aligned in (False, True):
+        plain = roi_align_gather(features, rois, 7, 0.25, 0, aligned)
+        torch.testing.assert_close(roi_align(features, rois, 7, 0.25, 0, aligned), plain, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            roi_align_gather(features, rois, 7, 0.25, 0, aligned, bucketed=True), plain, rtol=1e-5, atol=1e-5
+        )
+
+
+def test_roi_align_small_budget_splits_calls(monkeypatch):
+    generator = torch.Generator().manual_seed(12)
+    features = torch.randn(2, 4, 20, 30, generator=generator, dtype=torch.float64)
+    rois = _random_rois(40, generator, 2, 20, 30, 0.5, torch.float64)
+    expected = roi_align(features, rois, 5, 0.5, 0, True)
+    monkeypatch.setattr(roi_align_module, "_MAX_TAPS_PER_CALL", 1000)
+    for fn in ROI_ALIGN_IMPLEMENTATIONS.values():
+        torch.testing.assert_close(fn(features, rois, 5, 0.5, 0, True), expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("aligned", [False, True])
+@pytest.mark.parametrize("implementation", ["embedding_bag", "gather"])
+def test_roi_align_gradcheck(implementation, aligned):
+    generator = torch.Generator().manual_seed(13)
+    features = torch.randn(2, 2, 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor(
+        [[0, 0.5, 1.2, 7.9, 6.1], [1, -1.5, 2.0, 4.0, 9.5], [1, 3.3, 0.2, 3.6, 0.4]], dtype=torch.float64
+    )
+    fn = ROI_ALIGN_IMPLEMENTATIONS[implementation]
+    assert torch.autograd.gradcheck(lambda x: fn(x, rois, (2, 3), 0.7, 0, aligned), (features,))
+
+
+def test_roi_align_boxes_as_list_and_dtypes():
+    generator = torch.Generator().manual_seed(14)
+    features = torch.randn(2, 3, 9, 13, generator=generator)
+    per_image = [_random_boxes(4, generator, size=20.0, max_side=10.0), _random_boxes(2, generator, 20.0, 10.0)]
+    rois = torch.cat([torch.cat([torch.full((len(b), 1), float(i)), b], 1) for i, b in enumerate(per_image)])
+    out = roi_align(features, per_image, 4, 0.5, 2, True)
+    assert out.dtype == torch.float32 and out.shape == (6, 3, 4, 4) and out.is_contiguous()
+    torch.testing.assert_close(out, roi_align(features, rois, 4, 0.5, 2, True))
+    out64 = roi_align(features.double(), rois.double(), 4, 0.5, 2, True)
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64.float(), out, rtol=1e-5, atol=1e-6)
+
+
+# --- empty and bad inputs --------------------------------------------------------------------------------
+
+
+def test_empty_inputs():
+    empty = torch.zeros(0, 4)
+    for fn in (nms, nms_greedy):
+        keep = fn(empty, torch.zeros(0), 0.5)
+        assert keep.dtype == torch.long and keep.shape == (0,)
+    assert batched_nms(empty, torch.zeros(0), torch.zeros(0, dtype=torch.long), 0.5).shape == (0,)
+    assert box_iou(empty, torch.ones(3, 4)).shape == (0, 3)
+    features = torch.randn(2, 5, 8, 8, requires_grad=True)
+    for fn in ROI_ALIGN_IMPLEMENTATIONS.values():
+        assert fn(features, torch.zeros(0, 5), 7, 0.25, 0, True).shape == (0, 5, 7, 7)
+        assert fn(features, [torch.zeros(0, 4), torch.zeros(0, 4)], (7, 3)).shape == (0, 5, 7, 3)
+
+
+def test_bad_inputs_raise_clear_errors():
+    features = torch.randn(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"\(N, 4\)"):
+        nms(torch.zeros(3, 5), torch.zeros(3), 0.5)
+    with pytest.raises(ValueError, match="scores"):
+        nms(torch.zeros(3, 4), torch.zeros(4), 0.5)
+    with pytest.raises(ValueError, match="idxs"):
+        batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(2, dtype=torch.long), 0.5)
+    with pytest.raises(TypeError, match="integer"):
+        batched_nms(torch.zeros(3, 4), torch.zeros(3), torch.zeros(3), 0.5)
+    with pytest.raises(ValueError, match=r"boxes1 must have shape \(N, 4\)"):
+        box_iou(torch.zeros(4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match=r"\(K, 5\)"):
+        roi_align(features, torch.zeros(3, 4), 7)
+    with pytest.raises(ValueError, match="per-image box tensors"):
+        roi_align(features, [torch.zeros(1, 4)], 7)
+    with pytest.raises(ValueError, match=r"boxes\[1\]"):
+        roi_align(features, [torch.zeros(1, 4), torch.zeros(1, 5)], 7)
+    with pytest.raises(ValueError, match="batch indices"):
+        roi_align(features, torch.tensor([[2.0, 0, 0, 4, 4]]), 7)
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        roi_align(features[0], torch.zeros(1, 5), 7)
+    with pytest.raises(ValueError, match="output_size"):
+        roi_align(features, torch.zeros(1, 5), (7, 0))
+    with pytest.raises(TypeError, match="floating point"):
+        roi_align(features.long(), torch.zeros(1, 5), 7)
