@@ -84,3 +84,61 @@ def test_detections_and_masks_match_by_matching(converted):
             mask_agreement.append((masks[j] == ref_masks[i]).float().mean().item())
     print(f"\nmatched {len(mask_agreement)}/{len(ref_boxes)}; worst mask pixel agreement {min(mask_agreement):.6f}")
     assert min(mask_agreement) > 0.999
+
+
+def to_detectron2_keys(model) -> dict:
+    """A detector's state dict in detectron2's layout (test-only inverse of the converter's map)."""
+    import re
+
+    from .test_original_fixtures import to_original_keys
+
+    state = model.state_dict()
+    backbone = {k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")}
+    original = {"backbone.bottom_up." + k: v for k, v in to_original_keys(backbone).items()}
+    first_level = 2 if isinstance(model, vil_hf.MaskRCNNForObjectDetection) else 3
+    renames = [
+        (r"fpn\.lateral_convs\.(\d+)\.", lambda m: f"backbone.fpn_lateral{int(m[1]) + first_level}."),
+        (r"fpn\.output_convs\.(\d+)\.", lambda m: f"backbone.fpn_output{int(m[1]) + first_level}."),
+        (r"fpn\.top_block\.", lambda m: "backbone.top_block."),
+        (r"rpn\.head\.", lambda m: "proposal_generator.rpn_head."),
+        (r"roi_heads\.box_head\.fcs\.(\d+)\.", lambda m: f"roi_heads.box_head.fc{int(m[1]) + 1}."),
+        (r"roi_heads\.mask_head\.convs\.(\d+)\.", lambda m: f"roi_heads.mask_head.mask_fcn{int(m[1]) + 1}."),
+        (r"detector\.head\.(cls|bbox)_convs\.(\d+)\.", lambda m: f"head.{m[1]}_subnet.{2 * int(m[2])}."),
+        (r"detector\.head\.", lambda m: "head."),
+    ]
+    for key, value in state.items():
+        if key.startswith("backbone."):
+            continue
+        for pattern, rename in renames:
+            if re.match(pattern, key):
+                key = re.sub(pattern, rename, key, count=1)
+                break
+        original[key] = value
+    return original
+
+
+@pytest.mark.parametrize("head", ["retinanet", "mask_rcnn"])
+def test_detectron2_file_of_other_heads_and_class_counts_round_trips(head, tmp_path):
+    """No fixture covers RetinaNet or other class counts: a detectron2-layout file written from our model must
+    come back with the same weights and the same detections."""
+    from .test_detection_models import TINY_ARCH, synthetic_batch, tiny_detector
+
+    model = tiny_detector(head, num_labels=7).eval()
+    generator = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    path = tmp_path / "model_final.pth"
+    torch.save({"model": {k: v.half() for k, v in to_detectron2_keys(model).items()}}, path)
+    out_dir = tmp_path / "converted"
+    assert main(["convert", str(path), str(out_dir), "--head", head, "--arch", TINY_ARCH, "--img-size", "128"]) == 0
+    loaded = AutoModelForObjectDetection.from_pretrained(out_dir).eval()
+    assert loaded.config.num_labels == 7
+    model.load_state_dict({k: v.half().float() for k, v in model.state_dict().items()})  # same fp16 rounding
+    pixel_values, _ = synthetic_batch(num_images=1)
+    with torch.no_grad():
+        expected, actual = model(pixel_values), loaded(pixel_values)
+    assert len(expected.pred_boxes[0]) > 0
+    torch.testing.assert_close(actual.pred_boxes, expected.pred_boxes)
+    torch.testing.assert_close(actual.scores, expected.scores)
+    torch.testing.assert_close(actual.labels, expected.labels)

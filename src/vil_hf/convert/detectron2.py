@@ -88,3 +88,32 @@ def detectron2_num_classes(state_dict: dict[str, torch.Tensor], head: str, ancho
     if weight is None:
         raise KeyError("head.cls_score.weight")
     return int(weight.shape[0]) // anchors_per_location
+
+
+def detectron2_head_sizes(state_dict: dict[str, torch.Tensor], head: str) -> dict[str, int]:
+    """Widths and depths of the FPN and heads, read off the weights (detectron2 configs may change them)."""
+    sizes: dict[str, int] = {}
+    laterals = sorted(k for k in state_dict if re.match(r"^backbone\.fpn_lateral\d+\.weight$", k))
+    if laterals:
+        sizes["fpn_channels"] = int(state_dict[laterals[0]].shape[0])
+    if head == "mask_rcnn":
+        fcs = sorted(k for k in state_dict if re.match(r"^roi_heads\.box_head\.fc\d+\.weight$", k))
+        if fcs:
+            sizes["box_head_fc_layers"] = len(fcs)
+            fc1 = state_dict["roi_heads.box_head.fc1.weight"]
+            sizes["box_head_fc_dim"] = int(fc1.shape[0])
+            if "fpn_channels" in sizes:
+                sizes["box_pooler_resolution"] = round((fc1.shape[1] / sizes["fpn_channels"]) ** 0.5)
+        convs = [k for k in state_dict if re.match(r"^roi_heads\.mask_head\.mask_fcn\d+\.weight$", k)]
+        if convs:
+            sizes["mask_head_conv_layers"] = len(convs)
+            sizes["mask_head_conv_dim"] = int(state_dict["roi_heads.mask_head.mask_fcn1.weight"].shape[0])
+        elif "roi_heads.mask_head.predictor.weight" not in state_dict:
+            sizes["mask_on"] = False
+        rpn_conv = state_dict.get("proposal_generator.rpn_head.conv.weight")
+        if rpn_conv is not None:
+            sizes["rpn_conv_channels"] = int(rpn_conv.shape[0])
+    else:
+        convs = [k for k in state_dict if re.match(r"^head\.cls_subnet\.\d+\.weight$", k)]
+        sizes["head_conv_layers"] = len(convs)
+    return sizes

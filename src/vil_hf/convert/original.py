@@ -23,7 +23,13 @@ from ..detection import (
 )
 from ..image_processing_vil import ViLImageProcessorPil
 from ..modeling_vil import ViLBackbone, ViLForImageClassification
-from .detectron2 import DETECTOR_HEADS, DETECTRON2_BACKBONE_PREFIX, detectron2_num_classes, map_detectron2_head_keys
+from .detectron2 import (
+    DETECTOR_HEADS,
+    DETECTRON2_BACKBONE_PREFIX,
+    detectron2_head_sizes,
+    detectron2_num_classes,
+    map_detectron2_head_keys,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +299,11 @@ def _detector_config(head: str, backbone_config: ViLConfig, head_state: dict, op
     config_class, model_class = (
         (MaskRCNNConfig, MaskRCNNForObjectDetection) if head == "mask_rcnn" else (RetinaNetConfig, RetinaNetForObjectDetection)
     )
-    probe = config_class(backbone_config=backbone_config)  # anchors per location for RetinaNet's class count
+    sizes = detectron2_head_sizes(head_state, head)
+    try:
+        probe = config_class(backbone_config=backbone_config, **sizes)
+    except ValueError as error:
+        raise ConversionError(f"--head {head}: the checkpoint's heads do not fit this detector: {error}") from None
     anchors = getattr(probe, "num_anchors_per_location", 1)
     try:
         checkpoint_classes = detectron2_num_classes(head_state, head, anchors)
@@ -309,7 +319,7 @@ def _detector_config(head: str, backbone_config: ViLConfig, head_state: dict, op
             "fix it."
         )
     mapped, unknown, _ = map_detectron2_head_keys(head_state, head)
-    config = config_class(backbone_config=backbone_config, num_labels=checkpoint_classes)
+    config = config_class(backbone_config=backbone_config, num_labels=checkpoint_classes, **sizes)
     return model_class, config, mapped, unknown
 
 
