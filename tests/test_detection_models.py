@@ -271,8 +271,10 @@ def test_checkpoint_with_another_class_count_fails_clearly(tmp_path):
     assert model.roi_heads.box_predictor.cls_score.out_features == 6
 
 
-def test_object_detection_pipeline_runs_our_detector(tmp_path):
-    model = tiny_detector("mask_rcnn", box_score_threshold=0.0).eval()
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_object_detection_pipeline_runs_our_detector(kind):
+    overrides = {"box_score_threshold": 0.0} if kind == "mask_rcnn" else {"score_threshold": 0.0}
+    model = tiny_detector(kind, **overrides).eval()
     model.config.id2label = {0: "square", 1: "circle", 2: "triangle"}
     model.config.label2id = {v: k for k, v in model.config.id2label.items()}
     processor = DetectionImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96})
