@@ -263,13 +263,25 @@ def test_exact_window_with_random_shift_contradicts():
 
 def test_unknown_attention_type_in_attention_types():
     lists = dict(TINY_LISTS, attention_types=["longformer", "performer", "full"])
-    with pytest.raises(ValueError, match=r"attention_types\[1\]='performer'"):
+    with pytest.raises(ValueError, match=r"attention_types\[1\]='performer': a stage runs attention_type \('longformer'\)"):
         ViLConfig(**lists)
 
 
 def test_unknown_attention_type():
-    with pytest.raises(ValueError, match=r"attention_type must be one of .*'performer'"):
-        ViLConfig(arch=TINY, attention_type="performer")
+    with pytest.raises(ValueError, match=r"attention_type must be one of .*'srformer'.*got 'bigbird'"):
+        ViLConfig(arch=TINY, attention_type="bigbird")
+
+
+def test_global_only_stage_without_global_tokens():
+    arch = TINY.replace("s0,g0", "s1,g0")
+    with pytest.raises(ValueError, match=r"attention_types\[2\]='global'.*needs global tokens.*num_global_tokens\[2\]=0"):
+        ViLConfig(arch=arch, attention_type="global")
+
+
+@pytest.mark.parametrize("interval", [-1, 1.5, True])
+def test_bad_performer_redraw_interval(interval):
+    with pytest.raises(ValueError, match=r"performer_redraw_interval must be a non-negative integer or None"):
+        ViLConfig(arch=TINY, attention_type="performer", performer_redraw_interval=interval)
 
 
 def test_unknown_longformer_implementation():
@@ -573,10 +585,15 @@ def test_head_option_on_classification_file(tmp_path, cls_path):
         pytest.param(["--sw-exact", "-1"], r"--sw-exact -1.*only 0 .* and 1", id="sw-exact-minus-1"),
         pytest.param(["--sw-exact", "2"], r"--sw-exact 2", id="sw-exact-2"),
         pytest.param(["--mode", "-1"], r"--mode -1", id="mode-minus-1"),
-        pytest.param(["--only-glo"], r"--only-glo.*not supported", id="only-glo"),
-        pytest.param(["--attn-type", "performer"], r"--attn-type performer.*not supported", id="performer"),
-        pytest.param(["--attn-type", "linformer"], r"--attn-type linformer.*not supported", id="linformer"),
+        pytest.param(
+            ["--only-glo", "--attn-type", "srformer"], r"--only-glo is an option of the longformer", id="only-glo-srformer"
+        ),
+        pytest.param(["--only-glo", "--mode", "1"], r"--mode 1 .*global-only attention does not have", id="only-glo-mode"),
+        pytest.param(["--attn-type", "performer", "--sw-exact", "1"], r"--sw-exact 1 .*performer", id="performer-exact"),
         pytest.param(["--attn-type", "bogus"], r"Unknown --attn-type 'bogus'", id="unknown-attn-type"),
+        # a longformer checkpoint read as another type: the key report names the difference
+        pytest.param(["--attn-type", "performer"], r"(?s)missing.*attention\.qkv\.weight", id="performer-on-longformer"),
+        pytest.param(["--attn-type", "linformer"], r"(?s)missing.*attention\.key_projection", id="linformer-on-longformer"),
     ],
 )
 def test_unsupported_options_cli(tmp_path, cls_path, capsys, args, match):
@@ -589,8 +606,8 @@ def test_unsupported_options_cli(tmp_path, cls_path, capsys, args, match):
     [
         pytest.param({"sw_exact": -1}, r"--sw-exact -1", id="sw-exact-minus-1"),
         pytest.param({"mode": -1}, r"--mode -1", id="mode-minus-1"),
-        pytest.param({"only_glo": True}, r"--only-glo", id="only-glo"),
-        pytest.param({"attn_type": "performer"}, r"--attn-type performer", id="performer"),
+        pytest.param({"only_glo": True, "attn_type": "full"}, r"--only-glo is an option of the longformer", id="only-glo"),
+        pytest.param({"attn_type": "srformer"}, r"(?s)missing.*spatial_reduction", id="srformer-on-longformer"),
         pytest.param({"attn_type": "bogus"}, r"Unknown --attn-type 'bogus'", id="unknown-attn-type"),
     ],
 )

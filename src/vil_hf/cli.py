@@ -77,10 +77,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source", help="original checkpoint: classification {'net': ...} or detectron2 {'model': ...}")
     convert.add_argument("out_dir", help="folder to write (save_pretrained, safetensors)")
     convert.add_argument("--arch", help="architecture string (default: the one stored in the checkpoint, if any)")
-    convert.add_argument("--attn-type", default="longformerhand", help="longformerhand (default) or full")
+    convert.add_argument(
+        "--attn-type",
+        default="longformerhand",
+        help="ATTN_TYPE: longformerhand (default), srformer, performer, linformer, or full (every stage dense)",
+    )
     convert.add_argument("--sw-exact", type=int, default=0, help="SW_EXACT: 0 sliding chunks (default), 1 exact window")
     convert.add_argument("--mode", type=int, default=0, help="MODE: 0 all chunks, >0 random shifting in training")
-    convert.add_argument("--only-glo", action="store_true", help="ONLY_GLOBAL (global-only ablation)")
+    convert.add_argument(
+        "--only-glo",
+        action="store_true",
+        help="ONLY_GLOBAL: with longformerhand, local tokens attend only to the global tokens (global-only ablation)",
+    )
     convert.add_argument("--avg-pool", action="store_true", help="AVG_POOL: classify from the mean of all tokens")
     convert.add_argument(
         "--img-size", type=int, help="image size the tables were built for (224 classification, 1333 detection)"

@@ -16,12 +16,18 @@ ARCH_LETTERS: dict[str, tuple[str, int]] = {
     "s": ("1: the model's efficient attention, 0: full attention", 1),
     "g": ("global tokens", 1),
     "p": ("patch size (stride of the stage's patch embedding)", 2),
-    "f": ("window of the longformer attention", 7),
+    "f": (
+        "size parameter of the stage's attention: longformer window W, srformer reduction ratio r, "
+        "performer random features, linformer projected length k",
+        7,
+    ),
     "a": ("1: absolute position embedding, 0: relative position bias", 1),
 }
 
-# Attention types this package implements; "full" is what `s0` selects.
-EFFICIENT_ATTENTION_TYPES = ("longformer",)
+# Attention types this package implements; "full" is what `s0` selects. "global" is the original's
+# longformer with ONLY_GLOBAL (local queries see only the global tokens); the others are the
+# paper's ablations (vil-reference section 3).
+EFFICIENT_ATTENTION_TYPES = ("longformer", "global", "srformer", "performer", "linformer")
 ATTENTION_TYPES = EFFICIENT_ATTENTION_TYPES + ("full",)
 LONGFORMER_IMPLEMENTATIONS = ("auto", "vectorized", "reference")
 
@@ -138,12 +144,23 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
 
     Args:
         arch: original architecture string; parsed at construction into the per-stage lists.
-        hidden_sizes, num_heads, depths, num_global_tokens, patch_sizes, window_sizes:
-            per stage: letters d, h, n, g, p and f of the original string.
-        attention_types: per stage, ``"longformer"`` or ``"full"`` (letter s with ``attention_type``).
+        hidden_sizes, num_heads, depths, num_global_tokens, patch_sizes:
+            per stage: letters d, h, n, g and p of the original string.
+        window_sizes: per stage, letter f: the size parameter of the stage's attention, which the
+            original reuses for every type: the longformer (and global-only) window W, the srformer
+            reduction ratio r, the performer's number of random features, the linformer's
+            projected length k. Full attention ignores it.
+        attention_types: per stage, ``attention_type`` or ``"full"`` (letter s). "Partial X" models
+            are X in stages 1-2 and full in stages 3-4.
         use_absolute_embeddings: per stage, letter a: factorised absolute embedding (True) or
-            relative position bias (False).
-        attention_type: the efficient attention that `s1` selects (original ``--attn-type``).
+            relative position bias (False). As in the original, only longformer, global-only and
+            full stages have relative bias tables; srformer, performer and linformer stages with
+            a0 get no position information at all.
+        attention_type: the efficient attention that `s1` selects (original ``--attn-type``, with
+            ``--only-glo`` giving ``"global"``): ``"longformer"``, ``"global"`` (local queries
+            attend only to the global tokens), ``"srformer"`` (keys and values from a spatially
+            reduced map), ``"performer"`` (FAVOR+ softmax kernel) or ``"linformer"`` (keys and
+            values projected along the sequence; fixed input size).
         exact_window: the original's SW_EXACT=1 ((2W+1)^2 window centred on each query) instead of
             the published sliding chunks.
         random_shift: the original's MODE>0: in training, local queries see their own chunk and one
@@ -152,7 +169,14 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         average_pool: classify from the mean of all final tokens even when the last stage has
             global tokens (otherwise the first global token is used, as the original does).
         share_global_weights: global queries use the local query/kv/proj weights (every published
-            model). False gives them their own `global_*` projections.
+            model). False gives them their own `global_*` projections (longformer and global-only).
+        performer_redraw_interval: in training, the performer's random projections are redrawn as
+            the original does: each training forward first checks a counter; when it has reached
+            this interval the projections are redrawn and it restarts from 0, otherwise it is
+            incremented (so 1, the original classification setting, redraws every second call).
+            ``None`` keeps them fixed. Evaluation never redraws.
+        linformer_share_kv: the linformer uses one sequence projection for keys and values
+            (original SHARE_KV).
         patch_embed_norm: LayerNorm after each patch embedding (the original's NORM_EMBED).
         image_size: size the absolute tables and full-attention bias tables are built for; like
             the original it is rounded up to a multiple of the total stride (1333 -> 1344).
@@ -194,6 +218,8 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         layer_norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
         longformer_implementation: str = "auto",
+        performer_redraw_interval: int | None = 1,
+        linformer_share_kv: bool = False,
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
         **kwargs: Any,
@@ -252,6 +278,8 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
         self.longformer_implementation = longformer_implementation
+        self.performer_redraw_interval = performer_redraw_interval
+        self.linformer_share_kv = bool(linformer_share_kv)
         self._validate()
 
         self.arch = self.to_arch_string()
@@ -286,6 +314,17 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
                     f"attention_types[{stage - 1}]={kind!r}: a stage runs attention_type ({self.attention_type!r}) or 'full'; "
                     f"known types: {list(ATTENTION_TYPES)}."
                 )
+        for stage, (kind, g) in enumerate(zip(self.attention_types, self.num_global_tokens), start=1):
+            if kind == "global" and g < 1:
+                raise ValueError(
+                    f"attention_types[{stage - 1}]='global' (local queries see only the global tokens) needs global "
+                    f"tokens, but num_global_tokens[{stage - 1}]=0 (stage {stage}); give the stage g1 or more, or make it full."
+                )
+        interval = self.performer_redraw_interval
+        if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 0):
+            raise ValueError(
+                f"performer_redraw_interval must be a non-negative integer or None (never redraw), got {interval!r}."
+            )
         for stage, (absolute, d) in enumerate(zip(self.use_absolute_embeddings, self.hidden_sizes), start=1):
             if absolute and d % 2:
                 raise ValueError(

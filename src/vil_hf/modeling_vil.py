@@ -15,7 +15,13 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
-from .attention import ATTENTION_CLASSES, ViLAttentionBase, ViLLongformerAttention
+from .attention import (
+    ATTENTION_CLASSES,
+    ViLAttentionBase,
+    ViLLinformerAttention,
+    ViLLongformerAttention,
+    ViLPerformerAttention,
+)
 from .configuration_vil import ViLConfig
 
 
@@ -196,12 +202,32 @@ class ViLEncoder(nn.Module):
             start += depth
         self.stages = nn.ModuleList(stages)
         self.num_channels = config.num_channels
+        # The performer's random projections are redrawn in training on the original's schedule,
+        # counted by a buffer that the original stores in its checkpoints too.
+        self.performer_redraw_interval = config.performer_redraw_interval
+        self.has_performer = "performer" in config.attention_types
+        if self.has_performer:
+            self.register_buffer("calls_since_last_redraw", torch.tensor(0))
+
+    @torch.no_grad()
+    def check_redraw_projections(self) -> None:
+        """The original's rule, checked at each training forward: redraw and restart the count once
+        it has reached the interval, otherwise count this call."""
+        if self.calls_since_last_redraw >= self.performer_redraw_interval:
+            for module in self.modules():
+                if isinstance(module, ViLPerformerAttention):
+                    module.redraw_projection()
+            self.calls_since_last_redraw.zero_()
+        else:
+            self.calls_since_last_redraw += 1
 
     def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> ViLEncoderOutput:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (batch, {self.num_channels}, height, width), got {tuple(pixel_values.shape)}."
             )
+        if self.has_performer and self.training and self.performer_redraw_interval is not None:
+            self.check_redraw_projections()
         feature_map, feature_maps, hidden_states = pixel_values, (), ()
         tokens = None
         for stage in self.stages:
@@ -251,6 +277,12 @@ class ViLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ViLAttentionBase):
             for table in module.bias_parameters():
                 init.trunc_normal_(table, std=std)
+            if isinstance(module, ViLPerformerAttention):
+                init.copy_(module.projection_matrix, module.draw_projection())
+            elif isinstance(module, ViLLinformerAttention):
+                module.init_sequence_projections(init.uniform_)
+        elif isinstance(module, ViLEncoder) and module.has_performer:
+            init.zeros_(module.calls_since_last_redraw)
 
     def set_random_shift(self, enabled: bool) -> None:
         """Switch training-time random shifting on or off (the original turns it off late in training)."""

@@ -17,6 +17,10 @@ class ViLAttentionBase(nn.Module):
     ``global_to_global_bias`` (H, G, G).
     """
 
+    # The original gives relative position bias only to its longformer and full attention; its
+    # srformer, performer and linformer have none, whatever the stage's letter a says.
+    supports_relative_bias = True
+
     def __init__(self, config: ViLConfig, stage_index: int):
         super().__init__()
         self.dim = config.hidden_sizes[stage_index]
@@ -26,7 +30,7 @@ class ViLAttentionBase(nn.Module):
         self.num_global_tokens = config.num_global_tokens[stage_index]
         self.attention_dropout = config.attention_probs_dropout_prob
         self.proj_dropout = nn.Dropout(config.hidden_dropout_prob)
-        self.use_relative_bias = not config.use_absolute_embeddings[stage_index]
+        self.use_relative_bias = self.supports_relative_bias and not config.use_absolute_embeddings[stage_index]
         if self.use_relative_bias and self.num_global_tokens:
             heads, g = self.num_heads, self.num_global_tokens
             self.global_to_local_bias = nn.Parameter(torch.zeros(heads, g))

@@ -35,7 +35,9 @@ logger = logging.getLogger(__name__)
 
 # The original's names of its (hand-written and autograd) longformer implementations.
 LONGFORMER_ATTENTION_NAMES = ("longformerhand", "longformerauto", "longformer")
-NOT_YET_SUPPORTED_ATTENTION = ("srformer", "performer", "linformer")
+# The original's other --attn-type values, which keep their names here.
+ABLATION_ATTENTION_NAMES = ("srformer", "performer", "linformer")
+ORIGINAL_ATTENTION_NAMES = LONGFORMER_ATTENTION_NAMES + ABLATION_ATTENTION_NAMES + ("full",)
 
 
 class ConversionError(ValueError):
@@ -131,6 +133,10 @@ def _map_block_key(stage: int, rest: str) -> str | None:
         renames = {
             "local_relative_position_bias_table": "relative_position_bias_table",
             "g2g_relative_position_bias": "global_to_global_bias",
+            "proj_sr.weight": "spatial_reduction.weight",  # srformer
+            "fast_attention.projection_matrix": "projection_matrix",  # performer
+            "proj_k": "key_projection",  # linformer
+            "proj_v": "value_projection",
         }
         module, _, param = attn.partition(".")
         module = {"query_global": "global_query", "kv_global": "global_kv", "proj_global": "global_proj"}.get(
@@ -171,6 +177,8 @@ def map_original_state_dict(state_dict: dict[str, torch.Tensor]) -> tuple[dict[s
             mapped["layernorm." + key[len("norm.") :]] = value
         elif key.startswith("head."):
             mapped["classifier." + key[len("head.") :]] = value
+        elif key == "calls_since_last_redraw":  # the performer model's redraw counter
+            mapped["encoder.calls_since_last_redraw"] = value
         else:
             unknown.append(key)
     return mapped, unknown
@@ -204,14 +212,50 @@ def fold_global_copies(mapped: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return {k: v for k, v in mapped.items() if k not in global_keys}, True, len(global_keys)
 
 
-def build_config(options: ConversionOptions, kind: str, checkpoint: dict, state_dict: dict, **overrides) -> ViLConfig:
+def fold_shared_linformer_projections(mapped: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool]:
+    """Drop linformer value projections when every one equals its key projection (SHARE_KV).
+
+    Returns (state dict, linformer_share_kv).
+    """
+    value_keys = [k for k in mapped if k.endswith(".attention.value_projection")]
+    shared = bool(value_keys) and all(
+        torch.equal(mapped[k], mapped.get(k.replace("value_projection", "key_projection"), torch.empty(0)))
+        for k in value_keys
+    )
+    if not shared:
+        return mapped, False
+    return {k: v for k, v in mapped.items() if k not in value_keys}, True
+
+
+def attention_type_from_options(options: ConversionOptions) -> str:
+    """Our attention_type for the original's --attn-type / --only-glo / --sw-exact / --mode."""
     attn_type = options.attn_type
-    if attn_type in NOT_YET_SUPPORTED_ATTENTION:
-        raise ConversionError(f"--attn-type {attn_type} (a paper ablation) is not supported by this version of vil-hf.")
+    if attn_type not in ORIGINAL_ATTENTION_NAMES:
+        raise ConversionError(
+            f"Unknown --attn-type {attn_type!r}; the original's names are longformerhand (or longformerauto), "
+            "srformer, performer, linformer and full."
+        )
+    longformer = attn_type in LONGFORMER_ATTENTION_NAMES
+    if options.only_glo and not longformer:
+        raise ConversionError(
+            f"--only-glo is an option of the longformer attention (the global-only ablation), but --attn-type is "
+            f"{attn_type}, which the original runs without it. Use --attn-type longformerhand --only-glo, or drop --only-glo."
+        )
+    windowless = "the global-only attention" if options.only_glo else f"--attn-type {attn_type}"
+    if options.sw_exact == 1 and (options.only_glo or not longformer):
+        raise ConversionError(
+            f"--sw-exact 1 selects the longformer's exact window, which {windowless} does not have; drop --sw-exact."
+        )
+    if options.mode > 0 and (options.only_glo or not longformer):
+        raise ConversionError(
+            f"--mode {options.mode} is the longformer's random shifting, which {windowless} does not have; drop --mode."
+        )
     if options.only_glo:
-        raise ConversionError("--only-glo (the global-only ablation) is not supported by this version of vil-hf.")
-    if attn_type != "full" and attn_type not in LONGFORMER_ATTENTION_NAMES:
-        raise ConversionError(f"Unknown --attn-type {attn_type!r}; the original's names are longformerhand and full.")
+        return "global"
+    return "longformer" if longformer else attn_type
+
+
+def build_config(options: ConversionOptions, kind: str, checkpoint: dict, state_dict: dict, **overrides) -> ViLConfig:
     if options.sw_exact not in (0, 1):
         raise ConversionError(
             f"--sw-exact {options.sw_exact}: only 0 (sliding chunks) and 1 (exact window) are supported; "
@@ -219,6 +263,7 @@ def build_config(options: ConversionOptions, kind: str, checkpoint: dict, state_
         )
     if options.mode < 0:
         raise ConversionError(f"--mode {options.mode}: use 0 (all nine chunks) or >0 (random shifting in training).")
+    attention_type = attention_type_from_options(options)
     arch = options.arch or checkpoint.get("arch")
     if not isinstance(arch, str):
         raise ConversionError(
@@ -226,12 +271,13 @@ def build_config(options: ConversionOptions, kind: str, checkpoint: dict, state_
             "(MODEL.TRANSFORMER.MSVIT.ARCH in the original config)."
         )
     try:
-        stages = stage_lists_from_arch(arch)
-        if attn_type == "full":  # the original's attn_type=full makes every stage dense
+        efficient = "longformer" if attention_type == "full" else attention_type
+        stages = stage_lists_from_arch(arch, efficient)
+        if attention_type == "full":  # the original's attn_type=full makes every stage dense
             stages["attention_types"] = ["full"] * len(stages["depths"])
         return ViLConfig(
             **stages,
-            attention_type="longformer",
+            attention_type=efficient,
             exact_window=options.sw_exact == 1,
             random_shift=options.mode > 0,
             average_pool=options.avg_pool,
@@ -260,7 +306,8 @@ def _check_and_load(model: torch.nn.Module, mapped: dict[str, torch.Tensor], unk
                 shown = items[:20] + ([f"... and {len(items) - 20} more"] if len(items) > 20 else [])
                 lines.append(f"  {title} ({len(items)}):\n    " + "\n    ".join(shown))
         lines.append(
-            "Check --arch, --img-size (absolute tables), --num-classes and --attn-type against the original config."
+            "Check --arch, --img-size (absolute tables, linformer length), --num-classes, --attn-type and --only-glo "
+            "against the original config."
         )
         raise ConversionError("\n".join(lines))
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in mapped.items()}, strict=True)
@@ -380,6 +427,7 @@ def convert_checkpoint(
 
     mapped, unknown = map_original_state_dict(state_dict)
     mapped, vil_config.share_global_weights, folded = fold_global_copies(mapped)
+    mapped, vil_config.linformer_share_kv = fold_shared_linformer_projections(mapped)
     if head_kind == "classification":
         model_class, config = ViLForImageClassification, vil_config
         mapped = {(k if k.startswith("classifier.") else "vil." + k): v for k, v in mapped.items()}
