@@ -102,26 +102,4 @@ ABLATIONS: dict[str, Ablation] = {
 CLASSIFICATION_HEAD_PARAMS = 768 * 1000 + 1000
 
 
-def mask_rcnn_head_parameters(stage_dims: list[int], num_classes: int = 80, fpn_channels: int = 256) -> int:
-    """Parameters of detectron2's standard Mask R-CNN FPN, RPN, box and mask heads (no backbone).
-
-    FPN: lateral 1x1 and output 3x3 convs with bias on each stage; RPN: 3x3 conv, 1x1 objectness
-    (3 anchors) and 1x1 deltas (12); box head: fc 256*7*7 -> 1024 -> 1024, classes+1 scores,
-    4*classes deltas; mask head: four 3x3 convs, a 2x2 deconv, 1x1 predictor per class.
-    """
-
-    def conv(cin: int, cout: int, k: int) -> int:
-        return cin * cout * k * k + cout
-
-    def fc(cin: int, cout: int) -> int:
-        return cin * cout + cout
-
-    c = fpn_channels
-    fpn = sum(conv(d, c, 1) + conv(c, c, 3) for d in stage_dims)
-    rpn = conv(c, c, 3) + conv(c, 3, 1) + conv(c, 12, 1)
-    box = fc(c * 7 * 7, 1024) + fc(1024, 1024) + fc(1024, num_classes + 1) + fc(1024, 4 * num_classes)
-    mask = 4 * conv(c, c, 3) + conv(c, c, 2) + conv(c, num_classes, 1)
-    return fpn + rpn + box + mask
-
-
-__all__ = ["ABLATIONS", "Ablation", "CLASSIFICATION_HEAD_PARAMS", "mask_rcnn_head_parameters"]
+__all__ = ["ABLATIONS", "Ablation", "CLASSIFICATION_HEAD_PARAMS"]
