@@ -188,17 +188,31 @@ class DetectionPreTrainedModel(PreTrainedModel):
         return pyramid, strides
 
     @staticmethod
-    def _finalize(detections: dict[str, list[torch.Tensor]], image_sizes: torch.Tensor) -> dict[str, list]:
-        # detectron2 clips the final boxes to the image and drops empty ones after the top-k cut.
-        finalized = {key: [] for key in detections}
-        for index, size in enumerate(image_sizes.tolist()):
-            boxes = clip_boxes(detections["boxes"][index], tuple(size))
-            keep = nonempty_boxes(boxes)
-            finalized["boxes"].append(boxes[keep])
-            for key in detections:
-                if key != "boxes":
-                    finalized[key].append(detections[key][index][keep])
-        return finalized
+    def _make_output(
+        losses: dict[str, torch.Tensor],
+        detections: dict[str, list[torch.Tensor]] | None,
+        image_sizes: torch.Tensor,
+        pyramid: list[torch.Tensor] | None,
+    ) -> DetectionOutput:
+        output = DetectionOutput(image_sizes=image_sizes, feature_maps=tuple(pyramid) if pyramid else None)
+        if losses:
+            output.loss_dict = losses
+            output.loss = sum(losses.values())
+        if detections is not None:
+            # detectron2 clips the final boxes to the image and drops empty ones after the top-k cut.
+            finalized = {key: [] for key in detections}
+            for index, size in enumerate(image_sizes.tolist()):
+                boxes = clip_boxes(detections["boxes"][index], tuple(size))
+                keep = nonempty_boxes(boxes)
+                for key, values in detections.items():
+                    finalized[key].append(boxes[keep] if key == "boxes" else values[index][keep])
+            output.pred_boxes, output.scores, output.labels = (
+                finalized["boxes"],
+                finalized["scores"],
+                finalized["labels"],
+            )
+            output.pred_masks = finalized.get("masks")
+        return output
 
 
 class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
@@ -239,20 +253,8 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
             pyramid[:-1], strides[:-1], proposals, image_sizes, targets, detect=not self.training
         )
         losses.update(roi_losses)
-        output = DetectionOutput(image_sizes=image_sizes)
-        if losses:
-            output.loss_dict = losses
-            output.loss = sum(losses.values())
-        if detections is not None:
-            detections = self._finalize(detections, image_sizes)
-            output.pred_boxes, output.scores, output.labels = (
-                detections["boxes"],
-                detections["scores"],
-                detections["labels"],
-            )
-            output.pred_masks = detections.get("masks")
+        output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
         if output_hidden_states:
-            output.feature_maps = tuple(pyramid)
             output.proposals, output.proposal_logits = proposals, proposal_logits
         return output if return_dict else output.to_tuple()
 
@@ -293,17 +295,5 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
         targets = self._prepare_targets(labels, image_sizes, needs_masks=False)
         pyramid, strides = self._backbone_pyramid(pixel_values)
         detections, losses = self.detector(pyramid, strides, image_sizes, targets, detect=not self.training)
-        output = DetectionOutput(image_sizes=image_sizes)
-        if losses:
-            output.loss_dict = losses
-            output.loss = sum(losses.values())
-        if detections is not None:
-            detections = self._finalize(detections, image_sizes)
-            output.pred_boxes, output.scores, output.labels = (
-                detections["boxes"],
-                detections["scores"],
-                detections["labels"],
-            )
-        if output_hidden_states:
-            output.feature_maps = tuple(pyramid)
+        output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
         return output if return_dict else output.to_tuple()
