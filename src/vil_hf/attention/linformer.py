@@ -67,6 +67,10 @@ class ViLLinformerAttention(ViLAttentionBase):
         values = torch.einsum("bnd,nk->bkd", values, value_projection)
         keys, values = (t.view(batch, -1, heads, head_dim).transpose(1, 2) for t in (keys, values))  # (B, H, k, M)
         context = F.scaled_dot_product_attention(
-            queries, keys, values, dropout_p=self.dropout_probability(), scale=1.0  # queries already scaled
+            queries,
+            keys,
+            values,
+            dropout_p=self.dropout_probability(),
+            scale=1.0,  # queries already scaled
         )
         return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))

@@ -47,11 +47,41 @@ class ViLLongformerAttention(ViLAttentionBase):
         batch, length, _ = tokens.shape
         return tokens.view(batch, length, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
+    def _global_attention(self, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """Global queries attend to every token (ordinary dense attention over G queries) -> (B, G, d).
+
+        keys, values: (B, H, G + L, M) from the local `kv`, replaced by `global_kv`'s where the weights differ.
+        """
+        batch, length, dim = hidden_states.shape
+        num_global = self.num_global_tokens
+        global_tokens = hidden_states[:, :num_global]
+        if self.has_global_weights:
+            global_queries = self.global_query(global_tokens)
+            keys, values = self._split_heads(self.global_kv(hidden_states), 2)
+            global_proj = self.global_proj
+        else:
+            global_queries = self.query(global_tokens)
+            global_proj = self.proj
+        global_queries = self._split_heads(global_queries * self.scale, 1)[0]  # (B, H, G, M)
+        bias = None
+        if self.use_relative_bias:
+            to_local = self.global_to_local_bias[:, :, None].expand(-1, -1, length - num_global)
+            bias = torch.cat([self.global_to_global_bias, to_local], dim=-1)  # (H, G, G + L)
+        global_context = F.scaled_dot_product_attention(
+            global_queries,
+            keys,
+            values,
+            attn_mask=bias,
+            dropout_p=self.dropout_probability(),
+            scale=1.0,  # queries are already scaled
+        )
+        return global_proj(global_context.transpose(1, 2).reshape(batch, num_global, dim))
+
     def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
         # hidden_states: (B, G + height*width, d), global tokens first
         batch, length, dim = hidden_states.shape
         num_global = self.num_global_tokens
-        global_tokens, local_tokens = hidden_states[:, :num_global], hidden_states[:, num_global:]
+        local_tokens = hidden_states[:, num_global:]
 
         local_queries = self._split_heads(self.query(local_tokens) * self.scale, 1)[0]  # (B, H, L, M)
         keys, values = self._split_heads(self.kv(hidden_states), 2)  # (B, H, G + L, M) each
@@ -80,26 +110,5 @@ class ViLLongformerAttention(ViLAttentionBase):
         if num_global == 0:
             return self.proj_dropout(local_output)
 
-        # Global queries attend to every token: ordinary dense attention over G queries.
-        if self.has_global_weights:
-            global_queries = self.global_query(global_tokens)
-            keys, values = self._split_heads(self.global_kv(hidden_states), 2)
-            global_proj = self.global_proj
-        else:
-            global_queries = self.query(global_tokens)
-            global_proj = self.proj
-        global_queries = self._split_heads(global_queries * self.scale, 1)[0]  # (B, H, G, M)
-        bias = None
-        if self.use_relative_bias:
-            to_local = self.global_to_local_bias[:, :, None].expand(-1, -1, length - num_global)
-            bias = torch.cat([self.global_to_global_bias, to_local], dim=-1)  # (H, G, G + L)
-        global_context = F.scaled_dot_product_attention(
-            global_queries,
-            keys,
-            values,
-            attn_mask=bias,
-            dropout_p=self.dropout_probability(),
-            scale=1.0,  # queries are already scaled
-        )
-        global_output = global_proj(global_context.transpose(1, 2).reshape(batch, num_global, dim))
+        global_output = self._global_attention(hidden_states, keys, values)
         return self.proj_dropout(torch.cat([global_output, local_output], dim=1))

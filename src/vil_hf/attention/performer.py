@@ -32,9 +32,7 @@ def gaussian_orthogonal_random_matrix(
     return norms[:, None] * torch.cat(blocks)
 
 
-def softmax_random_features(
-    data: torch.Tensor, projection: torch.Tensor, is_query: bool
-) -> torch.Tensor:
+def softmax_random_features(data: torch.Tensor, projection: torch.Tensor, is_query: bool) -> torch.Tensor:
     """Positive random features phi(x) of FAVOR+, with the original's stabilisers.
 
     data (B, H, N, M), projection (F, M) -> (B, H, N, F):

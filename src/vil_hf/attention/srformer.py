@@ -70,6 +70,10 @@ class ViLSRAttention(ViLAttentionBase):
         key_tokens = torch.cat([hidden_states[:, :num_global], reduced], dim=1)  # (B, G + K, d)
         keys, values = self.kv(key_tokens).view(batch, -1, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
         context = F.scaled_dot_product_attention(
-            queries, keys, values, dropout_p=self.dropout_probability(), scale=1.0  # queries already scaled
+            queries,
+            keys,
+            values,
+            dropout_p=self.dropout_probability(),
+            scale=1.0,  # queries already scaled
         )  # (B, H, N, M)
         return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))
