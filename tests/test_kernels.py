@@ -195,23 +195,27 @@ def test_flex_mask_and_bias_match_reference_on_cpu(shape, window, num_global, ex
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flex path runs on CUDA; no GPU here")
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
-@pytest.mark.parametrize("shape,window,num_global,exact,neighbor", CASES[::7])
-def test_gpu_paths_match_reference(dtype, tolerance, shape, window, num_global, exact, neighbor):
-    height, width = shape
-    tensors = _inputs(2, 3, height, width, num_global, 16, window, torch.float32, 2)
-    expected = _run("reference", tensors, height, width, window, exact, neighbor, True)
-    grad_output = torch.randn_like(expected)
-    expected_grads = _grads(expected, tensors, grad_output)
-    on_gpu = {n: t.detach().to("cuda", dtype).requires_grad_() for n, t in tensors.items()}
-    for implementation in ("auto", "flex", "blocked"):
-        actual = _run(implementation, on_gpu, height, width, window, exact, neighbor, True)
-        torch.testing.assert_close(actual.float().cpu(), expected, rtol=tolerance, atol=tolerance)
-        actual_grads = _grads(actual, on_gpu, grad_output.to("cuda", dtype))
-        for name in tensors:
-            torch.testing.assert_close(
-                actual_grads[name].float().cpu(), expected_grads[name], rtol=tolerance * 10, atol=tolerance * 10,
-                msg=f"{implementation} {name}",
-            )
+def test_gpu_paths_match_reference(dtype, tolerance):
+    for shape, window, num_global, exact, neighbor in CASES[::7]:
+        height, width = shape
+        tensors = _inputs(2, 3, height, width, num_global, 16, window, torch.float32, 2)
+        expected = _run("reference", tensors, height, width, window, exact, neighbor, True)
+        grad_output = torch.randn_like(expected)
+        expected_grads = _grads(expected, tensors, grad_output)
+        on_gpu = {n: t.detach().to("cuda", dtype).requires_grad_() for n, t in tensors.items()}
+        for implementation in ("auto", "flex", "blocked"):
+            case = f"{implementation} {shape} W{window} G{num_global} exact={exact} neighbor={neighbor}"
+            actual = _run(implementation, on_gpu, height, width, window, exact, neighbor, True)
+            torch.testing.assert_close(actual.float().cpu(), expected, rtol=tolerance, atol=tolerance, msg=case)
+            actual_grads = _grads(actual, on_gpu, grad_output.to("cuda", dtype))
+            for name in tensors:
+                torch.testing.assert_close(
+                    actual_grads[name].float().cpu(),
+                    expected_grads[name],
+                    rtol=tolerance * 10,
+                    atol=tolerance * 10,
+                    msg=f"{case} {name}",
+                )
 
 
 def test_auto_picks_blocked_on_cpu_and_logs_why(caplog):

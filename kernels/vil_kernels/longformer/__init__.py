@@ -6,9 +6,9 @@ import logging
 
 import torch
 
-from .geometry import NEIGHBOR_OFFSETS, chunk_geometry, relative_bias_index, relative_bias_table_size
 from .blocked import longformer_attention_blocked
 from .flex import flex_available, longformer_attention_flex
+from .geometry import NEIGHBOR_OFFSETS, chunk_geometry, relative_bias_index, relative_bias_table_size
 from .reference import allowed_keys, longformer_attention_reference
 from .vectorized import longformer_attention_vectorized
 
