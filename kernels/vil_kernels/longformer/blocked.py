@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 
 from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
 
@@ -154,10 +153,9 @@ class _Workspace:
     def __init__(self, layout: _Layout, head_dim: int, dtype: torch.dtype, device: torch.device):
         w, mx, my, m = layout.window, layout.chunk_rows, layout.chunk_cols, head_dim
         self.layout, self.head_dim = layout, m
-        # queries padded to whole chunks, one extra feature 1 (padding queries are all ones: their
-        # outputs are dropped and their gradients are zero)
-        self.query_image = torch.ones(mx * w, my * w, m + 1, dtype=dtype, device=device)
-        self.query_chunks = torch.empty(mx * my, w * w, m + 1, dtype=dtype, device=device)
+        # query chunks with one extra feature 1; queries in the padding are all ones (their outputs
+        # are dropped and their gradients are zero)
+        self.query_chunks = torch.ones(mx * my, w * w, m + 1, dtype=dtype, device=device)
         # keys and values padded by one chunk on every side; the keys' extra feature is the flag
         # that masks the padding: q' . k' = q . k + flag there
         self.key_image = torch.zeros((mx + 2) * w, (my + 2) * w, m + 1, dtype=dtype, device=device)
@@ -173,10 +171,7 @@ class _Workspace:
         """Fill the buffers with one head: (L, M) tokens and (G, M) globals."""
         layout, m = self.layout, self.head_dim
         h, w, win = layout.height, layout.width, layout.window
-        self.query_image[:h, :w, :m] = queries.reshape(h, w, m)
-        self.query_chunks.view(layout.chunk_rows, layout.chunk_cols, win, win, m + 1).copy_(
-            _image_chunks(self.query_image, win)
-        )
+        _exchange(queries, self.query_chunks, layout, to_chunks=True)
         self.key_image[win : win + h, win : win + w, :m] = keys.reshape(h, w, m)
         self.value_image[win : win + h, win : win + w] = values.reshape(h, w, m)
         _stack_chunks(self.key_image, global_keys, layout, self.key_buffer)
@@ -213,20 +208,39 @@ def _stack_chunks(image: torch.Tensor, global_tokens: torch.Tensor, layout: _Lay
         buffer[:, -g:, : global_tokens.shape[-1]] = global_tokens
 
 
-def _query_chunks(tokens: torch.Tensor, layout: _Layout) -> torch.Tensor:
-    """(L, M) tokens of one head -> (mx * my, W^2, M) chunks, padding zero."""
-    m = tokens.shape[-1]
-    w, mx, my = layout.window, layout.chunk_rows, layout.chunk_cols
-    image = F.pad(tokens.reshape(layout.height, layout.width, m), (0, 0, 0, my * w - layout.width, 0, mx * w - layout.height))
-    return _image_chunks(image, w).reshape(mx * my, w * w, m)
+def _chunk_pieces(height: int, width: int, window: int):
+    """Slices pairing the map with the chunk grid: whole chunks first, then the partial last row/column.
+
+    Yields (image rows, image cols, chunk rows, inner rows, chunk cols, inner cols) as slices, so that
+    a map (height, width, F) and chunks (mx, W, my, W, F) exchange data with one copy per piece.
+    """
+    full_rows, full_cols = height // window, width // window
+    row_parts = [(slice(0, full_rows * window), slice(0, full_rows), slice(None))]
+    if height % window:
+        row_parts.append((slice(full_rows * window, height), full_rows, slice(0, height % window)))
+    col_parts = [(slice(0, full_cols * window), slice(0, full_cols), slice(None))]
+    if width % window:
+        col_parts.append((slice(full_cols * window, width), full_cols, slice(0, width % window)))
+    for image_rows, chunk_rows, inner_rows in row_parts:
+        for image_cols, chunk_cols, inner_cols in col_parts:
+            yield image_rows, image_cols, chunk_rows, inner_rows, chunk_cols, inner_cols
 
 
-def _write_query_chunks(chunks: torch.Tensor, layout: _Layout, out: torch.Tensor) -> None:
-    """Inverse of :func:`_query_chunks`: (mx * my, W^2, M) into ``out`` (L, M), dropping padding."""
-    m = chunks.shape[-1]
+def _exchange(image: torch.Tensor, chunks: torch.Tensor, layout: _Layout, to_chunks: bool) -> None:
+    """Copy a map (L, F) into chunks (mx * my, W^2, >= F) or back, without touching the padding."""
     w, mx, my = layout.window, layout.chunk_rows, layout.chunk_cols
-    image = chunks.view(mx, my, w, w, m).transpose(1, 2).reshape(mx * w, my * w, m)
-    out.view(layout.height, layout.width, m).copy_(image[: layout.height, : layout.width])
+    features = image.shape[-1]
+    image = image.view(layout.height, layout.width, features)
+    grid = chunks.view(mx, my, w, w, -1)[..., :features].transpose(1, 2)  # (mx, W, my, W, F)
+    for image_rows, image_cols, chunk_rows, inner_rows, chunk_cols, inner_cols in _chunk_pieces(
+        layout.height, layout.width, w
+    ):
+        target = grid[chunk_rows, inner_rows, chunk_cols, inner_cols]
+        source = image[image_rows, image_cols].view(target.shape)
+        if to_chunks:
+            target.copy_(source)
+        else:
+            source.copy_(target)
 
 
 def _fold_key_buffer(grad: torch.Tensor, layout: _Layout, out: torch.Tensor, out_global: torch.Tensor) -> None:
@@ -293,7 +307,7 @@ class _BlockedLongformerAttention(torch.autograd.Function):
                 torch.softmax(scores, -1, out=scores)  # (n, W^2, S)
                 v_windows = _windows(v_buffer, layout, block, count, head_dim)
                 torch.bmm(scores, v_windows, out=out[first : first + count])
-            _write_query_chunks(out, layout, output[b, h])
+            _exchange(output[b, h], out, layout, to_chunks=False)
 
         ctx.save_for_backward(queries, keys, values, global_keys, global_values, shared, output)
         ctx.layout = layout
@@ -307,6 +321,7 @@ class _BlockedLongformerAttention(torch.autograd.Function):
         w2, keys_per_block = layout.window**2, layout.block_keys
         # softmax backward: dS = P * (dP - sum(dO * O)) per query
         delta = (grad_output * output).sum(-1, keepdim=True)  # (B, H, L, 1)
+        grad_output = grad_output.contiguous() if grad_output.stride(-1) != 1 else grad_output
 
         grads = [torch.empty_like(t) for t in (queries, keys, values, global_keys, global_values)]
         grad_shared = torch.zeros_like(shared) if ctx.needs_input_grad[5] else None
@@ -314,12 +329,14 @@ class _BlockedLongformerAttention(torch.autograd.Function):
         workspace = _Workspace(layout, head_dim, queries.dtype, queries.device)
         grad_k_buffer = queries.new_empty(layout.num_blocks, keys_per_block, head_dim)
         grad_v_buffer = torch.empty_like(grad_k_buffer)
+        grad_chunks = queries.new_zeros(layout.chunk_rows * layout.chunk_cols, w2, head_dim)
+        delta_chunks = queries.new_zeros(layout.chunk_rows * layout.chunk_cols, w2, 1)
         for b, h in ((b, h) for b in range(batch) for h in range(heads)):
             # rebuilt rather than saved: a copy each, cheaper than keeping them alive between passes
             inputs = (t[b, h] for t in (queries, keys, values, global_keys, global_values))
             q_chunks, k_buffer, v_buffer = workspace.load(*inputs)
-            grad_chunks = _query_chunks(grad_output[b, h], layout)  # (C, W^2, M)
-            delta_chunks = _query_chunks(delta[b, h], layout)  # (C, W^2, 1)
+            _exchange(grad_output[b, h], grad_chunks, layout, to_chunks=True)  # (C, W^2, M), padding 0
+            _exchange(delta[b, h], delta_chunks, layout, to_chunks=True)  # (C, W^2, 1)
             grad_k_buffer.zero_()
             grad_v_buffer.zero_()
             bias = shared[h][None]
@@ -342,7 +359,7 @@ class _BlockedLongformerAttention(torch.autograd.Function):
                     part = slice(s * keys_per_block, (s + 1) * keys_per_block)
                     grad_k_buffer[block + s : block + s + count] += grad_keys[:, part]
                     grad_v_buffer[block + s : block + s + count] += grad_values[:, part]
-            _write_query_chunks(grad_q, layout, grads[0][b, h])
+            _exchange(grads[0][b, h], grad_q, layout, to_chunks=False)
             _fold_key_buffer(grad_k_buffer, layout, grads[1][b, h], grads[3][b, h])
             _fold_key_buffer(grad_v_buffer, layout, grads[2][b, h], grads[4][b, h])
         return (*grads, grad_shared, None)
