@@ -265,3 +265,26 @@ def test_blocked_backward_keeps_no_score_tensor():
     assert blocked_bytes <= output.numel() * 4 + 4 * shared_bytes
     assert blocked_bytes < scores_bytes / 4
     assert vectorized_bytes > scores_bytes  # what the blocked path avoids
+
+
+def test_blocked_path_in_head_groups_of_every_size(monkeypatch):
+    """Small maps load several heads at once; large ones one by one. Both, and uneven groups, are exact."""
+    from vil_kernels.longformer import blocked
+
+    height, width, window = 11, 16, 5
+    tensors = _inputs(2, 5, height, width, 2, 8, window, torch.float64, 3)
+    expected = _run("reference", tensors, height, width, window, False, None, True)
+    grad_output = torch.randn_like(expected)
+    expected_grads = _grads(expected, tensors, grad_output)
+    layout = blocked._layout(height, width, window, None, 2)
+    for budget_heads, group in ((1, 1), (2, 2), (4, 3), (5, 5)):  # 5 heads: groups 1x5, 2+2+1, 3+2, 5
+        monkeypatch.setattr(blocked, "_GROUP_BYTES", 0)
+        assert blocked._heads_per_group(layout, 8, 5, 8) == 1
+        per_head = (layout.chunk_rows * layout.chunk_cols * window**2 + 2 * layout.num_blocks * layout.block_keys) * 9 * 8
+        monkeypatch.setattr(blocked, "_GROUP_BYTES", budget_heads * per_head)
+        assert blocked._heads_per_group(layout, 8, 5, 8) == group
+        actual = _run("blocked", tensors, height, width, window, False, None, True)
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+        actual_grads = _grads(actual, tensors, grad_output)
+        for name in tensors:
+            torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)

@@ -125,16 +125,31 @@ def _memory_child(model_name: str, image: tuple[int, int], backward: bool, devic
     model = build_vil(device=device) if model_name == "vil" else build_swin(device=device)
     pixel_values = torch.randn(1, 3, *image, device=device)
     # before: the model and the input, so the peak minus it is what the step itself needs
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-    _backbone_step(model, pixel_values, backward)
-    if device.startswith("cuda"):
-        peak = torch.cuda.max_memory_allocated()
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+        before = _resident_peak_bytes()
+    _backbone_step(model, pixel_values, backward)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _resident_peak_bytes()
     print(json.dumps({"peak_bytes": peak, "before_bytes": before}))
+
+
+def _resident_peak_bytes() -> int:
+    """This process's peak resident set size.
+
+    Read from /proc (VmHWM) where there is one: getrusage's ru_maxrss survives exec on Linux, so a
+    child started from a big parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: bool = True, log=print) -> dict:
@@ -266,11 +281,16 @@ def markdown(results: dict) -> str:
     ]
     if "memory" in results:
         m = results["memory"]
+        unit = "max RSS" if setup["device"] == "cpu" else "max allocated"
         for kind, target in (("forward", ""), ("forward_backward", "<= 1.0")):
-            vil_mb, swin_mb = (m[f"{x}_{kind}"]["peak_bytes"] / 2**20 for x in ("vil", "swin"))
+            vil, swin = (m[f"{x}_{kind}"] for x in ("vil", "swin"))
+            cells = [
+                f"{x['peak_bytes'] / 2**20:.0f} MiB (+{(x['peak_bytes'] - x['before_bytes']) / 2**20:.0f})"
+                for x in (vil, swin)
+            ]
             lines.append(
-                f"| peak memory, {kind.replace('_', '+')} | {vil_mb:.0f} MiB | {swin_mb:.0f} MiB | "
-                f"{r[f'vil_over_swin_peak_memory_{kind}']:.2f} | {target} |"
+                f"| peak memory ({unit}; + over model and input), {kind.replace('_', '+')} | {cells[0]} | "
+                f"{cells[1]} | {r[f'vil_over_swin_peak_memory_{kind}']:.2f} | {target} |"
             )
     sh, sw = setup["scaled_image"]
     s = results["scaling"]
