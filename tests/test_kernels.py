@@ -1,6 +1,7 @@
-"""vil_kernels: the vectorised longformer attention against the dense reference, and the reference itself."""
+"""vil_kernels: every longformer path against the dense reference (forward and gradients), and the reference itself."""
 
 import itertools
+import logging
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from vil_kernels import (
     LONGFORMER_IMPLEMENTATIONS,
     NEIGHBOR_OFFSETS,
     longformer_attention,
+    longformer_attention_flex,
     longformer_attention_reference,
     relative_bias_table_size,
 )
@@ -69,7 +71,11 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("implementation", sorted(set(LONGFORMER_IMPLEMENTATIONS) - {"reference"}))
+# Paths with forward and backward on CPU; "flex" (CUDA only) is checked below.
+CPU_PATHS = sorted(set(LONGFORMER_IMPLEMENTATIONS) - {"reference", "flex"})
+
+
+@pytest.mark.parametrize("implementation", CPU_PATHS)
 @pytest.mark.parametrize("shape,window,num_global,exact,neighbor", CASES)
 def test_fast_path_matches_reference_forward_and_backward(implementation, shape, window, num_global, exact, neighbor):
     height, width = shape
@@ -87,12 +93,13 @@ def test_fast_path_matches_reference_forward_and_backward(implementation, shape,
         torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
-@pytest.mark.parametrize("exact", [False, True])
-def test_fast_path_matches_reference_in_float32(exact):
+@pytest.mark.parametrize("implementation", ["auto"] + CPU_PATHS)
+@pytest.mark.parametrize("exact,neighbor", [(False, None), (True, None), (False, 5)])
+def test_fast_path_matches_reference_in_float32(implementation, exact, neighbor):
     height, width, window = 23, 31, 7
-    tensors = _inputs(1, 3, height, width, 1, 32, window, torch.float32, 0)
-    expected = _run("reference", tensors, height, width, window, exact, None, True)
-    actual = _run("auto", tensors, height, width, window, exact, None, True)
+    tensors = _inputs(2, 3, height, width, 1, 32, window, torch.float32, 0)
+    expected = _run("reference", tensors, height, width, window, exact, neighbor, True)
+    actual = _run(implementation, tensors, height, width, window, exact, neighbor, True)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     grad_output = torch.randn_like(expected)
     expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
@@ -162,4 +169,122 @@ def test_rejects_exact_window_with_random_shift_and_unknown_implementation():
         _run("cuda-magic", tensors, 5, 5, 3, False, None, False)
     with pytest.raises(ValueError, match="neighbor must be in"):
         _run("vectorized", tensors, 5, 5, 3, False, 8, False)
-    assert resolve_implementation("auto") in LONGFORMER_IMPLEMENTATIONS
+    assert resolve_implementation("auto")[0] in LONGFORMER_IMPLEMENTATIONS
+
+
+@pytest.mark.parametrize("shape,window,num_global,exact,neighbor", CASES[::3])
+def test_flex_mask_and_bias_match_reference_on_cpu(shape, window, num_global, exact, neighbor):
+    """FlexAttention has no CPU backward; its eager forward checks the block mask and score_mod here."""
+    height, width = shape
+    tensors = {n: t.detach() for n, t in _inputs(2, 3, height, width, num_global, 8, window, torch.float32, 1).items()}
+    with torch.no_grad():
+        expected = _run("reference", tensors, height, width, window, exact, neighbor, True)
+        actual = longformer_attention_flex(
+            *(tensors[n] for n in ("local_queries", "local_keys", "local_values", "global_keys", "global_values")),
+            height,
+            width,
+            window,
+            exact=exact,
+            neighbor=neighbor,
+            relative_bias_table=tensors["relative_bias_table"],
+            local_to_global_bias=tensors["local_to_global_bias"],
+            compiled=False,
+        )
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flex path runs on CUDA; no GPU here")
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
+def test_gpu_paths_match_reference(dtype, tolerance):
+    for shape, window, num_global, exact, neighbor in CASES[::7]:
+        height, width = shape
+        tensors = _inputs(2, 3, height, width, num_global, 16, window, torch.float32, 2)
+        expected = _run("reference", tensors, height, width, window, exact, neighbor, True)
+        grad_output = torch.randn_like(expected)
+        expected_grads = _grads(expected, tensors, grad_output)
+        on_gpu = {n: t.detach().to("cuda", dtype).requires_grad_() for n, t in tensors.items()}
+        for implementation in ("auto", "flex", "blocked"):
+            case = f"{implementation} {shape} W{window} G{num_global} exact={exact} neighbor={neighbor}"
+            actual = _run(implementation, on_gpu, height, width, window, exact, neighbor, True)
+            torch.testing.assert_close(actual.float().cpu(), expected, rtol=tolerance, atol=tolerance, msg=case)
+            actual_grads = _grads(actual, on_gpu, grad_output.to("cuda", dtype))
+            for name in tensors:
+                torch.testing.assert_close(
+                    actual_grads[name].float().cpu(),
+                    expected_grads[name],
+                    rtol=tolerance * 10,
+                    atol=tolerance * 10,
+                    msg=f"{case} {name}",
+                )
+
+
+def test_auto_picks_blocked_on_cpu_and_logs_why(caplog):
+    tensors = _inputs(1, 2, 9, 13, 1, 8, 5, torch.float32, 0)
+    assert resolve_implementation("auto", "cpu") == ("blocked", "auto: cpu tensors")
+    assert resolve_implementation("auto", "cuda")[0] == "flex"
+    assert resolve_implementation("auto", "cpu", dropout_p=0.1)[0] == "vectorized"
+    with caplog.at_level(logging.DEBUG, logger="vil_kernels.longformer"):
+        _run("auto", tensors, 9, 13, 5, False, None, True)
+    assert "longformer attention: blocked (auto: cpu tensors), map 9x13, window 5" in caplog.text
+
+
+def test_paths_that_cannot_run_fail_clearly():
+    tensors = _inputs(1, 2, 9, 13, 1, 8, 5, torch.float32, 0)
+    with pytest.raises(ValueError, match="'flex' longformer implementation runs on CUDA tensors only, got cpu"):
+        _run("flex", tensors, 9, 13, 5, False, None, True)
+    with pytest.raises(ValueError, match="'blocked' longformer implementation has no attention dropout"):
+        longformer_attention(*(tensors[n] for n in list(tensors)[:5]), 9, 13, 5, dropout_p=0.1, implementation="blocked")
+    with pytest.raises(ValueError, match="the map is 9x12"):
+        _run("blocked", tensors, 9, 12, 5, False, None, True)
+
+
+def _saved_bytes(implementation, tensors, height, width, window):
+    """Bytes autograd keeps for the backward of one attention call (inputs already alive not counted)."""
+    inputs = {t.data_ptr() for t in tensors.values()}
+    saved = {}
+
+    def pack(tensor):
+        if tensor.data_ptr() not in inputs:
+            saved[tensor.data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        output = _run(implementation, tensors, height, width, window, False, None, True)
+    return sum(saved.values()), output
+
+
+def test_blocked_backward_keeps_no_score_tensor():
+    height, width, window, heads, head_dim = 40, 45, 7, 2, 16
+    tensors = _inputs(1, heads, height, width, 1, head_dim, window, torch.float32, 0)
+    blocked_bytes, output = _saved_bytes("blocked", tensors, height, width, window)
+    vectorized_bytes, _ = _saved_bytes("vectorized", tensors, height, width, window)
+    scores_bytes = heads * height * width * 9 * window**2 * 4  # one (L, 9 W^2) float32 score tensor
+    # the output, the (H, W^2, S) bias shared by all chunks and the indices that build it from the
+    # table (a few times H W^2 S): far less than one score tensor
+    shared_bytes = heads * window**2 * (9 * window**2 + 3) * 4
+    assert blocked_bytes <= output.numel() * 4 + 4 * shared_bytes
+    assert blocked_bytes < scores_bytes / 4
+    assert vectorized_bytes > scores_bytes  # what the blocked path avoids
+
+
+def test_blocked_path_in_head_groups_of_every_size(monkeypatch):
+    """Small maps load several heads at once; large ones one by one. Both, and uneven groups, are exact."""
+    from vil_kernels.longformer import blocked
+
+    height, width, window = 11, 16, 5
+    tensors = _inputs(2, 5, height, width, 2, 8, window, torch.float64, 3)
+    expected = _run("reference", tensors, height, width, window, False, None, True)
+    grad_output = torch.randn_like(expected)
+    expected_grads = _grads(expected, tensors, grad_output)
+    layout = blocked._layout(height, width, window, None, 2)
+    for budget_heads, group in ((1, 1), (2, 2), (4, 3), (5, 5)):  # 5 heads: groups 1x5, 2+2+1, 3+2, 5
+        monkeypatch.setattr(blocked, "_GROUP_BYTES", 0)
+        assert blocked._heads_per_group(layout, 8, 5, 8) == 1
+        per_head = (layout.chunk_rows * layout.chunk_cols * window**2 + 2 * layout.num_blocks * layout.block_keys) * 9 * 8
+        monkeypatch.setattr(blocked, "_GROUP_BYTES", budget_heads * per_head)
+        assert blocked._heads_per_group(layout, 8, 5, 8) == group
+        actual = _run("blocked", tensors, height, width, window, False, None, True)
+        torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+        actual_grads = _grads(actual, tensors, grad_output)
+        for name in tensors:
+            torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)

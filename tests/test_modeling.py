@@ -301,3 +301,32 @@ def test_image_classification_pipeline_runs_on_a_saved_folder(tmp_path):
     predictions = classify(image, top_k=5)
     assert sorted(p["label"] for p in predictions) == [f"shape{i}" for i in range(5)]
     assert abs(sum(p["score"] for p in predictions) - 1.0) < 1e-4
+
+
+@pytest.mark.parametrize("exact_window,random_shift", [(False, False), (True, False), (False, True)])
+def test_longformer_implementations_agree_in_the_model(exact_window, random_shift):
+    """The config field picks the kernel; every CPU path gives the reference's logits and gradients."""
+    pixel_values, labels = torch.randn(2, 3, 64, 80), torch.tensor([1, 3])
+    results = {}
+    for implementation in ("reference", "vectorized", "blocked", "auto"):
+        torch.manual_seed(0)
+        config = tiny_config(
+            exact_window=exact_window, random_shift=random_shift, longformer_implementation=implementation
+        )
+        model = randomize(ViLForImageClassification(config)).train()
+        torch.manual_seed(7)  # the same random shifts for every implementation
+        output = model(pixel_values, labels=labels)
+        output.loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        results[implementation] = output.logits.detach(), grads
+    expected_logits, expected_grads = results.pop("reference")
+    for implementation, (logits, grads) in results.items():
+        torch.testing.assert_close(logits, expected_logits, rtol=1e-5, atol=1e-5, msg=implementation)
+        for name, grad in expected_grads.items():
+            torch.testing.assert_close(grads[name], grad, rtol=1e-4, atol=1e-5, msg=f"{implementation} {name}")
+
+
+def test_gpu_implementation_on_cpu_is_a_clear_error():
+    model = ViLBackbone(tiny_config(longformer_implementation="flex"))
+    with pytest.raises(ValueError, match="'flex' longformer implementation runs on CUDA tensors only"):
+        model(torch.randn(1, 3, 64, 64))

@@ -29,7 +29,7 @@ ARCH_LETTERS: dict[str, tuple[str, int]] = {
 # paper's ablations (vil-reference section 3).
 EFFICIENT_ATTENTION_TYPES = ("longformer", "global", "srformer", "performer", "linformer")
 ATTENTION_TYPES = EFFICIENT_ATTENTION_TYPES + ("full",)
-LONGFORMER_IMPLEMENTATIONS = ("auto", "vectorized", "reference")
+LONGFORMER_IMPLEMENTATIONS = ("auto", "blocked", "flex", "vectorized", "reference")
 
 # Published backbones (vil-reference section 1). Classification strings use full attention in
 # stages 3-4; the "_sparse" detection strings use the longformer everywhere.
@@ -180,8 +180,9 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         patch_embed_norm: LayerNorm after each patch embedding (the original's NORM_EMBED).
         image_size: size the absolute tables and full-attention bias tables are built for; like
             the original it is rounded up to a multiple of the total stride (1333 -> 1344).
-        longformer_implementation: ``"auto"`` or a name from ``vil_kernels`` (``vectorized``,
-            ``reference``).
+        longformer_implementation: ``"auto"`` (``flex`` on CUDA, ``blocked`` on CPU, ``vectorized`` when
+            attention dropout is on) or a name from ``vil_kernels``: ``blocked`` (CPU fast path),
+            ``flex`` (FlexAttention, CUDA only), ``vectorized``, ``reference`` (dense, for tests).
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
         layer_norm_eps: every LayerNorm's eps (1e-6, which the original hard-codes).
         out_features, out_indices: stages (``stage1``..``stage4``) that ViLBackbone returns.

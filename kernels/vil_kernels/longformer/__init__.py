@@ -6,6 +6,8 @@ import logging
 
 import torch
 
+from .blocked import longformer_attention_blocked
+from .flex import flex_available, longformer_attention_flex
 from .geometry import NEIGHBOR_OFFSETS, chunk_geometry, relative_bias_index, relative_bias_table_size
 from .reference import allowed_keys, longformer_attention_reference
 from .vectorized import longformer_attention_vectorized
@@ -15,18 +17,40 @@ logger = logging.getLogger(__name__)
 IMPLEMENTATIONS = {
     "reference": longformer_attention_reference,
     "vectorized": longformer_attention_vectorized,
+    "blocked": longformer_attention_blocked,
+    "flex": longformer_attention_flex,
 }
 
 
-def resolve_implementation(name: str) -> str:
-    """Map a requested implementation (``auto`` or a name) to one that can run."""
+def resolve_implementation(name: str, device: torch.device | str = "cpu", dropout_p: float = 0.0) -> tuple[str, str]:
+    """Map a requested implementation (``auto`` or a name) to one that can run, and say why.
+
+    ``auto`` picks ``flex`` on CUDA (where FlexAttention exists), ``blocked`` elsewhere, and
+    ``vectorized`` when attention dropout is on (the fast paths have none). An explicit name that
+    cannot run on these tensors is an error rather than a silent fallback.
+    """
+    device_type = torch.device(device).type
     if name == "auto":
-        return "vectorized"
+        if dropout_p > 0:
+            return "vectorized", "auto: attention dropout is on and only 'vectorized' and 'reference' have it"
+        if device_type == "cuda" and flex_available():
+            return "flex", "auto: CUDA tensors"
+        return "blocked", f"auto: {device_type} tensors"
     if name not in IMPLEMENTATIONS:
         raise ValueError(
             f"Unknown longformer implementation {name!r}; choose 'auto' or one of {sorted(IMPLEMENTATIONS)}."
         )
-    return name
+    if name == "flex" and device_type != "cuda":
+        raise ValueError(
+            f"The 'flex' longformer implementation runs on CUDA tensors only, got {device_type} tensors; "
+            "use implementation='auto' or 'blocked' on CPU."
+        )
+    if name in ("blocked", "flex") and dropout_p > 0:
+        raise ValueError(
+            f"The {name!r} longformer implementation has no attention dropout (got dropout_p={dropout_p}); use "
+            "'vectorized', or 'auto', which picks it when attention dropout is on."
+        )
+    return name, "requested"
 
 
 def longformer_attention(
@@ -63,10 +87,8 @@ def longformer_attention(
     """
     if exact and neighbor is not None:
         raise ValueError("The exact window and random shifting cannot be combined (the original rejects it too).")
-    name = resolve_implementation(implementation)
-    logger.debug(
-        "longformer attention: %s (requested %s), map %dx%d, window %d", name, implementation, height, width, window
-    )
+    name, reason = resolve_implementation(implementation, local_queries.device, dropout_p)
+    logger.debug("longformer attention: %s (%s), map %dx%d, window %d", name, reason, height, width, window)
     return IMPLEMENTATIONS[name](
         local_queries,
         local_keys,
@@ -89,7 +111,10 @@ __all__ = [
     "NEIGHBOR_OFFSETS",
     "allowed_keys",
     "chunk_geometry",
+    "flex_available",
     "longformer_attention",
+    "longformer_attention_blocked",
+    "longformer_attention_flex",
     "longformer_attention_reference",
     "longformer_attention_vectorized",
     "relative_bias_index",

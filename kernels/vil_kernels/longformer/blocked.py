@@ -1,0 +1,444 @@
+"""Fast longformer attention on CPU: batched matrix products over blocks of chunks.
+
+Layout. The query map is zero-padded to whole W x W chunks; chunk (i, j) holds W^2 queries.
+
+Keys. In the sliding-chunk and exact modes a query chunk sees the 3x3 chunks around it. The key map,
+zero-padded by one chunk on every side, is copied once into a buffer whose block (i, c) stacks the
+three chunks of padded column c in padded rows i, i+1, i+2 (plus the G global keys): 3 copies
+instead of 9. The nine chunks of query chunk (i, j) are then blocks (i, j), (i, j+1), (i, j+2), one
+contiguous stretch of memory, so the key windows of a run of chunks in one chunk row are a strided
+*view* (overlapping windows) and their scores are one ``bmm``. Random shifting (own chunk + one
+neighbour) copies the two chunks per query chunk instead.
+
+Masks. Which keys a query may see is the product of two simpler rules:
+- keys in the zero padding are never seen: every key gets one extra feature, 0 for map tokens and a
+  huge negative number for padding, and every query an extra feature 1, so the matrix product itself
+  adds the padding mask (no per-chunk mask tensor, no border special cases);
+- everything else (relative bias, the exact window's square, local-to-global bias, and the global
+  copies in blocks t+1 and t+2 that must not count twice) depends only on (query slot, key slot), so
+  it is one additive (H, W^2, S) tensor shared by all chunks, built once per call from the tables
+  (so its gradient flows back to them through ordinary autograd).
+So the whole forward of a run of chunks is bmm, add, softmax, bmm.
+
+Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
+custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
+each run's probabilities (as flash attention does; recomputing the fused softmax is cheaper than
+exp(S - logsumexp) over masked entries), so no (C, W^2, S) tensor is ever stored.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch.autograd.function import once_differentiable
+
+from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
+
+# Scores of one block of chunks are kept near this size, so that softmax and the second product
+# read them from cache.
+_BLOCK_BYTES = 2 * 1024 * 1024
+# Workspaces kept per thread: one per map size, so a four-stage backbone reuses all of its own.
+_CACHED_WORKSPACES = 8
+# Buffers of heads loaded together stay under this size (small maps: all heads at once).
+_GROUP_BYTES = 48 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class _Layout:
+    height: int
+    width: int
+    window: int
+    neighbor: int | None
+    num_global: int
+    chunk_rows: int  # mx
+    chunk_cols: int  # my
+    block_pitch: int  # buffer blocks per chunk row: my + 2 (3x3 windows) or my (random shifting)
+    span: int  # buffer blocks one key window covers: 3, or 1 for random shifting
+    block_keys: int  # key rows per buffer block: chunks * W^2 + G
+
+    @property
+    def window_keys(self) -> int:  # S, key slots per query chunk
+        return self.span * self.block_keys
+
+    @property
+    def num_blocks(self) -> int:
+        return self.chunk_rows * self.block_pitch
+
+
+def _layout(height: int, width: int, window: int, neighbor: int | None, num_global: int) -> _Layout:
+    mx, my = num_chunks(height, width, window)
+    w2 = window * window
+    if neighbor is None:
+        return _Layout(height, width, window, None, num_global, mx, my, my + 2, 3, 3 * w2 + num_global)
+    return _Layout(height, width, window, neighbor, num_global, mx, my, my, 1, 2 * w2 + num_global)
+
+
+@lru_cache(maxsize=64)
+def _padding_map(layout: _Layout, device: str) -> torch.Tensor:
+    """((mx+2) W, (my+2) W) bool: the zero padding around the map in the padded key image."""
+    w = layout.window
+    rows = torch.arange((layout.chunk_rows + 2) * w)
+    cols = torch.arange((layout.chunk_cols + 2) * w)
+    inside_rows = (rows >= w) & (rows < w + layout.height)
+    inside_cols = (cols >= w) & (cols < w + layout.width)
+    return (~(inside_rows[:, None] & inside_cols[None])).to(device)
+
+
+@lru_cache(maxsize=64)
+def _slot_geometry(layout: _Layout, exact: bool, device: str):
+    """Per (query slot, key slot): bias-table row (W^2, S), allowed (W^2, S), global index or -1 (S,)."""
+    w, g = layout.window, layout.num_global
+    inner_row = torch.arange(w).repeat_interleave(w)
+    inner_col = torch.arange(w).repeat(w)
+    if layout.neighbor is None:
+        # slot order: dj (block t + dj), then [di-th chunk of the block, inner position | global]
+        offsets = [(di - 1, dj - 1) for dj in range(3) for di in range(3)]
+    else:
+        offsets = list(chunk_offsets(layout.neighbor))
+    chunks_per_block = len(offsets) // layout.span
+    slot_row, slot_col, slot_global = [], [], []
+    for block in range(layout.span):
+        for dr, dc in offsets[block * chunks_per_block:(block + 1) * chunks_per_block]:
+            slot_row.append(dr * w + inner_row)
+            slot_col.append(dc * w + inner_col)
+            slot_global.append(torch.full((w * w,), -1))
+        slot_row.append(torch.zeros(g, dtype=torch.long))
+        slot_col.append(torch.zeros(g, dtype=torch.long))
+        # only the first block's copy of the globals counts; the others are masked
+        slot_global.append(torch.arange(g) if block == 0 else torch.full((g,), -2))
+    slot_row, slot_col, slot_global = torch.cat(slot_row), torch.cat(slot_col), torch.cat(slot_global)
+    delta_row = inner_row[:, None] - slot_row[None]  # query minus key, (W^2, S)
+    delta_col = inner_col[:, None] - slot_col[None]
+    is_local = slot_global[None] == -1
+    allowed = is_local | (slot_global[None] >= 0)
+    if exact:
+        allowed = allowed & (~is_local | ((delta_row.abs() <= w) & (delta_col.abs() <= w)))
+    span = 2 * w - 1
+    bias_row = relative_bias_index(delta_row.clamp(-span, span), delta_col.clamp(-span, span), w)
+    bias_row = torch.where(is_local, bias_row, 0)
+    return bias_row.to(device), allowed.to(device), slot_global.to(device)
+
+
+def _shared_scores_bias(layout, exact, heads, dtype, device, relative_bias_table, local_to_global_bias):
+    """(H, W^2, S) additive term shared by every chunk: relative bias, l2g bias and -inf masks."""
+    bias_row, allowed, slot_global = _slot_geometry(layout, bool(exact), str(device))
+    w2, s = bias_row.shape
+    if relative_bias_table is not None:
+        shared = relative_bias_table.to(dtype)[bias_row].permute(2, 0, 1)  # (H, W^2, S)
+        shared = torch.where(slot_global[None, None] == -1, shared, 0.0)
+    else:
+        shared = torch.zeros(heads, w2, s, dtype=dtype, device=device)
+    if local_to_global_bias is not None and layout.num_global:
+        to_global = local_to_global_bias.to(dtype)[:, slot_global.clamp(min=0)]  # (H, S)
+        shared = shared + torch.where(slot_global >= 0, to_global, 0.0)[:, None, :]
+    return shared.masked_fill(~allowed, float("-inf")).contiguous()
+
+
+class _Workspace:
+    """Query chunks and key/value buffers of a group of heads, refilled per group, reused across calls.
+
+    Fresh multi-megabyte buffers cost page faults and zero-filling on every call; here the padding
+    parts (zeros, the padding flags, the queries' constant feature) are written once, when the
+    workspace is made, and each group only overwrites the parts that hold map tokens. Small maps
+    take several heads per group, so the copies are few and large rather than many and small.
+    """
+
+    def __init__(self, layout: _Layout, head_dim: int, group: int, dtype: torch.dtype, device: torch.device):
+        w, mx, my, m, g = layout.window, layout.chunk_rows, layout.chunk_cols, head_dim, layout.num_global
+        self.layout, self.head_dim = layout, m
+        # queries with one extra feature 1; queries in the padding are all ones (their outputs are
+        # dropped and their gradients are zero)
+        self.query_chunks = torch.ones(group, mx * my, w * w, m + 1, dtype=dtype, device=device)
+        # keys with one extra feature: 0 on map tokens and globals, a huge negative flag on padding,
+        # so that q' . k' = q . k + flag masks the padding inside the product
+        self.key_buffer = torch.zeros(group, layout.num_blocks, layout.block_keys, m + 1, dtype=dtype, device=device)
+        flag = torch.finfo(dtype).min / 4  # finite: no 0 * inf inside the product; exp() of it is 0
+        self.key_buffer[:, :, : layout.block_keys - g, m] = flag
+        on_map = torch.zeros(group, layout.height * layout.width, 1, dtype=dtype, device=device)
+        for grid, first_row, first_col in _key_grids(self.key_buffer[..., m:], layout):
+            _exchange(on_map, grid, first_row, first_col, layout, "to_grid")
+        self.value_buffer = torch.zeros(group, layout.num_blocks, layout.block_keys, m, dtype=dtype, device=device)
+
+    def load(self, queries, keys, values, global_keys, global_values):
+        """Fill the buffers with a group of heads: (g, L, M) tokens and (g, G, M) globals."""
+        layout, m, g, size = self.layout, self.head_dim, self.layout.num_global, queries.shape[0]
+        q_chunks, k_buffer, v_buffer = self.query_chunks[:size], self.key_buffer[:size], self.value_buffer[:size]
+        grid = q_chunks.unflatten(1, (layout.chunk_rows, layout.chunk_cols)).unflatten(3, (layout.window,) * 2)
+        _exchange(queries, grid[..., :m], 0, 0, layout, "to_grid")
+        for grid, first_row, first_col in _key_grids(k_buffer[..., :m], layout):
+            _exchange(keys, grid, first_row, first_col, layout, "to_grid")
+        for grid, first_row, first_col in _key_grids(v_buffer, layout):
+            _exchange(values, grid, first_row, first_col, layout, "to_grid")
+        if g:
+            k_buffer[:, :, -g:, :m] = global_keys[:, None]
+            v_buffer[:, :, -g:] = global_values[:, None]
+        return q_chunks, k_buffer, v_buffer
+
+
+def _heads_per_group(layout: _Layout, head_dim: int, heads: int, element_size: int) -> int:
+    """Heads loaded together: as many as fit in _GROUP_BYTES of buffers, in groups of equal size."""
+    per_head = (layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys)
+    per_head *= (head_dim + 1) * element_size
+    most = max(1, min(heads, _GROUP_BYTES // per_head))
+    groups = -(-heads // most)
+    return -(-heads // groups)
+
+
+_workspaces = threading.local()
+
+
+def _workspace(layout: _Layout, head_dim: int, group: int, dtype: torch.dtype, device: torch.device) -> _Workspace:
+    """This thread's workspace for these sizes (the few most recent are kept: one per stage)."""
+    cache = getattr(_workspaces, "cache", None)
+    if cache is None:
+        cache = _workspaces.cache = OrderedDict()
+    key = (layout, head_dim, group, dtype, str(device))
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    cache[key] = workspace = _Workspace(layout, head_dim, group, dtype, device)
+    while len(cache) > _CACHED_WORKSPACES:
+        cache.popitem(last=False)
+    return workspace
+
+
+def _key_grids(buffer: torch.Tensor, layout: _Layout):
+    """Chunk grids (..., rows, cols, W, W, F) inside key buffers (..., num_blocks, block_keys, F), each
+    with the map chunk of its grid chunk (0, 0).
+
+    3x3 windows: block (i, c) holds padded chunks (i + di, c), di = 0..2, that is map chunks
+    (i + di - 1, c - 1). Random shifting: block (i, j) holds map chunks (i, j) and (i + dr, j + dc).
+    """
+    w, mx = layout.window, layout.chunk_rows
+    blocks = buffer.unflatten(-3, (mx, layout.block_pitch))  # (..., mx, pitch, block_keys, F)
+    if layout.neighbor is None:
+        stacked = blocks[..., : 3 * w * w, :].unflatten(-2, (3, w, w))  # (..., mx, pitch, 3, W, W, F)
+        return [(stacked.select(-4, di), di - 1, -1) for di in range(3)]
+    dr, dc = NEIGHBOR_OFFSETS[layout.neighbor]
+    pairs = blocks[..., : 2 * w * w, :].unflatten(-2, (2, w, w))
+    return [(pairs.select(-4, 0), 0, 0), (pairs.select(-4, 1), dr, dc)]
+
+
+def _exchange(tokens: torch.Tensor, grid: torch.Tensor, first_row: int, first_col: int, layout: _Layout, how: str):
+    """Move data between maps (..., L, F) and chunk grids (..., rows, cols, W, W, F), one copy per piece.
+
+    Grid chunk (a, b) is map chunk (a + first_row, b + first_col); only the parts that hold map tokens
+    are touched (whole chunks in one piece, the partial last chunk row and column in others).
+    ``how``: "to_grid", "from_grid" (overwrite the map) or "add_from_grid" (accumulate into it).
+    """
+    w = layout.window
+    height, width = layout.height, layout.width
+    image = tokens.unflatten(-2, (height, width))  # (..., height, width, F)
+    grid_rows, grid_cols = grid.shape[-5], grid.shape[-4]
+    rows = range(max(0, -first_row), min(grid_rows, -(-height // w) - first_row))
+    cols = range(max(0, -first_col), min(grid_cols, -(-width // w) - first_col))
+    if not rows or not cols:
+        return
+    top, left = (rows.start + first_row) * w, (cols.start + first_col) * w
+    bottom, right = min(height, (rows.stop + first_row) * w), min(width, (cols.stop + first_col) * w)
+    image = image[..., top:bottom, left:right, :]
+    grid = grid[..., rows.start : rows.stop, cols.start : cols.stop, :, :, :].transpose(-4, -3)  # (..., rows, W, cols, W, F)
+    for image_rows, image_cols, chunk_rows, inner_rows, chunk_cols, inner_cols in _chunk_pieces(
+        bottom - top, right - left, w
+    ):
+        target = grid[..., chunk_rows, inner_rows, chunk_cols, inner_cols, :]
+        source = image[..., image_rows, image_cols, :].view(target.shape)
+        if how == "to_grid":
+            target.copy_(source)
+        elif how == "from_grid":
+            source.copy_(target)
+        else:
+            source.add_(target)
+
+
+def _chunk_pieces(height: int, width: int, window: int):
+    """Slices pairing a map with its chunk grid: whole chunks first, then the partial last row/column.
+
+    Yields (image rows, image cols, chunk rows, inner rows, chunk cols, inner cols), so that a map
+    (height, width, F) and chunks (rows, W, cols, W, F) exchange data with one copy per piece.
+    """
+    full_rows, full_cols = height // window, width // window
+    row_parts = [(slice(0, full_rows * window), slice(0, full_rows), slice(None))] if full_rows else []
+    if height % window:
+        row_parts.append((slice(full_rows * window, height), full_rows, slice(0, height % window)))
+    col_parts = [(slice(0, full_cols * window), slice(0, full_cols), slice(None))] if full_cols else []
+    if width % window:
+        col_parts.append((slice(full_cols * window, width), full_cols, slice(0, width % window)))
+    for image_rows, chunk_rows, inner_rows in row_parts:
+        for image_cols, chunk_cols, inner_cols in col_parts:
+            yield image_rows, image_cols, chunk_rows, inner_rows, chunk_cols, inner_cols
+
+
+def _fold_key_buffer(grad: torch.Tensor, layout: _Layout, out: torch.Tensor, out_global: torch.Tensor) -> None:
+    """Adjoint of loading key buffers (..., blocks, keys, M): into ``out`` (..., L, M), ``out_global`` (..., G, M)."""
+    g = layout.num_global
+    grids = _key_grids(grad, layout)
+    # the grid that holds every map chunk overwrites, the others add: 3x3 windows: the middle
+    # row of each block (di = 1); random shifting: the own chunk
+    covering = 1 if layout.neighbor is None else 0
+    _exchange(out, *grids[covering], layout, "from_grid")
+    for index, grid in enumerate(grids):
+        if index != covering:
+            _exchange(out, *grid, layout, "add_from_grid")
+    if g:
+        out_global.copy_(grad[..., layout.block_keys - g :, :].sum(-3))
+
+
+def _runs(layout: _Layout, element_size: int):
+    """Runs of query chunks within one chunk row, each small enough for its scores to stay in cache.
+
+    Yields (first query chunk, first buffer block of its window, number of chunks).
+    """
+    per_run = max(1, _BLOCK_BYTES // (layout.window**2 * layout.window_keys * element_size))
+    my = layout.chunk_cols
+    for i in range(layout.chunk_rows):
+        for j in range(0, my, per_run):
+            yield i * my + j, i * layout.block_pitch + j, min(per_run, my - j)
+
+
+def _windows(buffer: torch.Tensor, layout: _Layout, first_block: int, count: int, features: int) -> torch.Tensor:
+    """(count, S, features) overlapping key windows of ``count`` chunks, a view into the buffer."""
+    rows, cols = buffer.stride(0), buffer.stride(1)
+    return buffer.as_strided(
+        (count, layout.window_keys, features), (rows, cols, 1), buffer.storage_offset() + first_block * rows
+    )
+
+
+class _BlockedLongformerAttention(torch.autograd.Function):
+    """Forward and a recomputing backward, a group of heads at a time; no (C, W^2, S) tensor is kept."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, values, global_keys, global_values, shared, layout):
+        # queries, keys, values: (B, H, L, M); global_*: (B, H, G, M); shared: (H, W^2, S)
+        batch, heads, length, head_dim = queries.shape
+        group = _heads_per_group(layout, head_dim, heads, queries.element_size())
+        chunks = layout.chunk_rows * layout.chunk_cols
+        # (B, L, H, M) storage: what the output projection reads, so its reshape needs no copy
+        output = queries.new_empty(batch, length, heads, head_dim).permute(0, 2, 1, 3)
+        out = queries.new_empty(group, chunks, layout.window**2, head_dim)
+        workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
+        for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
+            heads_here = range(start, min(start + group, heads))
+            inputs = (t[b, heads_here.start : heads_here.stop] for t in (queries, keys, values, global_keys, global_values))
+            q_chunks, k_buffer, v_buffer = workspace.load(*inputs)
+            for k, h in enumerate(heads_here):
+                bias = shared[h][None]  # (1, W^2, S)
+                for first, block, count in _runs(layout, queries.element_size()):
+                    k_windows = _windows(k_buffer[k], layout, block, count, head_dim + 1)  # (n, S, M+1)
+                    # bmm then add: cheaper than baddbmm, which first copies the broadcast bias into its output
+                    scores = torch.bmm(q_chunks[k, first : first + count], k_windows.transpose(1, 2)).add_(bias)
+                    torch.softmax(scores, -1, out=scores)  # (n, W^2, S)
+                    v_windows = _windows(v_buffer[k], layout, block, count, head_dim)
+                    torch.bmm(scores, v_windows, out=out[k, first : first + count])
+            out_grid = _chunk_grid(out[: len(heads_here)], layout)
+            _exchange(output[b, heads_here.start : heads_here.stop], out_grid, 0, 0, layout, "from_grid")
+
+        ctx.save_for_backward(queries, keys, values, global_keys, global_values, shared, output)
+        ctx.layout = layout
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        queries, keys, values, global_keys, global_values, shared, output = ctx.saved_tensors
+        layout = ctx.layout
+        batch, heads, length, head_dim = queries.shape
+        keys_per_block = layout.block_keys
+        group = _heads_per_group(layout, head_dim, heads, queries.element_size())
+        chunks = layout.chunk_rows * layout.chunk_cols
+        # softmax backward: dS = P * (dP - sum(dO * O)) per query
+        delta = (grad_output * output).sum(-1, keepdim=True)  # (B, H, L, 1)
+
+        grads = [torch.empty_like(t) for t in (queries, keys, values, global_keys, global_values)]
+        grad_shared = torch.zeros_like(shared) if ctx.needs_input_grad[5] else None
+        workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
+        grad_q = queries.new_empty(group, chunks, layout.window**2, head_dim)
+        grad_k_buffer = queries.new_empty(group, layout.num_blocks, keys_per_block, head_dim)
+        grad_v_buffer = torch.empty_like(grad_k_buffer)
+        grad_chunks = queries.new_zeros(group, chunks, layout.window**2, head_dim)  # padding stays 0
+        delta_chunks = queries.new_zeros(group, chunks, layout.window**2, 1)
+        for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
+            heads_here = range(start, min(start + group, heads))
+            size, here = len(heads_here), slice(heads_here.start, heads_here.stop)
+            # rebuilt rather than saved: a copy each, cheaper than keeping them alive between passes
+            q_chunks, k_buffer, v_buffer = workspace.load(
+                *(t[b, here] for t in (queries, keys, values, global_keys, global_values))
+            )
+            _exchange(grad_output[b, here], _chunk_grid(grad_chunks[:size], layout), 0, 0, layout, "to_grid")
+            _exchange(delta[b, here], _chunk_grid(delta_chunks[:size], layout), 0, 0, layout, "to_grid")
+            grad_k_buffer.zero_()
+            grad_v_buffer.zero_()
+            for k, h in enumerate(heads_here):
+                bias = shared[h][None]
+                for first, block, count in _runs(layout, queries.element_size()):
+                    q_block = q_chunks[k, first : first + count]  # (n, W^2, M+1)
+                    k_block = _windows(k_buffer[k], layout, block, count, head_dim + 1)  # (n, S, M+1)
+                    v_block = _windows(v_buffer[k], layout, block, count, head_dim)  # (n, S, M)
+                    do_block = grad_chunks[k, first : first + count]  # (n, W^2, M)
+                    # recomputed: a fused softmax is cheaper than exp(S - logsumexp) over masked entries
+                    probs = torch.bmm(q_block, k_block.transpose(1, 2)).add_(bias)
+                    torch.softmax(probs, -1, out=probs)  # (n, W^2, S)
+                    grad_values = torch.bmm(probs.transpose(1, 2), do_block)  # (n, S, M)
+                    grad_scores = torch.bmm(do_block, v_block.transpose(1, 2))
+                    grad_scores.sub_(delta_chunks[k, first : first + count]).mul_(probs)  # dS, (n, W^2, S)
+                    if grad_shared is not None:
+                        grad_shared[h] += grad_scores.sum(0)
+                    torch.bmm(grad_scores, k_block[..., :head_dim], out=grad_q[k, first : first + count])
+                    grad_keys = torch.bmm(grad_scores.transpose(1, 2), q_block[..., :head_dim])  # (n, S, M)
+                    # windows overlap: slot block s of chunk t's window is buffer block t + s
+                    for s in range(layout.span):
+                        part = slice(s * keys_per_block, (s + 1) * keys_per_block)
+                        grad_k_buffer[k, block + s : block + s + count] += grad_keys[:, part]
+                        grad_v_buffer[k, block + s : block + s + count] += grad_values[:, part]
+            _exchange(grads[0][b, here], _chunk_grid(grad_q[:size], layout), 0, 0, layout, "from_grid")
+            _fold_key_buffer(grad_k_buffer[:size], layout, grads[1][b, here], grads[3][b, here])
+            _fold_key_buffer(grad_v_buffer[:size], layout, grads[2][b, here], grads[4][b, here])
+        return (*grads, grad_shared, None)
+
+
+def _chunk_grid(chunks: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """(..., C, W^2, F) -> (..., mx, my, W, W, F) view."""
+    return chunks.unflatten(-3, (layout.chunk_rows, layout.chunk_cols)).unflatten(-2, (layout.window,) * 2)
+
+
+def longformer_attention_blocked(
+    local_queries: torch.Tensor,
+    local_keys: torch.Tensor,
+    local_values: torch.Tensor,
+    global_keys: torch.Tensor,
+    global_values: torch.Tensor,
+    height: int,
+    width: int,
+    window: int,
+    exact: bool = False,
+    neighbor: int | None = None,
+    relative_bias_table: torch.Tensor | None = None,
+    local_to_global_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Blocked CPU path. Shapes as in :func:`vil_kernels.longformer_attention`; no attention dropout."""
+    if dropout_p > 0:
+        raise ValueError(
+            "The 'blocked' longformer implementation has no attention dropout; use 'vectorized' (or 'auto', "
+            "which picks it) when attention dropout is on."
+        )
+    chunk_offsets(neighbor)  # validates neighbor
+    batch, heads, length, head_dim = local_queries.shape
+    if length != height * width:
+        raise ValueError(f"local_queries hold {length} tokens, but the map is {height}x{width}.")
+    layout = _layout(height, width, window, neighbor, global_keys.shape[-2])
+    shared = _shared_scores_bias(
+        layout, exact, heads, local_queries.dtype, local_queries.device, relative_bias_table, local_to_global_bias
+    )
+    # Strided inputs (heads split off a fused projection) are fine: each head is read once, by a copy.
+    return _BlockedLongformerAttention.apply(
+        local_queries, local_keys, local_values, global_keys, global_values, shared, layout
+    )
+
+
+__all__ = ["longformer_attention_blocked"]
+

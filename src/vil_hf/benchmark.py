@@ -1,0 +1,372 @@
+"""Speed and memory of ViL-Small's detection backbone against Swin-T, and of the longformer kernels.
+
+Everything runs in one process, interleaved (each timed run goes round all contenders in turn, so a
+change in machine load hits them alike), with warm-up runs first and medians reported. Peak memory
+is measured in a fresh subprocess per contender: its maximum resident set size on CPU, or
+``torch.cuda.max_memory_allocated`` on GPU.
+
+    python scripts/benchmark.py --json benchmark.json          # the full run (minutes)
+    python scripts/benchmark.py --quick --json quick.json      # tiny sizes, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+# ViL-Small detection backbone ("_sparse": longformer in all four stages) and Swin-T.
+VIL_MODEL = "small"
+SWIN_T = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7)
+STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+@dataclass
+class Sizes:
+    image: tuple[int, int]  # backbone input (H, W)
+    scaled_image: tuple[int, int]  # for the scaling ratio: 4x the pixels
+    layer_map: tuple[int, int]  # stage-1 attention layer map
+    repeats: int
+    warmup: int
+
+
+FULL = Sizes(image=(800, 1216), scaled_image=(1600, 2432), layer_map=(200, 304), repeats=3, warmup=1)
+QUICK = Sizes(image=(64, 96), scaled_image=(128, 192), layer_map=(16, 24), repeats=3, warmup=1)
+
+
+def build_vil(implementation: str = "auto", device: str = "cpu") -> torch.nn.Module:
+    from .configuration_vil import ViLConfig, published_arch
+    from .modeling_vil import ViLBackbone
+
+    config = ViLConfig(
+        arch=published_arch(VIL_MODEL, sparse=True), out_features=STAGES, longformer_implementation=implementation
+    )
+    return ViLBackbone(config).to(device)
+
+
+def build_swin(device: str = "cpu") -> torch.nn.Module:
+    from transformers import SwinBackbone, SwinConfig
+
+    return SwinBackbone(SwinConfig(**SWIN_T, out_features=STAGES)).to(device)
+
+
+def build_layer(implementation: str, device: str = "cpu") -> torch.nn.Module:
+    """Stage 1's attention (d 96, 3 heads, window 7, 1 global, relative bias) with its projections."""
+    from .attention import ViLLongformerAttention
+    from .configuration_vil import ViLConfig, published_arch
+
+    config = ViLConfig(arch=published_arch(VIL_MODEL, sparse=True), longformer_implementation=implementation)
+    layer = ViLLongformerAttention(config, 0).to(device)
+    with torch.no_grad():  # a random table rather than zeros, as after training
+        layer.relative_position_bias_table.normal_(std=0.02)
+    return layer
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _backbone_step(model, pixel_values, backward: bool):
+    if not backward:
+        with torch.no_grad():
+            model(pixel_values)
+        return
+    maps = model(pixel_values).feature_maps
+    sum(m.float().mean() for m in maps).backward()
+
+
+def _layer_step(layer, hidden_states, height, width, backward: bool):
+    if not backward:
+        with torch.no_grad():
+            layer(hidden_states, height, width)
+        return
+    layer(hidden_states, height, width).float().mean().backward()
+
+
+def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str):
+    """Median seconds of each step over ``repeats`` rounds; each round runs every step once, in turn."""
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            _synchronize(device)
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: {"median_s": statistics.median(ts), "runs_s": ts} for name, ts in times.items()}
+
+
+def measure_peak_memory(model: str, image: tuple[int, int], backward: bool, device: str) -> dict:
+    """Peak memory of one forward (+backward) in a fresh subprocess (so nothing else counts)."""
+    command = [sys.executable, "-m", "vil_hf.benchmark", "--measure-memory", model, "--image-size", *map(str, image)]
+    command += ["--device", device] + (["--backward"] if backward else [])
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"memory measurement of {model} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _memory_child(model_name: str, image: tuple[int, int], backward: bool, device: str) -> None:
+    torch.manual_seed(0)
+    model = build_vil(device=device) if model_name == "vil" else build_swin(device=device)
+    pixel_values = torch.randn(1, 3, *image, device=device)
+    # before: the model and the input, so the peak minus it is what the step itself needs
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = _resident_peak_bytes()
+    _backbone_step(model, pixel_values, backward)
+    peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _resident_peak_bytes()
+    print(json.dumps({"peak_bytes": peak, "before_bytes": before}))
+
+
+def _resident_peak_bytes() -> int:
+    """This process's peak resident set size.
+
+    Read from /proc (VmHWM) where there is one: getrusage's ru_maxrss survives exec on Linux, so a
+    child started from a big parent would report the parent's peak.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+
+
+def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: bool = True, log=print) -> dict:
+    from vil_kernels import LONGFORMER_IMPLEMENTATIONS
+
+    threads = threads or os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    results: dict = {
+        "setup": {
+            "device": device,
+            "threads": threads,
+            "torch": torch.__version__,
+            "machine": platform.processor() or platform.machine(),
+            "image": list(sizes.image),
+            "scaled_image": list(sizes.scaled_image),
+            "layer_map": list(sizes.layer_map),
+            "repeats": sizes.repeats,
+            "warmup": sizes.warmup,
+            "dtype": "float32",
+            "batch": 1,
+        }
+    }
+    vil, swin = build_vil(device=device), build_swin(device=device)
+    pixel_values = torch.randn(1, 3, *sizes.image, device=device)
+    scaled_pixels = torch.randn(1, 3, *sizes.scaled_image, device=device)
+
+    log(f"backbones at {sizes.image[0]}x{sizes.image[1]}: forward and forward+backward, interleaved")
+    backbone = time_interleaved(
+        {
+            "vil_forward": lambda: _backbone_step(vil, pixel_values, False),
+            "swin_forward": lambda: _backbone_step(swin, pixel_values, False),
+            "vil_forward_backward": lambda: _backbone_step(vil, pixel_values, True),
+            "swin_forward_backward": lambda: _backbone_step(swin, pixel_values, True),
+        },
+        sizes.repeats,
+        sizes.warmup,
+        device,
+    )
+    results["backbone"] = backbone
+
+    log(f"scaling: ViL-Small forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size")
+    scaling = time_interleaved(
+        {
+            "vil_forward_base": lambda: _backbone_step(vil, pixel_values, False),
+            "vil_forward_4x_pixels": lambda: _backbone_step(vil, scaled_pixels, False),
+            "swin_forward_base": lambda: _backbone_step(swin, pixel_values, False),
+            "swin_forward_4x_pixels": lambda: _backbone_step(swin, scaled_pixels, False),
+        },
+        sizes.repeats,
+        sizes.warmup,
+        device,
+    )
+    results["scaling"] = scaling
+
+    height, width = sizes.layer_map
+    log(f"stage-1 attention layer at {height}x{width}, every implementation")
+    hidden_states = torch.randn(1, 1 + height * width, 96, device=device)
+    runnable, skipped = {}, {}
+    for name in LONGFORMER_IMPLEMENTATIONS:
+        if name == "flex" and not device.startswith("cuda"):
+            skipped[name] = "CUDA only"
+            continue
+        dense_bytes = 3 * (height * width) ** 2 * 4
+        if name == "reference" and dense_bytes > 2**30:
+            # the dense reference stores (H, L, L) scores: out of reach at the real stage-1 size
+            skipped[name] = f"dense (H, L, L) scores need {dense_bytes / 2**30:.0f} GiB"
+            continue
+        torch.manual_seed(0)
+        runnable[name] = build_layer(name, device)
+    steps = {}
+    for name, layer in runnable.items():
+        steps[f"{name}_forward"] = lambda layer=layer: _layer_step(layer, hidden_states, height, width, False)
+    for name, layer in runnable.items():
+        steps[f"{name}_forward_backward"] = lambda layer=layer: _layer_step(layer, hidden_states, height, width, True)
+    results["layer"] = time_interleaved(steps, sizes.repeats, sizes.warmup, device)
+    results["layer_skipped"] = skipped
+
+    if memory:
+        log("peak memory, one subprocess per measurement")
+        results["memory"] = {
+            f"{model}_{'forward_backward' if backward else 'forward'}": measure_peak_memory(
+                model, sizes.image, backward, device
+            )
+            for backward in (False, True)
+            for model in ("vil", "swin")
+        }
+    results["ratios"] = ratios(results)
+    return results
+
+
+def ratios(results: dict) -> dict:
+    b, s, lay = results["backbone"], results["scaling"], results["layer"]
+
+    def med(table, key):
+        return table[key]["median_s"]
+
+    out = {
+        "vil_over_swin_forward": med(b, "vil_forward") / med(b, "swin_forward"),
+        "vil_over_swin_forward_backward": med(b, "vil_forward_backward") / med(b, "swin_forward_backward"),
+        "vil_scaling_4x_pixels": med(s, "vil_forward_4x_pixels") / med(s, "vil_forward_base"),
+        "swin_scaling_4x_pixels": med(s, "swin_forward_4x_pixels") / med(s, "swin_forward_base"),
+    }
+    fast = "blocked"
+    for baseline in ("reference", "vectorized"):
+        for kind in ("forward", "forward_backward"):
+            if f"{baseline}_{kind}" in lay and f"{fast}_{kind}" in lay:
+                out[f"layer_{baseline}_over_{fast}_{kind}"] = med(lay, f"{baseline}_{kind}") / med(lay, f"{fast}_{kind}")
+    if "memory" in results:
+        m = results["memory"]
+        for kind in ("forward", "forward_backward"):
+            out[f"vil_over_swin_peak_memory_{kind}"] = m[f"vil_{kind}"]["peak_bytes"] / m[f"swin_{kind}"]["peak_bytes"]
+    return out
+
+
+def markdown(results: dict) -> str:
+    setup, r = results["setup"], results["ratios"]
+    b, lay = results["backbone"], results["layer"]
+    h, w = setup["image"]
+    lines = [
+        f"{setup['device']}, {setup['threads']} threads, float32, batch 1, median of {setup['repeats']} interleaved runs",
+        "",
+        "| measurement | ViL-Small | Swin-T | ratio | target |",
+        "|---|---|---|---|---|",
+        f"| backbone forward {h}x{w} (no_grad) | {b['vil_forward']['median_s']:.2f} s | "
+        f"{b['swin_forward']['median_s']:.2f} s | {r['vil_over_swin_forward']:.2f} | <= 1.0 |",
+        f"| backbone forward+backward {h}x{w} | {b['vil_forward_backward']['median_s']:.2f} s | "
+        f"{b['swin_forward_backward']['median_s']:.2f} s | {r['vil_over_swin_forward_backward']:.2f} | <= 1.2 |",
+    ]
+    if "memory" in results:
+        m = results["memory"]
+        unit = "max RSS" if setup["device"] == "cpu" else "max allocated"
+        for kind, target in (("forward", ""), ("forward_backward", "<= 1.0")):
+            vil, swin = (m[f"{x}_{kind}"] for x in ("vil", "swin"))
+            cells = [
+                f"{x['peak_bytes'] / 2**20:.0f} MiB (+{(x['peak_bytes'] - x['before_bytes']) / 2**20:.0f})"
+                for x in (vil, swin)
+            ]
+            lines.append(
+                f"| peak memory ({unit}; + over model and input), {kind.replace('_', '+')} | {cells[0]} | "
+                f"{cells[1]} | {r[f'vil_over_swin_peak_memory_{kind}']:.2f} | {target} |"
+            )
+    sh, sw = setup["scaled_image"]
+    s = results["scaling"]
+    lines.append(
+        f"| forward {sh}x{sw} / {h}x{w} (4x pixels) | {r['vil_scaling_4x_pixels']:.2f} "
+        f"({s['vil_forward_4x_pixels']['median_s']:.2f} s) | {r['swin_scaling_4x_pixels']:.2f} "
+        f"({s['swin_forward_4x_pixels']['median_s']:.2f} s) | | ViL <= 4.4 |"
+    )
+    lh, lw = setup["layer_map"]
+    lines += [
+        "",
+        f"Stage-1 attention layer (map {lh}x{lw}, d 96, 3 heads, window 7, 1 global, relative bias), with projections:",
+        "",
+        "| implementation | forward | forward+backward |",
+        "|---|---|---|",
+    ]
+    names = sorted({k.rsplit("_forward", 1)[0] for k in lay})
+    for name in names:
+        lines.append(
+            f"| {name} | {lay[f'{name}_forward']['median_s'] * 1e3:.0f} ms | "
+            f"{lay[f'{name}_forward_backward']['median_s'] * 1e3:.0f} ms |"
+        )
+    for name, why in results["layer_skipped"].items():
+        lines.append(f"| {name} | not run: {why} | |")
+    for key, value in r.items():
+        if key.startswith("layer_"):
+            lines.append(f"\n{key.replace('_', ' ')}: {value:.1f}x")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes (a few seconds), for tests")
+    parser.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="backbone input size")
+    parser.add_argument("--layer-map", type=int, nargs=2, metavar=("H", "W"), help="stage-1 layer map size")
+    parser.add_argument("--repeats", type=int, help="timed runs per measurement (>= 3 for the medians)")
+    parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--json", default="benchmark.json", help="where to write the results")
+    # internal: one peak-memory measurement in this (fresh) process
+    parser.add_argument("--measure-memory", choices=["vil", "swin"], help=argparse.SUPPRESS)
+    parser.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.measure_memory:
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        _memory_child(args.measure_memory, tuple(args.image_size or FULL.image), args.backward, args.device)
+        return None
+
+    sizes = QUICK if args.quick else FULL
+    if args.image_size:
+        h, w = args.image_size
+        sizes = replace(sizes, image=(h, w), scaled_image=(2 * h, 2 * w))
+    if args.layer_map:
+        sizes = replace(sizes, layer_map=tuple(args.layer_map))
+    if args.repeats is not None:
+        sizes = replace(sizes, repeats=args.repeats)
+    if sizes.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {sizes.repeats}")
+    for h, w in (sizes.image, sizes.layer_map):
+        if min(h, w) < 32 and (h, w) == sizes.image or min(h, w) < 1:
+            parser.error(f"sizes must be positive and images at least 32x32 (four stages of stride 32), got {h}x{w}")
+
+    results = run(sizes, device=args.device, threads=args.threads, memory=not args.no_memory, log=print)
+    results["command"] = " ".join(["python scripts/benchmark.py"] + (argv if argv is not None else sys.argv[1:]))
+    table = markdown(results)
+    results["markdown"] = table
+    with open(args.json, "w") as f:
+        json.dump(results, f, indent=2)
+    print()
+    print(table)
+    print(f"\nresults written to {args.json}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
