@@ -94,6 +94,36 @@ def _layer_step(layer, hidden_states, height, width, backward: bool):
     layer(hidden_states, height, width).float().mean().backward()
 
 
+def _kernel_inputs(height: int, width: int, device: str) -> dict:
+    """Stage 1's attention inputs: (1, 3, L, 32) queries/keys/values, 1 global, bias tables."""
+    from vil_kernels import relative_bias_table_size
+
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device).requires_grad_()
+
+    length = height * width
+    return dict(
+        local_queries=rand(1, 3, length, 32, scale=32**-0.5),
+        local_keys=rand(1, 3, length, 32),
+        local_values=rand(1, 3, length, 32),
+        global_keys=rand(1, 3, 1, 32),
+        global_values=rand(1, 3, 1, 32),
+        relative_bias_table=rand(relative_bias_table_size(7), 3, scale=0.02),
+        local_to_global_bias=rand(3, 1, scale=0.02),
+    )
+
+
+def _kernel_step(implementation: str, inputs: dict, height: int, width: int, backward: bool) -> None:
+    from vil_kernels import longformer_attention
+
+    with torch.set_grad_enabled(backward):
+        output = longformer_attention(**inputs, height=height, width=width, window=7, implementation=implementation)
+        if backward:
+            output.mean().backward()
+
+
 def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str):
     """Median seconds of each step over ``repeats`` rounds; each round runs every step once, in turn."""
     for _ in range(warmup):
@@ -191,18 +221,22 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     )
     results["backbone"] = backbone
 
-    log(f"scaling: ViL-Small forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size")
-    scaling = time_interleaved(
-        {
-            "vil_forward_base": lambda: _backbone_step(vil, pixel_values, False),
-            "vil_forward_4x_pixels": lambda: _backbone_step(vil, scaled_pixels, False),
-            "swin_forward_base": lambda: _backbone_step(swin, pixel_values, False),
-            "swin_forward_4x_pixels": lambda: _backbone_step(swin, scaled_pixels, False),
-        },
-        sizes.repeats,
-        sizes.warmup,
-        device,
-    )
+    log(f"scaling: forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size, per model")
+    # Each model's two sizes alternate on their own: interleaving with the other model's 4x-pixel runs
+    # would measure how its large allocations leave the heap, not this model's scaling.
+    scaling = {}
+    for name, model in (("vil", vil), ("swin", swin)):
+        scaling.update(
+            time_interleaved(
+                {
+                    f"{name}_forward_base": lambda model=model: _backbone_step(model, pixel_values, False),
+                    f"{name}_forward_4x_pixels": lambda model=model: _backbone_step(model, scaled_pixels, False),
+                },
+                sizes.repeats,
+                sizes.warmup,
+                device,
+            )
+        )
     results["scaling"] = scaling
 
     height, width = sizes.layer_map
@@ -227,6 +261,15 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
         steps[f"{name}_forward_backward"] = lambda layer=layer: _layer_step(layer, hidden_states, height, width, True)
     results["layer"] = time_interleaved(steps, sizes.repeats, sizes.warmup, device)
     results["layer_skipped"] = skipped
+
+    log("the same layer's attention kernel alone (no projections)")
+    kernel_inputs = _kernel_inputs(height, width, device)
+    steps = {}
+    for name in runnable:
+        steps[f"{name}_forward"] = lambda name=name: _kernel_step(name, kernel_inputs, height, width, False)
+    for name in runnable:
+        steps[f"{name}_forward_backward"] = lambda name=name: _kernel_step(name, kernel_inputs, height, width, True)
+    results["kernel"] = time_interleaved(steps, sizes.repeats, sizes.warmup, device)
 
     if memory:
         log("peak memory, one subprocess per measurement")
@@ -254,10 +297,12 @@ def ratios(results: dict) -> dict:
         "swin_scaling_4x_pixels": med(s, "swin_forward_4x_pixels") / med(s, "swin_forward_base"),
     }
     fast = "blocked"
-    for baseline in ("reference", "vectorized"):
-        for kind in ("forward", "forward_backward"):
-            if f"{baseline}_{kind}" in lay and f"{fast}_{kind}" in lay:
-                out[f"layer_{baseline}_over_{fast}_{kind}"] = med(lay, f"{baseline}_{kind}") / med(lay, f"{fast}_{kind}")
+    for part, table in (("layer", lay), ("kernel", results.get("kernel", {}))):
+        for baseline in ("reference", "vectorized"):
+            for kind in ("forward", "forward_backward"):
+                if f"{baseline}_{kind}" in table and f"{fast}_{kind}" in table:
+                    ratio = med(table, f"{baseline}_{kind}") / med(table, f"{fast}_{kind}")
+                    out[f"{part}_{baseline}_over_{fast}_{kind}"] = ratio
     if "memory" in results:
         m = results["memory"]
         for kind in ("forward", "forward_backward"):
@@ -315,9 +360,18 @@ def markdown(results: dict) -> str:
         )
     for name, why in results["layer_skipped"].items():
         lines.append(f"| {name} | not run: {why} | |")
+    kernel = results.get("kernel", {})
+    if kernel:
+        lines += ["", "The attention kernel alone (same inputs, no projections):", "", "| implementation | forward | forward+backward |", "|---|---|---|"]
+        for name in sorted({k.rsplit("_forward", 1)[0] for k in kernel}):
+            lines.append(
+                f"| {name} | {kernel[f'{name}_forward']['median_s'] * 1e3:.0f} ms | "
+                f"{kernel[f'{name}_forward_backward']['median_s'] * 1e3:.0f} ms |"
+            )
+    lines.append("")
     for key, value in r.items():
-        if key.startswith("layer_"):
-            lines.append(f"\n{key.replace('_', ' ')}: {value:.1f}x")
+        if key.startswith(("layer_", "kernel_")):
+            lines.append(f"- {key.replace('_', ' ')}: {value:.1f}x")
     return "\n".join(lines)
 
 
