@@ -140,14 +140,37 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
     return {name: {"median_s": statistics.median(ts), "runs_s": ts} for name, ts in times.items()}
 
 
-def measure_peak_memory(model: str, image: tuple[int, int], backward: bool, device: str) -> dict:
+def measure_peak_memory(model: str, image: tuple[int, int], backward: bool, device: str, threads: int = 1) -> dict:
     """Peak memory of one forward (+backward) in a fresh subprocess (so nothing else counts)."""
     command = [sys.executable, "-m", "vil_hf.benchmark", "--measure-memory", model, "--image-size", *map(str, image)]
-    command += ["--device", device] + (["--backward"] if backward else [])
+    command += ["--device", device, "--threads", str(threads)] + (["--backward"] if backward else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement of {model} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_scaling(model: str, sizes: Sizes, device: str, threads: int) -> dict:
+    """Forward times of ``model`` at the base and the 4x-pixel size, in a fresh subprocess."""
+    command = [sys.executable, "-m", "vil_hf.benchmark", "--measure-scaling", model, "--device", device]
+    command += ["--threads", str(threads), "--image-size", *map(str, sizes.image), "--repeats", str(sizes.repeats)]
+    command += ["--scaled-image-size", *map(str, sizes.scaled_image)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"scaling measurement of {model} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _scaling_child(model_name: str, sizes: Sizes, device: str) -> None:
+    torch.manual_seed(0)
+    model = build_vil(device=device) if model_name == "vil" else build_swin(device=device)
+    base = torch.randn(1, 3, *sizes.image, device=device)
+    scaled = torch.randn(1, 3, *sizes.scaled_image, device=device)
+    steps = {
+        f"{model_name}_forward_base": lambda: _backbone_step(model, base, False),
+        f"{model_name}_forward_4x_pixels": lambda: _backbone_step(model, scaled, False),
+    }
+    print(json.dumps(time_interleaved(steps, sizes.repeats, sizes.warmup, device)))
 
 
 def _memory_child(model_name: str, image: tuple[int, int], backward: bool, device: str) -> None:
@@ -205,7 +228,6 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     }
     vil, swin = build_vil(device=device), build_swin(device=device)
     pixel_values = torch.randn(1, 3, *sizes.image, device=device)
-    scaled_pixels = torch.randn(1, 3, *sizes.scaled_image, device=device)
 
     log(f"backbones at {sizes.image[0]}x{sizes.image[1]}: forward and forward+backward, interleaved")
     backbone = time_interleaved(
@@ -222,21 +244,11 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     results["backbone"] = backbone
 
     log(f"scaling: forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size, per model")
-    # Each model's two sizes alternate on their own: interleaving with the other model's 4x-pixel runs
-    # would measure how its large allocations leave the heap, not this model's scaling.
+    # Each model in a fresh subprocess, its two sizes alternating: after the other measurements the
+    # heap holds gigabytes of freed blocks, which would time the allocator rather than the model.
     scaling = {}
-    for name, model in (("vil", vil), ("swin", swin)):
-        scaling.update(
-            time_interleaved(
-                {
-                    f"{name}_forward_base": lambda model=model: _backbone_step(model, pixel_values, False),
-                    f"{name}_forward_4x_pixels": lambda model=model: _backbone_step(model, scaled_pixels, False),
-                },
-                sizes.repeats,
-                sizes.warmup,
-                device,
-            )
-        )
+    for name in ("vil", "swin"):
+        scaling.update(measure_scaling(name, sizes, device, threads))
     results["scaling"] = scaling
 
     height, width = sizes.layer_map
@@ -275,7 +287,7 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
         log("peak memory, one subprocess per measurement")
         results["memory"] = {
             f"{model}_{'forward_backward' if backward else 'forward'}": measure_peak_memory(
-                model, sizes.image, backward, device
+                model, sizes.image, backward, device, threads
             )
             for backward in (False, True)
             for model in ("vil", "swin")
@@ -388,11 +400,20 @@ def main(argv: list[str] | None = None) -> dict | None:
     # internal: one peak-memory measurement in this (fresh) process
     parser.add_argument("--measure-memory", choices=["vil", "swin"], help=argparse.SUPPRESS)
     parser.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-scaling", choices=["vil", "swin"], help=argparse.SUPPRESS)
+    parser.add_argument("--scaled-image-size", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.measure_scaling:
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        image = tuple(args.image_size or FULL.image)
+        scaled = tuple(args.scaled_image_size or (2 * image[0], 2 * image[1]))
+        child_sizes = replace(FULL, image=image, scaled_image=scaled, repeats=args.repeats or FULL.repeats)
+        _scaling_child(args.measure_scaling, child_sizes, args.device)
+        return None
+
     if args.measure_memory:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
         _memory_child(args.measure_memory, tuple(args.image_size or FULL.image), args.backward, args.device)
         return None
 

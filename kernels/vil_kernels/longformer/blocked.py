@@ -179,6 +179,11 @@ class _Workspace:
         return q_chunks, k_buffer, v_buffer
 
 
+def release_workspaces() -> None:
+    """Free this thread's cached buffers (about 150 MB after ViL-Small at 800x1216 in float32)."""
+    _workspaces.cache = OrderedDict()
+
+
 def _heads_per_group(layout: _Layout, head_dim: int, heads: int, element_size: int) -> int:
     """Heads loaded together: as many as fit in _GROUP_BYTES of buffers, in groups of equal size."""
     per_head = (layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys)
@@ -440,5 +445,5 @@ def longformer_attention_blocked(
     )
 
 
-__all__ = ["longformer_attention_blocked"]
+__all__ = ["longformer_attention_blocked", "release_workspaces"]
 
