@@ -226,6 +226,15 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
             "batch": 1,
         }
     }
+    log(f"scaling: forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size, per model")
+    # First, and each model in a fresh subprocess with its two sizes alternating: the 4x-pixel runs
+    # allocate gigabytes, and their page faults became ~25% slower for both models (on this VM) while
+    # a parent that had already run the other measurements stayed resident.
+    scaling = {}
+    for name in ("vil", "swin"):
+        scaling.update(measure_scaling(name, sizes, device, threads))
+    results["scaling"] = scaling
+
     vil, swin = build_vil(device=device), build_swin(device=device)
     pixel_values = torch.randn(1, 3, *sizes.image, device=device)
 
@@ -243,13 +252,6 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     )
     results["backbone"] = backbone
 
-    log(f"scaling: forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size, per model")
-    # Each model in a fresh subprocess, its two sizes alternating: after the other measurements the
-    # heap holds gigabytes of freed blocks, which would time the allocator rather than the model.
-    scaling = {}
-    for name in ("vil", "swin"):
-        scaling.update(measure_scaling(name, sizes, device, threads))
-    results["scaling"] = scaling
 
     height, width = sizes.layer_map
     log(f"stage-1 attention layer at {height}x{width}, every implementation")
