@@ -33,9 +33,10 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "swin_forward_base",
         "swin_forward_4x_pixels",
     }
-    for name in ("reference", "vectorized", "blocked"):  # the dense reference fits at the quick size
-        assert results["layer"][f"{name}_forward"]["median_s"] > 0
-        assert results["layer"][f"{name}_forward_backward"]["median_s"] > 0
+    for part in ("layer", "kernel"):
+        for name in ("reference", "vectorized", "blocked"):  # the dense reference fits at the quick size
+            assert results[part][f"{name}_forward"]["median_s"] > 0
+            assert results[part][f"{name}_forward_backward"]["median_s"] > 0
     assert results["layer_skipped"] == {"flex": "CUDA only"}
     assert {
         "vil_over_swin_forward",
@@ -43,6 +44,8 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "vil_scaling_4x_pixels",
         "layer_reference_over_blocked_forward",
         "layer_vectorized_over_blocked_forward_backward",
+        "kernel_reference_over_blocked_forward",
+        "kernel_vectorized_over_blocked_forward_backward",
     } <= set(results["ratios"])
     assert "| backbone forward 64x96 (no_grad) |" in results["markdown"]
     assert results["markdown"] in result.stdout

@@ -288,3 +288,17 @@ def test_blocked_path_in_head_groups_of_every_size(monkeypatch):
         actual_grads = _grads(actual, tensors, grad_output)
         for name in tensors:
             torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_blocked_workspaces_are_reused_and_can_be_released():
+    from vil_kernels.longformer import blocked
+
+    blocked.release_workspaces()
+    tensors = _inputs(1, 2, 9, 13, 1, 8, 5, torch.float32, 0)
+    first = _run("blocked", tensors, 9, 13, 5, False, None, True)
+    assert len(blocked._workspaces.cache) == 1
+    second = _run("blocked", tensors, 9, 13, 5, False, None, True)  # the same buffers, refilled
+    assert len(blocked._workspaces.cache) == 1
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    blocked.release_workspaces()
+    assert len(blocked._workspaces.cache) == 0

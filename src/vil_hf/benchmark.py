@@ -94,6 +94,36 @@ def _layer_step(layer, hidden_states, height, width, backward: bool):
     layer(hidden_states, height, width).float().mean().backward()
 
 
+def _kernel_inputs(height: int, width: int, device: str) -> dict:
+    """Stage 1's attention inputs: (1, 3, L, 32) queries/keys/values, 1 global, bias tables."""
+    from vil_kernels import relative_bias_table_size
+
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).to(device).requires_grad_()
+
+    length = height * width
+    return dict(
+        local_queries=rand(1, 3, length, 32, scale=32**-0.5),
+        local_keys=rand(1, 3, length, 32),
+        local_values=rand(1, 3, length, 32),
+        global_keys=rand(1, 3, 1, 32),
+        global_values=rand(1, 3, 1, 32),
+        relative_bias_table=rand(relative_bias_table_size(7), 3, scale=0.02),
+        local_to_global_bias=rand(3, 1, scale=0.02),
+    )
+
+
+def _kernel_step(implementation: str, inputs: dict, height: int, width: int, backward: bool) -> None:
+    from vil_kernels import longformer_attention
+
+    with torch.set_grad_enabled(backward):
+        output = longformer_attention(**inputs, height=height, width=width, window=7, implementation=implementation)
+        if backward:
+            output.mean().backward()
+
+
 def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str):
     """Median seconds of each step over ``repeats`` rounds; each round runs every step once, in turn."""
     for _ in range(warmup):
@@ -110,14 +140,37 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
     return {name: {"median_s": statistics.median(ts), "runs_s": ts} for name, ts in times.items()}
 
 
-def measure_peak_memory(model: str, image: tuple[int, int], backward: bool, device: str) -> dict:
+def measure_peak_memory(model: str, image: tuple[int, int], backward: bool, device: str, threads: int = 1) -> dict:
     """Peak memory of one forward (+backward) in a fresh subprocess (so nothing else counts)."""
     command = [sys.executable, "-m", "vil_hf.benchmark", "--measure-memory", model, "--image-size", *map(str, image)]
-    command += ["--device", device] + (["--backward"] if backward else [])
+    command += ["--device", device, "--threads", str(threads)] + (["--backward"] if backward else [])
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement of {model} failed:\n{result.stderr[-2000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def measure_scaling(model: str, sizes: Sizes, device: str, threads: int) -> dict:
+    """Forward times of ``model`` at the base and the 4x-pixel size, in a fresh subprocess."""
+    command = [sys.executable, "-m", "vil_hf.benchmark", "--measure-scaling", model, "--device", device]
+    command += ["--threads", str(threads), "--image-size", *map(str, sizes.image), "--repeats", str(sizes.repeats)]
+    command += ["--scaled-image-size", *map(str, sizes.scaled_image)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"scaling measurement of {model} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _scaling_child(model_name: str, sizes: Sizes, device: str) -> None:
+    torch.manual_seed(0)
+    model = build_vil(device=device) if model_name == "vil" else build_swin(device=device)
+    base = torch.randn(1, 3, *sizes.image, device=device)
+    scaled = torch.randn(1, 3, *sizes.scaled_image, device=device)
+    steps = {
+        f"{model_name}_forward_base": lambda: _backbone_step(model, base, False),
+        f"{model_name}_forward_4x_pixels": lambda: _backbone_step(model, scaled, False),
+    }
+    print(json.dumps(time_interleaved(steps, sizes.repeats, sizes.warmup, device)))
 
 
 def _memory_child(model_name: str, image: tuple[int, int], backward: bool, device: str) -> None:
@@ -173,9 +226,17 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
             "batch": 1,
         }
     }
+    log(f"scaling: forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size, per model")
+    # First, and each model in a fresh subprocess with its two sizes alternating: the 4x-pixel runs
+    # allocate gigabytes, and their page faults became ~25% slower for both models (on this VM) while
+    # a parent that had already run the other measurements stayed resident.
+    scaling = {}
+    for name in ("vil", "swin"):
+        scaling.update(measure_scaling(name, sizes, device, threads))
+    results["scaling"] = scaling
+
     vil, swin = build_vil(device=device), build_swin(device=device)
     pixel_values = torch.randn(1, 3, *sizes.image, device=device)
-    scaled_pixels = torch.randn(1, 3, *sizes.scaled_image, device=device)
 
     log(f"backbones at {sizes.image[0]}x{sizes.image[1]}: forward and forward+backward, interleaved")
     backbone = time_interleaved(
@@ -191,19 +252,6 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     )
     results["backbone"] = backbone
 
-    log(f"scaling: ViL-Small forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size")
-    scaling = time_interleaved(
-        {
-            "vil_forward_base": lambda: _backbone_step(vil, pixel_values, False),
-            "vil_forward_4x_pixels": lambda: _backbone_step(vil, scaled_pixels, False),
-            "swin_forward_base": lambda: _backbone_step(swin, pixel_values, False),
-            "swin_forward_4x_pixels": lambda: _backbone_step(swin, scaled_pixels, False),
-        },
-        sizes.repeats,
-        sizes.warmup,
-        device,
-    )
-    results["scaling"] = scaling
 
     height, width = sizes.layer_map
     log(f"stage-1 attention layer at {height}x{width}, every implementation")
@@ -228,11 +276,20 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     results["layer"] = time_interleaved(steps, sizes.repeats, sizes.warmup, device)
     results["layer_skipped"] = skipped
 
+    log("the same layer's attention kernel alone (no projections)")
+    kernel_inputs = _kernel_inputs(height, width, device)
+    steps = {}
+    for name in runnable:
+        steps[f"{name}_forward"] = lambda name=name: _kernel_step(name, kernel_inputs, height, width, False)
+    for name in runnable:
+        steps[f"{name}_forward_backward"] = lambda name=name: _kernel_step(name, kernel_inputs, height, width, True)
+    results["kernel"] = time_interleaved(steps, sizes.repeats, sizes.warmup, device)
+
     if memory:
         log("peak memory, one subprocess per measurement")
         results["memory"] = {
             f"{model}_{'forward_backward' if backward else 'forward'}": measure_peak_memory(
-                model, sizes.image, backward, device
+                model, sizes.image, backward, device, threads
             )
             for backward in (False, True)
             for model in ("vil", "swin")
@@ -254,10 +311,12 @@ def ratios(results: dict) -> dict:
         "swin_scaling_4x_pixels": med(s, "swin_forward_4x_pixels") / med(s, "swin_forward_base"),
     }
     fast = "blocked"
-    for baseline in ("reference", "vectorized"):
-        for kind in ("forward", "forward_backward"):
-            if f"{baseline}_{kind}" in lay and f"{fast}_{kind}" in lay:
-                out[f"layer_{baseline}_over_{fast}_{kind}"] = med(lay, f"{baseline}_{kind}") / med(lay, f"{fast}_{kind}")
+    for part, table in (("layer", lay), ("kernel", results.get("kernel", {}))):
+        for baseline in ("reference", "vectorized"):
+            for kind in ("forward", "forward_backward"):
+                if f"{baseline}_{kind}" in table and f"{fast}_{kind}" in table:
+                    ratio = med(table, f"{baseline}_{kind}") / med(table, f"{fast}_{kind}")
+                    out[f"{part}_{baseline}_over_{fast}_{kind}"] = ratio
     if "memory" in results:
         m = results["memory"]
         for kind in ("forward", "forward_backward"):
@@ -315,9 +374,18 @@ def markdown(results: dict) -> str:
         )
     for name, why in results["layer_skipped"].items():
         lines.append(f"| {name} | not run: {why} | |")
+    kernel = results.get("kernel", {})
+    if kernel:
+        lines += ["", "The attention kernel alone (same inputs, no projections):", "", "| implementation | forward | forward+backward |", "|---|---|---|"]
+        for name in sorted({k.rsplit("_forward", 1)[0] for k in kernel}):
+            lines.append(
+                f"| {name} | {kernel[f'{name}_forward']['median_s'] * 1e3:.0f} ms | "
+                f"{kernel[f'{name}_forward_backward']['median_s'] * 1e3:.0f} ms |"
+            )
+    lines.append("")
     for key, value in r.items():
-        if key.startswith("layer_"):
-            lines.append(f"\n{key.replace('_', ' ')}: {value:.1f}x")
+        if key.startswith(("layer_", "kernel_")):
+            lines.append(f"- {key.replace('_', ' ')}: {value:.1f}x")
     return "\n".join(lines)
 
 
@@ -334,11 +402,20 @@ def main(argv: list[str] | None = None) -> dict | None:
     # internal: one peak-memory measurement in this (fresh) process
     parser.add_argument("--measure-memory", choices=["vil", "swin"], help=argparse.SUPPRESS)
     parser.add_argument("--backward", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--measure-scaling", choices=["vil", "swin"], help=argparse.SUPPRESS)
+    parser.add_argument("--scaled-image-size", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.measure_scaling:
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+        image = tuple(args.image_size or FULL.image)
+        scaled = tuple(args.scaled_image_size or (2 * image[0], 2 * image[1]))
+        child_sizes = replace(FULL, image=image, scaled_image=scaled, repeats=args.repeats or FULL.repeats)
+        _scaling_child(args.measure_scaling, child_sizes, args.device)
+        return None
+
     if args.measure_memory:
-        if args.threads:
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
         _memory_child(args.measure_memory, tuple(args.image_size or FULL.image), args.backward, args.device)
         return None
 

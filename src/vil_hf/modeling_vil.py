@@ -157,10 +157,11 @@ class ViLLayer(GradientCheckpointingLayer):
         self.drop_path = ViLDropPath(drop_path_rate)
 
     def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        hidden_states = hidden_states + self.drop_path(
-            self.attention(self.layernorm_before(hidden_states), height, width)
-        )
-        return hidden_states + self.drop_path(self.mlp(self.layernorm_after(hidden_states)))
+        # Residuals are added in place into the branch outputs: fresh tensors that no backward needs,
+        # so each block allocates two (B, G + L, d) tensors fewer.
+        attention_output = self.drop_path(self.attention(self.layernorm_before(hidden_states), height, width))
+        hidden_states = attention_output.add_(hidden_states)
+        return self.drop_path(self.mlp(self.layernorm_after(hidden_states))).add_(hidden_states)
 
 
 class ViLStage(nn.Module):

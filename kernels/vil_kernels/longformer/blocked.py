@@ -179,6 +179,11 @@ class _Workspace:
         return q_chunks, k_buffer, v_buffer
 
 
+def release_workspaces() -> None:
+    """Free this thread's cached buffers (about 150 MB after ViL-Small at 800x1216 in float32)."""
+    _workspaces.cache = OrderedDict()
+
+
 def _heads_per_group(layout: _Layout, head_dim: int, heads: int, element_size: int) -> int:
     """Heads loaded together: as many as fit in _GROUP_BYTES of buffers, in groups of equal size."""
     per_head = (layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys)
@@ -382,18 +387,21 @@ class _BlockedLongformerAttention(torch.autograd.Function):
                     # recomputed: a fused softmax is cheaper than exp(S - logsumexp) over masked entries
                     probs = torch.bmm(q_block, k_block.transpose(1, 2)).add_(bias)
                     torch.softmax(probs, -1, out=probs)  # (n, W^2, S)
-                    grad_values = torch.bmm(probs.transpose(1, 2), do_block)  # (n, S, M)
+                    # windows overlap: slot block s of chunk t's window is buffer block t + s, so each
+                    # slot block's gradient is accumulated straight into its (contiguous) buffer blocks
+                    for s in range(layout.span):
+                        part = slice(s * keys_per_block, (s + 1) * keys_per_block)
+                        target = grad_v_buffer[k, block + s : block + s + count]  # (n, keys per block, M)
+                        target.baddbmm_(probs[:, :, part].transpose(1, 2), do_block)
                     grad_scores = torch.bmm(do_block, v_block.transpose(1, 2))
                     grad_scores.sub_(delta_chunks[k, first : first + count]).mul_(probs)  # dS, (n, W^2, S)
                     if grad_shared is not None:
                         grad_shared[h] += grad_scores.sum(0)
                     torch.bmm(grad_scores, k_block[..., :head_dim], out=grad_q[k, first : first + count])
-                    grad_keys = torch.bmm(grad_scores.transpose(1, 2), q_block[..., :head_dim])  # (n, S, M)
-                    # windows overlap: slot block s of chunk t's window is buffer block t + s
                     for s in range(layout.span):
                         part = slice(s * keys_per_block, (s + 1) * keys_per_block)
-                        grad_k_buffer[k, block + s : block + s + count] += grad_keys[:, part]
-                        grad_v_buffer[k, block + s : block + s + count] += grad_values[:, part]
+                        target = grad_k_buffer[k, block + s : block + s + count]
+                        target.baddbmm_(grad_scores[:, :, part].transpose(1, 2), q_block[..., :head_dim])
             _exchange(grads[0][b, here], _chunk_grid(grad_q[:size], layout), 0, 0, layout, "from_grid")
             _fold_key_buffer(grad_k_buffer[:size], layout, grads[1][b, here], grads[3][b, here])
             _fold_key_buffer(grad_v_buffer[:size], layout, grads[2][b, here], grads[4][b, here])
@@ -440,5 +448,5 @@ def longformer_attention_blocked(
     )
 
 
-__all__ = ["longformer_attention_blocked"]
+__all__ = ["longformer_attention_blocked", "release_workspaces"]
 
