@@ -187,6 +187,21 @@ class DetectionPreTrainedModel(PreTrainedModel):
         strides = [first_stride * 2**level for level in range(len(pyramid))]
         return pyramid, strides
 
+    def _pyramid_and_targets(
+        self,
+        pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None,
+        labels: list[dict[str, torch.Tensor]] | None,
+        needs_masks: bool,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None, list[torch.Tensor], list[int]]:
+        """What both detectors do first: check inputs and targets, then run the backbone and FPN."""
+        if self.training and labels is None:
+            raise ValueError(f"{type(self).__name__} needs `labels` in training mode; call model.eval() to detect.")
+        pixel_values, image_sizes = self._prepare_inputs(pixel_values, pixel_mask)
+        targets = self._prepare_targets(labels, image_sizes, needs_masks)
+        pyramid, strides = self._backbone_pyramid(pixel_values)
+        return image_sizes, targets, pyramid, strides
+
     @staticmethod
     def _make_output(
         losses: dict[str, torch.Tensor],
@@ -242,11 +257,9 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
         **kwargs,
     ) -> DetectionOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if self.training and labels is None:
-            raise ValueError("MaskRCNNForObjectDetection needs `labels` in training mode; call model.eval() to detect.")
-        pixel_values, image_sizes = self._prepare_inputs(pixel_values, pixel_mask)
-        targets = self._prepare_targets(labels, image_sizes, needs_masks=self.config.mask_on)
-        pyramid, strides = self._backbone_pyramid(pixel_values)
+        image_sizes, targets, pyramid, strides = self._pyramid_and_targets(
+            pixel_values, pixel_mask, labels, needs_masks=self.config.mask_on
+        )
         proposals, proposal_logits, losses = self.rpn(pyramid, strides, image_sizes, targets)
         # The RoI heads pool from P2-P5; P6 serves the RPN only.
         detections, roi_losses = self.roi_heads(
@@ -287,13 +300,9 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
         **kwargs,
     ) -> DetectionOutput | tuple:
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        if self.training and labels is None:
-            raise ValueError(
-                "RetinaNetForObjectDetection needs `labels` in training mode; call model.eval() to detect."
-            )
-        pixel_values, image_sizes = self._prepare_inputs(pixel_values, pixel_mask)
-        targets = self._prepare_targets(labels, image_sizes, needs_masks=False)
-        pyramid, strides = self._backbone_pyramid(pixel_values)
+        image_sizes, targets, pyramid, strides = self._pyramid_and_targets(
+            pixel_values, pixel_mask, labels, needs_masks=False
+        )
         detections, losses = self.detector(pyramid, strides, image_sizes, targets, detect=not self.training)
         output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
         return output if return_dict else output.to_tuple()
