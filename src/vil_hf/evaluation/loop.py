@@ -1,0 +1,182 @@
+"""Inference over a data set on every Accelerate process, metrics on the main one."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from PIL import Image
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..io_utils import atomic_write_text
+from ..data import (
+    ClassificationSamples,
+    CocoDetectionData,
+    DetectionSamples,
+    ImageFolderData,
+    InferenceSampler,
+    collate_classification,
+    collate_detection,
+)
+from .classification_metrics import topk_correct
+from .coco_eval import CocoMetrics, detections_to_coco, evaluate_coco
+from .visualize import draw_detections, save_detection_grid
+
+logger = logging.getLogger(__name__)
+
+
+def _loader(samples, accelerator: Accelerator, batch_size: int, collate, num_workers: int) -> DataLoader:
+    indices = list(InferenceSampler(len(samples), accelerator.num_processes, accelerator.process_index))
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return DataLoader(samples, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
+
+
+def _to_device(labels: list[dict], device: torch.device) -> list[dict]:
+    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()} for target in labels]
+
+
+@torch.no_grad()
+def predict_coco(
+    model: torch.nn.Module,
+    data: CocoDetectionData,
+    image_processor,
+    accelerator: Accelerator,
+    *,
+    batch_size: int = 1,
+    num_workers: int = 0,
+) -> list[dict[str, Any]]:
+    """COCO-format detections (and RLE masks for Mask R-CNN) of every image, gathered on all processes."""
+    samples = DetectionSamples(data, image_processor, training=False, return_masks=False)
+    label_to_category = data.label_map.label_to_category
+    with_masks = bool(getattr(accelerator.unwrap_model(model).config, "mask_on", False))
+    was_training = model.training
+    model.eval()
+    results: list[dict[str, Any]] = []
+    loader = _loader(samples, accelerator, batch_size, collate_detection, num_workers)
+    for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
+        outputs = model(
+            pixel_values=batch["pixel_values"].to(accelerator.device),
+            pixel_mask=batch["pixel_mask"].to(accelerator.device),
+        )
+        sizes = [tuple(int(v) for v in target["orig_size"]) for target in batch["labels"]]
+        boxes = image_processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
+        masks = (
+            image_processor.post_process_instance_segmentation(
+                outputs, threshold=0.0, target_sizes=sizes, return_binary_maps=True
+            )
+            if with_masks
+            else [None] * len(boxes)
+        )
+        for image_id, found, segmented in zip(batch["image_ids"], boxes, masks):
+            results.extend(
+                detections_to_coco(
+                    image_id,
+                    found["boxes"].cpu(),
+                    found["scores"].cpu(),
+                    found["labels"].cpu(),
+                    label_to_category,
+                    masks=None if segmented is None else segmented["segmentation"].cpu(),
+                )
+            )
+    model.train(was_training)
+    gathered = gather_object(results)
+    return sorted(gathered, key=lambda d: (d["image_id"], -d["score"]))
+
+
+def draw_coco_results(data: CocoDetectionData, results: list[dict], path: Path, count: int) -> None:
+    """One PNG of the first `count` images with their detections drawn."""
+    from pycocotools import mask as mask_util
+
+    id2label = data.label_map.id2label
+    category_to_label = data.label_map.category_to_label
+    panels = []
+    for row in data.dataset.select(range(min(count, len(data)))):
+        found = [d for d in results if d["image_id"] == row["image_id"]]
+        image = Image.open(row["file_name"]).convert("RGB")
+        boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in found)]).reshape(-1, 4)
+        masks = None
+        if found and "segmentation" in found[0]:
+            masks = torch.from_numpy(np.stack([mask_util.decode(d["segmentation"]) for d in found]).astype(bool))
+        panels.append(
+            draw_detections(
+                image,
+                boxes,
+                torch.tensor([category_to_label[d["category_id"]] for d in found], dtype=torch.int64),
+                torch.tensor([d["score"] for d in found]),
+                masks=masks,
+                id2label=id2label,
+            )
+        )
+    if panels:
+        save_detection_grid(panels, path)
+
+
+def evaluate_detector(
+    model: torch.nn.Module,
+    data: CocoDetectionData,
+    image_processor,
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    *,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    num_visualized: int = 4,
+) -> CocoMetrics | None:
+    """COCO box (and mask) AP of `model` on `data`; writes detections, metrics and a picture.
+
+    Returns the metrics on the main process and None on the others.
+    """
+    results = predict_coco(model, data, image_processor, accelerator, batch_size=batch_size, num_workers=num_workers)
+    if not accelerator.is_main_process:
+        return None
+    output_dir = Path(output_dir)
+    iou_types = ("bbox", "segm") if any("segmentation" in d for d in results) else ("bbox",)
+    if not results and getattr(accelerator.unwrap_model(model).config, "mask_on", False):
+        iou_types = ("bbox", "segm")
+    metrics = evaluate_coco(data.annotation_file, results, iou_types=iou_types)
+    atomic_write_text(output_dir / "detections.json", json.dumps(results))
+    metrics.save_json(output_dir / "metrics.json")
+    atomic_write_text(output_dir / "metrics.md", metrics.markdown())
+    if num_visualized:
+        draw_coco_results(data, results, output_dir / "detections.png", num_visualized)
+    logger.info("evaluation on %d images:\n%s", len(data), metrics.markdown())
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_classifier(
+    model: torch.nn.Module,
+    data: ImageFolderData,
+    image_processor,
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    *,
+    batch_size: int = 32,
+    num_workers: int = 0,
+) -> dict[str, float] | None:
+    """Top-1 and top-5 accuracy (percent) of an image classifier on an image-folder data set."""
+    samples = ClassificationSamples(data, image_processor, training=False)
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
+    loader = _loader(samples, accelerator, batch_size, collate_classification, num_workers)
+    for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
+        logits = model(pixel_values=batch["pixel_values"].to(accelerator.device)).logits
+        correct = topk_correct(logits, batch["labels"].to(accelerator.device), ks=(1, 5))
+        totals += torch.tensor([correct[1], correct[5], len(logits)], dtype=torch.float64, device=totals.device)
+    model.train(was_training)
+    totals = accelerator.reduce(totals, reduction="sum")
+    if not accelerator.is_main_process:
+        return None
+    count = max(float(totals[2]), 1.0)
+    metrics = {"top1": 100 * float(totals[0]) / count, "top5": 100 * float(totals[1]) / count, "images": int(totals[2])}
+    atomic_write_text(Path(output_dir) / "metrics.json", json.dumps(metrics, indent=2))
+    logger.info("top-1 %.2f%%, top-5 %.2f%% on %d images", metrics["top1"], metrics["top5"], metrics["images"])
+    return metrics

@@ -1,0 +1,259 @@
+"""Training configuration: YAML files with `_base_` inheritance and `key=value` overrides.
+
+A config is a base plus overrides: mappings merge recursively, anything else (lists included)
+replaces. `_base_` paths are relative to the file naming them. Command-line overrides use dotted
+keys (`optim.lr=1e-4`, `data.train_shortest_edge=[640,800]`) with YAML values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..io_utils import atomic_write_text
+
+TASKS = ("detection", "classification")
+HEADS = {"detection": ("mask_rcnn", "retinanet"), "classification": ("classification",)}
+MIXED_PRECISION = ("no", "fp16", "bf16")
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be read or contradicts itself."""
+
+
+@dataclass
+class ModelSection:
+    head: str = "mask_rcnn"
+    backbone: str | None = "small"  # a published size, or None when `arch` is given
+    arch: str | None = None
+    sparse: bool = True
+    attention_type: str = "longformer"
+    average_pool: bool = False
+    image_size: int = 1333
+    drop_path_rate: float = 0.2
+    num_labels: int | None = 80  # None: taken from the data
+    init_from: str | None = None
+
+
+@dataclass
+class DataSection:
+    train_images: str | None = None
+    train_annotations: str | None = None
+    val_images: str | None = None
+    val_annotations: str | None = None
+    train_shortest_edge: list[int] = field(default_factory=lambda: [800])
+    test_shortest_edge: int = 800
+    longest_edge: int = 1333
+    flip: bool = True
+    aspect_grouping: bool = True
+    skip_corrupt_images: bool = True
+    num_workers: int = 4
+
+
+@dataclass
+class OptimSection:
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    lr: float = 2.5e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.01
+    max_iter: int = 90000
+    steps: list[int] = field(default_factory=lambda: [60000, 80000])
+    gamma: float = 0.1
+    clip_grad_norm: float | None = 0.5
+
+
+@dataclass
+class RunSection:
+    output_dir: str = "outputs/run"
+    seed: int = 42
+    mixed_precision: str = "no"
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 3
+    eval_every: int = 7330
+    log_every: int = 20
+    eval_batch_size: int = 1
+    num_visualized: int = 4
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+
+@dataclass
+class TrainConfig:
+    task: str = "detection"
+    mirrors: str | None = None
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    run: RunSection = field(default_factory=RunSection)
+    source: str | None = None  # the YAML file this came from (not a setting)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out.pop("source")
+        return out
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Writes the resolved config (no `_base_`) atomically."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        atomic_write_text(Path(path), text)
+
+    def validate(self) -> TrainConfig:
+        _check_choice("task", self.task, TASKS)
+        _check_choice("model.head", self.model.head, HEADS[self.task])
+        if (self.model.backbone is None) == (self.model.arch is None):
+            raise ConfigError(
+                "model.backbone and model.arch are exclusive: give a published size in model.backbone "
+                "(tiny, small, medium-deep, base-deep) or an architecture string in model.arch, and set the other to null"
+            )
+        optim, run = self.optim, self.run
+        for name in ("batch_size", "gradient_accumulation_steps", "max_iter"):
+            if getattr(optim, name) < 1:
+                raise ConfigError(f"optim.{name} must be at least 1, got {getattr(optim, name)}")
+        if optim.batch_size % optim.gradient_accumulation_steps:
+            raise ConfigError(
+                f"optim.batch_size={optim.batch_size} is not divisible by "
+                f"optim.gradient_accumulation_steps={optim.gradient_accumulation_steps}"
+            )
+        if list(optim.steps) != sorted(optim.steps) or any(s < 1 for s in optim.steps):
+            raise ConfigError(f"optim.steps must be increasing positive iterations, got {optim.steps}")
+        if optim.steps and optim.steps[-1] > optim.max_iter:
+            raise ConfigError(
+                f"optim.steps {optim.steps} goes past optim.max_iter={optim.max_iter}: "
+                "lower the steps or raise max_iter"
+            )
+        if optim.warmup_iters < 0 or not 0 < optim.warmup_factor <= 1:
+            raise ConfigError("optim.warmup_iters must be >= 0 and optim.warmup_factor in (0, 1]")
+        if len(optim.betas) != 2:
+            raise ConfigError(f"optim.betas must be two numbers, got {optim.betas}")
+        _check_choice("run.mixed_precision", run.mixed_precision, MIXED_PRECISION)
+        for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "eval_batch_size"):
+            if getattr(run, name) < 1:
+                raise ConfigError(f"run.{name} must be at least 1, got {getattr(run, name)}")
+        if not self.data.train_shortest_edge:
+            raise ConfigError("data.train_shortest_edge needs at least one size")
+        return self
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is not one of {', '.join(choices)}")
+
+
+def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    if path in chain:
+        raise ConfigError(f"_base_ cycle: {' -> '.join(map(str, chain + (path,)))}")
+    if not path.is_file():
+        where = f" (named as _base_ in {chain[-1]})" if chain else ""
+        raise ConfigError(f"config file {path} does not exist{where}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(data).__name__}")
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    return merge(_read_yaml((path.parent / base).resolve(), chain + (path,)), data)
+
+
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["optim.lr=1e-4", "run.trackers=[]"]` -> nested dict with YAML-typed values."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (for example optim.lr=1e-4)")
+        try:
+            value = yaml.safe_load(raw) if raw else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({err})") from None
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return out
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {where}{close[0]}?" if close else f"; known keys: {', '.join(known)}"
+            raise ConfigError(f"unknown config key {where}{key}{hint}")
+        sub = _SECTIONS.get(known[key].name) if cls is TrainConfig else None
+        if sub is not None:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{key} must be a mapping, got {value!r}")
+            value = _build(sub, value, f"{key}.")
+        else:
+            value = _coerce(value, known[key], f"{where}{key}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+_SECTIONS = {"model": ModelSection, "data": DataSection, "optim": OptimSection, "run": RunSection}
+
+
+def _coerce(value: Any, f: dataclasses.Field, name: str) -> Any:
+    """Checks a YAML value against the field's annotation (ints accepted for floats)."""
+    annotation = str(f.type)
+    if value is None:
+        if "None" in annotation:
+            return None
+        raise ConfigError(f"{name} cannot be null")
+    if annotation.startswith("list"):
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]  # `data.train_shortest_edge=800` means one size
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list, got {value!r}")
+        return value
+    if "bool" in annotation:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{name} must be true or false, got {value!r}")
+        return value
+    if "float" in annotation:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        return float(value)
+    if "int" in annotation:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return value
+    if "str" in annotation and not isinstance(value, str):
+        raise ConfigError(f"{name} must be a string, got {value!r}")
+    return value
+
+
+def config_from_dict(data: dict[str, Any], source: str | None = None) -> TrainConfig:
+    config = _build(TrainConfig, data, "")
+    config.source = source
+    return config.validate()
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Reads a YAML config (resolving `_base_`), applies `key=value` overrides and validates."""
+    data = _read_yaml(Path(path).resolve(), ()) if path is not None else {}
+    data = merge(data, parse_overrides(overrides or []))
+    return config_from_dict(data, source=str(path) if path is not None else None)
