@@ -39,6 +39,8 @@ class ModelSection:
     drop_path_rate: float = 0.2
     num_labels: int | None = 80  # None: taken from the data
     init_from: str | None = None
+    # Other MaskRCNNConfig / RetinaNetConfig arguments (e.g. fpn_channels, box_head_fc_dim).
+    detector: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -223,6 +225,10 @@ def _coerce(value: Any, f: dataclasses.Field, name: str) -> Any:
         if "None" in annotation:
             return None
         raise ConfigError(f"{name} cannot be null")
+    if annotation.startswith("dict"):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping, got {value!r}")
+        return value
     if annotation.startswith("list"):
         if isinstance(value, (int, float, str)) and not isinstance(value, bool):
             value = [value]  # `data.train_shortest_edge=800` means one size

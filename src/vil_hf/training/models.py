@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -57,7 +58,14 @@ def build_model(config: TrainConfig, id2label: dict[int, str]) -> PreTrainedMode
         model = ViLForImageClassification(backbone_config(config.model, **labels))
     else:
         config_class, model_class = DETECTORS[config.model.head]
-        model = model_class(config_class(backbone_config=backbone_config(config.model), **labels))
+        accepted = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs", "backbone_config"}
+        unknown = sorted(set(config.model.detector) - accepted)
+        if unknown:
+            raise ConfigError(
+                f"model.detector: {unknown} are not {config_class.__name__} arguments; known: {', '.join(sorted(accepted))}"
+            )
+        detector_config = config_class(backbone_config=backbone_config(config.model), **labels, **config.model.detector)
+        model = model_class(detector_config)
     if config.model.init_from:
         load_initial_weights(model, config.model.init_from)
     return model

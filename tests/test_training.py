@@ -1,0 +1,283 @@
+"""Training: configs, optimisation, checkpoints, exact resumption, more than one process."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from vil_hf import ViLBackbone, ViLConfig
+from vil_hf.data.shapes import make_shapes
+from vil_hf.training import (
+    ConfigError,
+    build_model,
+    config_from_dict,
+    list_checkpoints,
+    load_config,
+    lr_factor,
+    parameter_groups,
+    train,
+)
+from vil_hf.training.config import OptimSection
+
+from .test_detection_models import SMALL_HEADS, TINY_ARCH
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    make_shapes(out, num_train=8, num_val=4, image_size=(64, 80), seed=3)
+    return out
+
+
+def tiny_config(shapes_dir: Path, output_dir: Path, head: str = "mask_rcnn", val: bool = True, **sections) -> dict:
+    config = {
+        "task": "detection",
+        "model": {
+            "head": head,
+            "backbone": None,
+            "arch": TINY_ARCH,
+            "image_size": 128,
+            "drop_path_rate": 0.1,
+            "num_labels": 3,
+            "detector": SMALL_HEADS[head],
+        },
+        "data": {
+            "train_images": str(shapes_dir / "train"),
+            "train_annotations": str(shapes_dir / "annotations" / "instances_train.json"),
+            "val_images": str(shapes_dir / "val") if val else None,
+            "val_annotations": str(shapes_dir / "annotations" / "instances_val.json") if val else None,
+            "train_shortest_edge": [48, 64],
+            "test_shortest_edge": 64,
+            "longest_edge": 96,
+            "num_workers": 0,
+        },
+        "optim": {"batch_size": 2, "lr": 1e-3, "warmup_iters": 2, "max_iter": 4, "steps": [3], "clip_grad_norm": 1.0},
+        "run": {
+            "output_dir": str(output_dir),
+            "checkpoint_every": 2,
+            "keep_checkpoints": 2,
+            "eval_every": 1000,
+            "log_every": 1,
+            "trackers": [],
+            "num_visualized": 2,
+        },
+    }
+    for section, values in sections.items():
+        config[section].update(values)
+    return config
+
+
+def run_training(config: dict, **kwargs):
+    AcceleratorState._reset_state(True)
+    try:
+        return train(config_from_dict(config), **kwargs)
+    finally:
+        AcceleratorState._reset_state(True)
+
+
+# -- configs -----------------------------------------------------------------------------------
+
+
+def test_config_base_overrides_and_cli_values(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "b.yaml").write_text(
+        "model: {backbone: small, drop_path_rate: 0.1}\noptim: {lr: 1.0e-4, steps: [60000, 80000]}\n"
+    )
+    (tmp_path / "c.yaml").write_text("_base_: base/b.yaml\nmirrors: x.yaml\nmodel: {drop_path_rate: 0.2}\n")
+    config = load_config(tmp_path / "c.yaml", ["optim.lr=3e-4", "optim.steps=[10, 20]", "run.trackers=[]"])
+    assert config.model.backbone == "small" and config.model.drop_path_rate == 0.2  # mappings merge
+    assert config.optim.lr == 3e-4 and config.optim.steps == [10, 20]  # lists replace
+    assert config.mirrors == "x.yaml" and config.run.trackers == []
+    config.save(tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml").to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["optim.lrr=1"], "did you mean optim.lr"),
+        (["optim.steps=[100]", "optim.max_iter=50"], "goes past optim.max_iter"),
+        (["model.arch=l1,h1"], "exclusive"),
+        (["optim.batch_size=3", "optim.gradient_accumulation_steps=2"], "not divisible"),
+        (["run.mixed_precision=fp8"], "run.mixed_precision"),
+        (["optim.lr=fast"], "must be a number"),
+        (["task=segmentation"], "task="),
+        (["model.head=classification"], "model.head"),
+        (["optim.lr"], "key=value"),
+    ],
+)
+def test_config_errors_name_the_problem(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_config_base_cycle_and_missing_base(tmp_path):
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml does not exist"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_detector_options_are_checked():
+    config = config_from_dict({"model": {"backbone": None, "arch": TINY_ARCH, "detector": {"fpn_channel": 8}}})
+    with pytest.raises(ConfigError, match="fpn_channel"):
+        build_model(config, {0: "a"})
+
+
+# -- optimisation ------------------------------------------------------------------------------
+
+
+def test_no_weight_decay_on_norms_biases_position_tables_and_global_tokens():
+    config = config_from_dict(
+        {"model": {"backbone": None, "arch": TINY_ARCH, "num_labels": 3, "detector": SMALL_HEADS["mask_rcnn"]}}
+    )
+    model = build_model(config, {0: "a", 1: "b", 2: "c"})
+    decay, no_decay = parameter_groups(model, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    kept = {names[id(p)] for p in no_decay["params"]}
+    assert len(decayed) + len(kept) == len(names)
+    for name in kept:
+        assert (
+            name.endswith(".bias")
+            or "norm" in name
+            or name.rsplit(".", 1)[-1]
+            in {"global_tokens", "relative_position_bias_table", "global_to_local_bias", "local_to_global_bias", "global_to_global_bias"}
+        ), name
+    assert any(n.endswith("global_tokens") for n in kept)
+    assert any(n.endswith("relative_position_bias_table") for n in kept)
+    assert any("layernorm" in n.lower() or "norm" in n for n in kept)
+    assert all(not n.endswith(".bias") and "norm" not in n for n in decayed)
+    assert any(n.endswith("attention.query.weight") or "qkv" in n or "query" in n for n in decayed)
+
+
+def test_warmup_then_step_decay():
+    optim = OptimSection(lr=1.0, warmup_iters=1000, warmup_factor=0.01, steps=[60000, 80000], max_iter=90000)
+    assert lr_factor(0, optim) == pytest.approx(0.01)
+    assert lr_factor(500, optim) == pytest.approx(0.01 * 0.5 + 0.5)
+    assert lr_factor(1000, optim) == 1.0 and lr_factor(59999, optim) == 1.0
+    assert lr_factor(60000, optim) == pytest.approx(0.1) and lr_factor(80000, optim) == pytest.approx(0.01)
+
+
+# -- the loop ----------------------------------------------------------------------------------
+
+
+def test_resume_continues_exactly(shapes, tmp_path):
+    """4 iterations straight give the same weights as 2, a restart, and 2 more."""
+    straight = run_training(tiny_config(shapes, tmp_path / "straight", val=False))
+    first = tiny_config(shapes, tmp_path / "resumed", val=False)
+    first["optim"]["max_iter"] = 2
+    run_training(first)
+    resumed = run_training(tiny_config(shapes, tmp_path / "resumed", val=False), resume=True)
+    a = load_file(straight.model_dir / "model.safetensors")
+    b = load_file(resumed.model_dir / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, different[:5]
+    # ... and the weights did move during the run.
+    init = build_model(config_from_dict(tiny_config(shapes, tmp_path / "x", val=False)), {0: "a", 1: "b", 2: "c"})
+    assert any(not torch.equal(a[k], v) for k, v in init.state_dict().items() if k in a)
+
+
+def test_training_writes_checkpoints_model_evaluation_and_pictures(shapes, tmp_path):
+    result = run_training(tiny_config(shapes, tmp_path / "run", run={"checkpoint_every": 1, "keep_checkpoints": 2}))
+    out = tmp_path / "run"
+    assert [p.name for p in list_checkpoints(out)] == ["checkpoint-3", "checkpoint-4"]
+    assert not any(p.name.startswith(".partial") for p in (out / "checkpoints").iterdir())
+    assert (result.model_dir / "model.safetensors").is_file()
+    assert (result.model_dir / "preprocessor_config.json").is_file()
+    assert (result.model_dir / "training_config.yaml").is_file()
+    for name in ("metrics.json", "metrics.md", "detections.json", "detections.png"):
+        assert (out / "eval" / "final" / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"bbox", "segm"} <= set(metrics)
+    assert (out / "loss_curve.png").is_file()
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in history] == [1, 2, 3, 4]
+    assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in history)
+    assert history[0]["lr"] == pytest.approx(1e-3 * 0.01) and history[3]["lr"] == pytest.approx(1e-4)
+
+    import vil_hf  # noqa: F401
+    from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    model = AutoModelForObjectDetection.from_pretrained(result.model_dir)
+    assert model.config.id2label == {0: "circle", 1: "square", 2: "triangle"} or len(model.config.id2label) == 3
+    assert AutoImageProcessor.from_pretrained(result.model_dir).size["shortest_edge"] == 64
+
+
+def test_retinanet_trains_and_evaluates(shapes, tmp_path):
+    result = run_training(tiny_config(shapes, tmp_path / "retina", head="retinanet", optim={"max_iter": 2, "steps": []}))
+    assert set(result.metrics) >= {"bbox"} and "segm" not in result.metrics
+
+
+def test_batch_must_split_over_processes_and_accumulation(shapes, tmp_path):
+    config = tiny_config(shapes, tmp_path / "bad", val=False, optim={"batch_size": 2, "gradient_accumulation_steps": 2})
+    config["optim"]["batch_size"] = 2
+    result = run_training(config)  # 2 images = 2 micro-batches of 1
+    assert result.iteration == 4
+    config["optim"]["gradient_accumulation_steps"] = 4
+    config["optim"]["batch_size"] = 4
+    config["data"]["train_images"] = str(shapes / "missing")
+    with pytest.raises(Exception, match="missing"):
+        run_training(config)
+
+
+def test_init_from_a_vil_backbone_folder(shapes, tmp_path):
+    backbone = ViLBackbone(ViLConfig(arch=TINY_ARCH, image_size=128, out_features=["stage1", "stage2", "stage3", "stage4"]))
+    backbone.save_pretrained(tmp_path / "backbone")
+    config = config_from_dict(tiny_config(shapes, tmp_path / "x") | {})
+    config.model.init_from = str(tmp_path / "backbone")
+    model = build_model(config, {0: "a", 1: "b", 2: "c"})
+    for name, tensor in backbone.state_dict().items():
+        assert torch.equal(model.state_dict()["backbone." + name], tensor), name
+    config.model.init_from = str(tmp_path)
+    with pytest.raises(ConfigError, match="no model.safetensors"):
+        build_model(config, {0: "a"})
+
+
+def test_resume_without_checkpoint_fails_clearly(shapes, tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        run_training(tiny_config(shapes, tmp_path / "fresh", val=False), resume=True)
+
+
+@pytest.mark.slow
+def test_two_processes_train_with_accelerate_launch(shapes, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine runs two gloo processes."""
+    config_path = tmp_path / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(tiny_config(shapes, tmp_path / "ddp", optim={"max_iter": 2, "steps": []})))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "scripts" / "train.py"), "--config", str(config_path),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = tmp_path / "ddp"
+    assert (out / "model" / "model.safetensors").is_file()
+    assert json.loads((out / "metrics.json").read_text())["bbox"]["AP"] >= 0
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in history] == [1, 2]
+
+
+def test_train_script_reports_config_errors(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(tmp_path / "none.yaml")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 2 and "none.yaml does not exist" in done.stderr
