@@ -2,8 +2,10 @@
 
 from .coco import CategoryMap, CocoDetectionData, load_coco_detection
 from .errors import DataError
+from .image_folder import ImageFolderData, load_image_folder
 from .samplers import InferenceSampler, TrainingBatchSampler, derive_seed
 from .samples import ClassificationSamples, DetectionSamples, collate_classification, collate_detection
+from .shapes import make_shapes
 
 __all__ = [
     "CategoryMap",
@@ -11,10 +13,13 @@ __all__ = [
     "CocoDetectionData",
     "DataError",
     "DetectionSamples",
+    "ImageFolderData",
     "InferenceSampler",
     "TrainingBatchSampler",
     "collate_classification",
     "collate_detection",
     "derive_seed",
     "load_coco_detection",
+    "load_image_folder",
+    "make_shapes",
 ]
