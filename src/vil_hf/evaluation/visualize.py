@@ -1,0 +1,181 @@
+"""Drawing detections on images (pure PIL + numpy): translucent masks, boxes, "label 0.93" captions.
+
+Each class keeps one colour (golden-ratio hues), so the same class looks the same across a grid.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import contextlib
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+MASK_ALPHA = 0.45
+BOX_WIDTH = 2
+
+
+def class_colour(label: int) -> tuple[int, int, int]:
+    """A saturated RGB colour for class ``label``; neighbouring labels get far-apart hues."""
+    hue = (0.61803398875 * (int(label) + 1)) % 1.0
+    red, green, blue = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
+    return int(red * 255), int(green * 255), int(blue * 255)
+
+
+def _array(value: Any, name: str) -> np.ndarray:
+    if value is None:
+        return np.zeros((0,))
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def _caption(label: int, score: float, id2label: Mapping[int, str] | None) -> str:
+    name = str(label)
+    if id2label is not None:
+        name = str(id2label.get(int(label), id2label.get(str(int(label)), label)))  # type: ignore[arg-type]
+    return f"{name} {score:.2f}"
+
+
+def draw_detections(
+    image: Image.Image,
+    boxes: Any,
+    labels: Any,
+    scores: Any,
+    masks: Any = None,
+    id2label: Mapping[int, str] | None = None,
+    score_threshold: float = 0.5,
+) -> Image.Image:
+    """A copy of ``image`` (RGB) with the detections scoring at least ``score_threshold`` drawn on it.
+
+    Args:
+        image: the original image (any PIL mode; drawn on an RGB copy).
+        boxes: (N, 4) ``x1, y1, x2, y2`` in the image's pixels.
+        labels: (N,) class labels; ``id2label`` names them in the captions.
+        scores: (N,) confidences.
+        masks: optional (N, H, W) masks at the image size (bool, 0/1 or probabilities, cut at 0.5).
+    """
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
+    boxes_np = _array(boxes, "boxes").astype(np.float64)
+    if boxes_np.size == 0:
+        boxes_np = boxes_np.reshape(0, 4)
+    labels_np = _array(labels, "labels").reshape(-1)
+    scores_np = _array(scores, "scores").astype(np.float64).reshape(-1)
+    if boxes_np.ndim != 2 or boxes_np.shape[1] != 4:
+        raise ValueError(f"boxes must be (N, 4) as x1, y1, x2, y2; got shape {boxes_np.shape}")
+    count = boxes_np.shape[0]
+    if labels_np.shape[0] != count or scores_np.shape[0] != count:
+        raise ValueError(
+            f"boxes, labels and scores need one entry per detection; got {count}, {labels_np.shape[0]}, "
+            f"{scores_np.shape[0]}"
+        )
+    canvas = np.array(image.convert("RGB"), dtype=np.float32)
+    height, width = canvas.shape[:2]
+    keep = np.nonzero(scores_np >= score_threshold)[0]
+    # Lowest scores first, so the most confident detection ends on top.
+    keep = keep[np.argsort(scores_np[keep], kind="stable")]
+
+    if masks is not None:
+        masks_np = _array(masks, "masks")
+        if masks_np.ndim == 4 and masks_np.shape[1] == 1:
+            masks_np = masks_np[:, 0]
+        if masks_np.ndim != 3 or masks_np.shape[0] != count or masks_np.shape[1:] != (height, width):
+            raise ValueError(
+                f"masks must be (N, H, W) = ({count}, {height}, {width}) to match the boxes and the image; "
+                f"got shape {masks_np.shape}"
+            )
+        for index in keep:
+            mask = masks_np[index]
+            mask = mask >= 0.5 if np.issubdtype(mask.dtype, np.floating) else mask.astype(bool)
+            colour = np.array(class_colour(int(labels_np[index])), dtype=np.float32)
+            canvas[mask] = canvas[mask] * (1 - MASK_ALPHA) + colour * MASK_ALPHA
+
+    result = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mode="RGB")
+    draw = ImageDraw.Draw(result)
+    font = ImageFont.load_default()
+    for index in keep:
+        colour = class_colour(int(labels_np[index]))
+        x1, y1, x2, y2 = boxes_np[index].tolist()
+        x1, x2 = sorted((min(max(x1, 0.0), width - 1.0), min(max(x2, 0.0), width - 1.0)))
+        y1, y2 = sorted((min(max(y1, 0.0), height - 1.0), min(max(y2, 0.0), height - 1.0)))
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=BOX_WIDTH)
+        text = _caption(int(labels_np[index]), float(scores_np[index]), id2label)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        text_w, text_h = right - left, bottom - top
+        tx = min(x1, max(width - text_w - 2, 0))
+        ty = y1 - text_h - 2 if y1 - text_h - 2 >= 0 else y1
+        draw.rectangle((tx, ty, tx + text_w + 2, ty + text_h + 2), fill=colour)
+        draw.text((tx + 1 - left, ty + 1 - top), text, fill=(255, 255, 255), font=font)
+    return result
+
+
+def _render(item: Any, id2label: Mapping[int, str] | None, score_threshold: float) -> Image.Image:
+    if isinstance(item, Image.Image):
+        return item.convert("RGB")
+    if isinstance(item, Sequence) and len(item) == 2 and isinstance(item[0], Image.Image):
+        image, prediction = item
+        if not isinstance(prediction, Mapping) or not {"boxes", "labels", "scores"} <= set(prediction):
+            raise ValueError("a prediction must be a dict with 'boxes', 'labels', 'scores' (and optional 'masks')")
+        return draw_detections(
+            image,
+            prediction["boxes"],
+            prediction["labels"],
+            prediction["scores"],
+            masks=prediction.get("masks"),
+            id2label=id2label,
+            score_threshold=score_threshold,
+        )
+    raise TypeError(
+        "each item of images_with_preds must be a PIL image (already drawn) or a pair "
+        f"(PIL image, {{'boxes', 'labels', 'scores', 'masks'?}}); got {type(item).__name__}"
+    )
+
+
+def save_detection_grid(
+    images_with_preds: Sequence[Any],
+    path: str | os.PathLike,
+    columns: int = 2,
+    *,
+    id2label: Mapping[int, str] | None = None,
+    score_threshold: float = 0.5,
+    gap: int = 4,
+    background: tuple[int, int, int] = (255, 255, 255),
+) -> Path:
+    """Draw each (image, prediction) pair (or take already drawn images) and save one PNG grid.
+
+    Cells are as large as the largest image; the file is written to a temporary name and renamed.
+    """
+    if columns < 1:
+        raise ValueError(f"columns must be at least 1, got {columns}")
+    tiles = [_render(item, id2label, score_threshold) for item in images_with_preds]
+    if not tiles:
+        raise ValueError("images_with_preds is empty: nothing to draw")
+    columns = min(columns, len(tiles))
+    rows = -(-len(tiles) // columns)
+    cell_w = max(tile.width for tile in tiles)
+    cell_h = max(tile.height for tile in tiles)
+    grid = Image.new("RGB", (columns * cell_w + (columns - 1) * gap, rows * cell_h + (rows - 1) * gap), background)
+    for index, tile in enumerate(tiles):
+        row, column = divmod(index, columns)
+        grid.paste(tile, (column * (cell_w + gap), row * (cell_h + gap)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as file:
+            grid.save(file, format="PNG")
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return path
+
+
+__all__ = ["class_colour", "draw_detections", "save_detection_grid"]
