@@ -12,6 +12,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 from ..data import DataError, load_coco_detection, load_image_folder
 from ..training.config import ConfigError, TrainConfig
+from ..training.loop import no_accelerator_device
 from .coco_eval import CocoMetrics
 from .loop import evaluate_classifier, evaluate_detector
 
@@ -49,7 +50,7 @@ def evaluate_model_folder(
     if data.val_images is None:
         raise ConfigError("data.val_images is not set: give the evaluation image folder (data.val_images=...)")
     output_dir = Path(output_dir) if output_dir is not None else model_dir / "eval"
-    accelerator = Accelerator(cpu=cpu, mixed_precision=config.run.mixed_precision)
+    accelerator = Accelerator(cpu=cpu or no_accelerator_device(), mixed_precision=config.run.mixed_precision)
     model_config = AutoConfig.from_pretrained(model_dir)
     try:
         processor = AutoImageProcessor.from_pretrained(model_dir)

@@ -126,11 +126,6 @@ class TrainConfig:
             )
         if list(optim.steps) != sorted(optim.steps) or any(s < 1 for s in optim.steps):
             raise ConfigError(f"optim.steps must be increasing positive iterations, got {optim.steps}")
-        if optim.steps and optim.steps[-1] > optim.max_iter:
-            raise ConfigError(
-                f"optim.steps {optim.steps} goes past optim.max_iter={optim.max_iter}: "
-                "lower the steps or raise max_iter"
-            )
         if optim.warmup_iters < 0 or not 0 < optim.warmup_factor <= 1:
             raise ConfigError("optim.warmup_iters must be >= 0 and optim.warmup_factor in (0, 1]")
         if len(optim.betas) != 2:
@@ -240,6 +235,11 @@ def _coerce(value: Any, f: dataclasses.Field, name: str) -> Any:
             raise ConfigError(f"{name} must be true or false, got {value!r}")
         return value
     if "float" in annotation:
+        if isinstance(value, str):
+            try:  # YAML 1.1 reads `3e-4` (no dot) as a string
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         return float(value)

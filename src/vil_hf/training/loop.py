@@ -158,14 +158,21 @@ class _TaskData:
 
 
 def _scalar_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
-    """`{"bbox": {"AP": ..}}` -> `{"bbox/AP": ..}`, numbers only, for the trackers."""
+    """Detection `{"stats": {"bbox": {"AP": ..}}}` -> `{"bbox/AP": ..}`; numbers only, for the trackers."""
+    metrics = (metrics or {}).get("stats", metrics or {})
     flat: dict[str, float] = {}
-    for key, value in (metrics or {}).items():
+    for key, value in metrics.items():
         if isinstance(value, dict):
             flat.update({f"{key}/{k}": float(v) for k, v in value.items() if isinstance(v, (int, float))})
         elif isinstance(value, (int, float)):
             flat[key] = float(value)
     return flat
+
+
+def no_accelerator_device() -> bool:
+    """True on CPU-only machines, where Accelerate must be told `cpu=True` to join a multi-process group."""
+    api = getattr(torch, "accelerator", None)
+    return not (api.is_available() if api is not None else torch.cuda.is_available())
 
 
 def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = False) -> TrainResult:
@@ -174,7 +181,7 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
     output_dir = Path(run.output_dir)
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision,
-        cpu=cpu,
+        cpu=cpu or no_accelerator_device(),
         log_with=_available_trackers(run.trackers) or None,
         project_dir=str(output_dir),
         # Heads without a positive sample in a batch leave parameters out of the graph.
