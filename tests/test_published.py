@@ -1,0 +1,168 @@
+"""The published table, the generated configs (regenerate identically, resolve through _base_) and cards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vil_hf import ViLConfig
+from vil_hf.ablations import ABLATIONS
+from vil_hf.configuration_vil import published_arch
+from vil_hf.published import (
+    MULTI_SCALE_SHORTEST_EDGES,
+    PUBLISHED,
+    SCHEDULES,
+    ablation_config_path,
+    config_files,
+    generated_files,
+    load_config,
+    merge_config,
+    published_result,
+    write_files,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+# The detection test's published counts (tests/test_detection_models.py), in millions.
+PUBLISHED_PARAMS_M = {
+    ("tiny", "mask_rcnn"): 26.9,
+    ("small", "mask_rcnn"): 45.0,
+    ("medium-deep", "mask_rcnn"): 60.1,
+    ("base-deep", "mask_rcnn"): 76.1,
+    ("tiny", "retinanet"): 16.64,
+    ("small", "retinanet"): 35.68,
+    ("medium-deep", "retinanet"): 50.77,
+    ("base-deep", "retinanet"): 66.74,
+}
+
+
+# The keys of the agreed YAML schema (the training code reads exactly these).
+SCHEMA = {
+    "model": {"head", "backbone", "arch", "sparse", "attention_type", "average_pool", "image_size", "drop_path_rate",
+              "num_labels", "init_from"},
+    "data": {"train_images", "train_annotations", "val_images", "val_annotations", "train_shortest_edge",
+             "test_shortest_edge", "longest_edge", "flip", "aspect_grouping", "skip_corrupt_images", "num_workers"},
+    "optim": {"batch_size", "gradient_accumulation_steps", "lr", "weight_decay", "betas", "warmup_iters",
+              "warmup_factor", "max_iter", "steps", "gamma", "clip_grad_norm"},
+    "run": {"output_dir", "seed", "mixed_precision", "checkpoint_every", "keep_checkpoints", "eval_every", "log_every",
+            "eval_batch_size", "num_visualized", "trackers"},
+}  # fmt: skip
+
+
+def test_table_rows():
+    assert len(PUBLISHED) == 8
+    assert {key: row.published_params_m for key, row in PUBLISHED.items()} == PUBLISHED_PARAMS_M
+    small = published_result("small", "mask_rcnn")
+    assert (small.box_ap("1x"), small.mask_ap("1x"), small.box_ap("3x_ms"), small.mask_ap("3x_ms")) == (
+        44.9,
+        41.1,
+        47.1,
+        42.7,
+    )
+    assert small.arch == published_arch("small", sparse=True)
+    assert small.unused_head_params == 768 * 1000 + 1000 + 2 * 768
+    assert small.params_without_head_m == 44.23
+    assert published_result("tiny", "retinanet").unused_head_params == 384 * 1000 + 1000 + 2 * 384
+    assert published_result("small", "retinanet").mask_ap("1x") is None
+    assert (
+        published_result("small", "retinanet").drop_path("1x"),
+        published_result("tiny", "mask_rcnn").drop_path("3x_ms"),
+    ) == (0.1, 0.1)
+    assert published_result("medium-deep", "retinanet").original_config("3x_ms") == (
+        "msvit_retina_fpn_3xms_medium_deep_sparse.yaml"
+    )
+    assert small.original_config("1x") == "msvit_maskrcnn_fpn_1x_small_sparse.yaml"
+    with pytest.raises(ValueError, match="no published result"):
+        published_result("huge", "mask_rcnn")
+    with pytest.raises(ValueError, match="unknown schedule"):
+        small.box_ap("2x")
+
+
+def test_checked_in_files_regenerate_identically(tmp_path):
+    files = generated_files()
+    assert len([p for p in files if p.startswith("configs/")]) == 5 + 16 + 9
+    assert len([p for p in files if p.startswith("model_cards/")]) == 16 + 1
+    stale = [p for p, text in files.items() if not (ROOT / p).is_file() or (ROOT / p).read_text() != text]
+    assert not stale, f"run `python scripts/generate_configs_and_cards.py`; out of date: {stale}"
+    on_disk = {str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")}
+    assert on_disk == {p for p in files if p.startswith("configs/")}, "configs/ holds files the generator does not make"
+    # The script itself, into an empty folder: same files; a second run changes nothing.
+    script = ROOT / "scripts" / "generate_configs_and_cards.py"
+    env = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT / 'kernels'}", "PATH": "/usr/bin:/bin"}
+    run = subprocess.run(
+        [sys.executable, str(script), "--root", str(tmp_path)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert all((tmp_path / p).read_text() == text for p, text in files.items())
+    assert write_files(files, tmp_path) == []
+    (tmp_path / "configs/base/coco_detection.yaml").write_text("task: detection\n")
+    check = subprocess.run(
+        [sys.executable, str(script), "--root", str(tmp_path), "--check"], capture_output=True, text=True, env=env
+    )
+    assert check.returncode == 1 and "configs/base/coco_detection.yaml" in check.stdout
+
+
+def test_every_config_resolves_with_its_base():
+    for relative in config_files():
+        config = load_config(ROOT / relative)
+        assert "_base_" not in config and config["task"] == "detection"
+        raw = yaml.safe_load((ROOT / relative).read_text())
+        if relative == "configs/base/coco_detection.yaml":  # shared by both heads: no model.head
+            assert "head" not in config["model"]
+            continue
+        assert {section: set(config[section]) for section in SCHEMA} == SCHEMA, relative
+        if relative.startswith("configs/base/"):
+            continue
+        assert set(raw) == {"_base_", "mirrors", "model", "run"}  # only overrides
+        assert config["mirrors"].startswith("msvit_") and config["mirrors"].endswith(".yaml")
+    for row in PUBLISHED.values():
+        for schedule in SCHEDULES:
+            config = load_config(ROOT / row.config_path(schedule))
+            model, optim, data = config["model"], config["optim"], config["data"]
+            assert (model["head"], model["backbone"], model["arch"]) == (row.head, row.size, None)
+            assert model["drop_path_rate"] == row.drop_path(schedule)
+            assert config["mirrors"] == row.original_config(schedule)
+            three = schedule == "3x_ms"
+            assert data["train_shortest_edge"] == ([640, 672, 704, 736, 768, 800] if three else [800])
+            assert (optim["max_iter"], optim["steps"]) == (
+                (270000, [180000, 240000]) if three else (90000, [60000, 80000])
+            )
+            assert optim["clip_grad_norm"] == (1.0 if row.head == "retinanet" else 0.5)
+            assert optim["lr"] == (2.5e-4 if (row.head, schedule) == ("mask_rcnn", "1x") else 1e-4)
+            assert optim["weight_decay"] == 1e-4 and optim["batch_size"] == 16
+            assert config["run"]["output_dir"] == f"outputs/{row.config_name(schedule)}"
+            assert config["run"]["mixed_precision"] == "no"  # quoted: YAML 1.1 would read a bare no as False
+    assert MULTI_SCALE_SHORTEST_EDGES == list(range(640, 801, 32))
+    for ablation in ABLATIONS.values():
+        config = load_config(ROOT / ablation_config_path(ablation))
+        model = config["model"]
+        assert model["backbone"] is None and model["arch"] == ablation.arch
+        assert (model["head"], config["optim"]["lr"]) == ("mask_rcnn", 2.5e-4)
+        assert model["attention_type"] == ablation.attention_type
+        vil = ViLConfig(arch=model["arch"], attention_type=model["attention_type"], average_pool=model["average_pool"])
+        assert vil.attention_type == ablation.attention_type
+
+
+def test_load_config_merges_and_reports_problems(tmp_path):
+    assert merge_config({"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"c": [3]}, "e": 2}) == {
+        "a": {"b": 1, "c": [3]},
+        "d": 1,
+        "e": 2,
+    }
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "base.yaml").write_text("model: {head: retinanet, num_labels: 80}\nmirrors: x.yaml\n")
+    (tmp_path / "sub" / "child.yaml").write_text("_base_: ../base.yaml\nmodel: {num_labels: 3}\n")
+    assert load_config(tmp_path / "sub" / "child.yaml") == {"model": {"head": "retinanet", "num_labels": 3}}
+    (tmp_path / "loop_a.yaml").write_text("_base_: loop_b.yaml\n")
+    (tmp_path / "loop_b.yaml").write_text("_base_: loop_a.yaml\n")
+    with pytest.raises(ValueError, match="loops"):
+        load_config(tmp_path / "loop_a.yaml")
+    (tmp_path / "orphan.yaml").write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(FileNotFoundError, match="the _base_ of"):
+        load_config(tmp_path / "orphan.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n")
+    with pytest.raises(ValueError, match="mapping at the top level"):
+        load_config(tmp_path / "list.yaml")
