@@ -19,11 +19,10 @@ from vil_hf.published import (
     ablation_config_path,
     config_files,
     generated_files,
-    load_config,
-    merge_config,
     published_result,
     write_files,
 )
+from vil_hf.training.config import read_config_file
 
 ROOT = Path(__file__).resolve().parents[1]
 # The detection test's published counts (tests/test_detection_models.py), in millions.
@@ -107,7 +106,7 @@ def test_checked_in_files_regenerate_identically(tmp_path):
 
 def test_every_config_resolves_with_its_base():
     for relative in config_files():
-        config = load_config(ROOT / relative)
+        config = read_config_file(ROOT / relative)
         assert "_base_" not in config and config["task"] == "detection"
         raw = yaml.safe_load((ROOT / relative).read_text())
         if relative == "configs/base/coco_detection.yaml":  # shared by both heads: no model.head
@@ -120,7 +119,7 @@ def test_every_config_resolves_with_its_base():
         assert config["mirrors"].startswith("msvit_") and config["mirrors"].endswith(".yaml")
     for row in PUBLISHED.values():
         for schedule in SCHEDULES:
-            config = load_config(ROOT / row.config_path(schedule))
+            config = read_config_file(ROOT / row.config_path(schedule))
             model, optim, data = config["model"], config["optim"], config["data"]
             assert (model["head"], model["backbone"], model["arch"]) == (row.head, row.size, None)
             assert model["drop_path_rate"] == row.drop_path(schedule)
@@ -137,7 +136,7 @@ def test_every_config_resolves_with_its_base():
             assert config["run"]["mixed_precision"] == "no"  # quoted: YAML 1.1 would read a bare no as False
     assert MULTI_SCALE_SHORTEST_EDGES == list(range(640, 801, 32))
     for ablation in ABLATIONS.values():
-        config = load_config(ROOT / ablation_config_path(ablation))
+        config = read_config_file(ROOT / ablation_config_path(ablation))
         model = config["model"]
         assert model["backbone"] is None and model["arch"] == ablation.arch
         assert (model["head"], config["optim"]["lr"]) == ("mask_rcnn", 2.5e-4)
@@ -146,23 +145,3 @@ def test_every_config_resolves_with_its_base():
         assert vil.attention_type == ablation.attention_type
 
 
-def test_load_config_merges_and_reports_problems(tmp_path):
-    assert merge_config({"a": {"b": 1, "c": [1, 2]}, "d": 1}, {"a": {"c": [3]}, "e": 2}) == {
-        "a": {"b": 1, "c": [3]},
-        "d": 1,
-        "e": 2,
-    }
-    (tmp_path / "sub").mkdir()
-    (tmp_path / "base.yaml").write_text("model: {head: retinanet, num_labels: 80}\nmirrors: x.yaml\n")
-    (tmp_path / "sub" / "child.yaml").write_text("_base_: ../base.yaml\nmodel: {num_labels: 3}\n")
-    assert load_config(tmp_path / "sub" / "child.yaml") == {"model": {"head": "retinanet", "num_labels": 3}}
-    (tmp_path / "loop_a.yaml").write_text("_base_: loop_b.yaml\n")
-    (tmp_path / "loop_b.yaml").write_text("_base_: loop_a.yaml\n")
-    with pytest.raises(ValueError, match="loops"):
-        load_config(tmp_path / "loop_a.yaml")
-    (tmp_path / "orphan.yaml").write_text("_base_: nowhere.yaml\n")
-    with pytest.raises(FileNotFoundError, match="the _base_ of"):
-        load_config(tmp_path / "orphan.yaml")
-    (tmp_path / "list.yaml").write_text("- 1\n")
-    with pytest.raises(ValueError, match="mapping at the top level"):
-        load_config(tmp_path / "list.yaml")

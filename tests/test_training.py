@@ -216,8 +216,9 @@ def test_training_writes_checkpoints_model_evaluation_and_pictures(shapes, tmp_p
     assert all(math.isfinite(r["loss"]) and r["lr"] > 0 for r in history)
     assert history[0]["lr"] == pytest.approx(1e-3 * 0.01) and history[3]["lr"] == pytest.approx(1e-4)
 
-    import vil_hf  # noqa: F401
     from transformers import AutoImageProcessor, AutoModelForObjectDetection
+
+    import vil_hf  # noqa: F401
 
     model = AutoModelForObjectDetection.from_pretrained(result.model_dir)
     assert model.config.id2label == {0: "circle", 1: "square", 2: "triangle"} or len(model.config.id2label) == 3
@@ -286,3 +287,22 @@ def test_train_script_reports_config_errors(tmp_path):
         text=True,
     )
     assert done.returncode == 2 and "none.yaml does not exist" in done.stderr
+
+
+def test_every_shipped_config_loads_and_describes_its_model():
+    from vil_hf.training.models import DETECTORS, backbone_config
+
+    files = sorted((ROOT / "configs").rglob("*.yaml"))
+    rows = [f for f in files if "base" not in f.parts]
+    assert len(rows) == 25
+    for path in rows:
+        config = load_config(path)
+        assert config.mirrors and config.mirrors.startswith("msvit_"), path
+        assert config.model.head in DETECTORS
+        vil = backbone_config(config.model)
+        assert vil.drop_path_rate == config.model.drop_path_rate > 0
+        assert config.optim.steps[-1] < config.optim.max_iter
+        if "3x_ms" in path.name:
+            assert config.data.train_shortest_edge == list(range(640, 801, 32))
+        if config.model.head == "retinanet":
+            assert config.optim.clip_grad_norm == 1.0

@@ -10,7 +10,6 @@ mappings merged recursively, lists replaced), and `load_config` resolves such a 
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import re
 import tempfile
@@ -392,43 +391,6 @@ def write_configs(root: str | os.PathLike) -> list[Path]:
     return write_files(config_files(), root)
 
 
-# ---------------------------------------------------------------------------------------------- load configs
-def merge_config(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """Mappings merge recursively; anything else (lists included) in ``override`` replaces."""
-    merged = copy.deepcopy(dict(base))
-    for key, value in override.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = merge_config(merged[key], value)
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
-
-
-def load_config(path: str | os.PathLike, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
-    """Read a config YAML, resolving ``_base_`` (relative to the file) recursively."""
-    path = Path(path).resolve()
-    if path in _chain:
-        cycle = " -> ".join(str(p) for p in (*_chain, path))
-        raise ValueError(f"config _base_ chain loops: {cycle}; remove the circular _base_")
-    if not path.is_file():
-        where = f" (the _base_ of {_chain[-1]})" if _chain else ""
-        raise FileNotFoundError(f"config file {path} not found{where}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as error:
-        raise ValueError(f"config file {path} is not valid YAML: {error}") from error
-    if not isinstance(data, dict):
-        raise ValueError(f"config file {path} must hold a mapping at the top level, got {type(data).__name__}")
-    base = data.pop("_base_", None)
-    if base is None:
-        return data
-    if not isinstance(base, str):
-        raise ValueError(f"_base_ in {path} must be one relative path string, got {base!r}")
-    parent = load_config(path.parent / base, (*_chain, path))
-    parent.pop("mirrors", None)  # a base config mirrors nothing of its own
-    return merge_config(parent, data)
-
-
 __all__ = [
     "ABLATIONS",
     "HEADS",
@@ -441,8 +403,6 @@ __all__ = [
     "ablation_slug",
     "config_files",
     "generated_files",
-    "load_config",
-    "merge_config",
     "published_result",
     "write_configs",
 ]

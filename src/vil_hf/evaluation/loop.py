@@ -15,7 +15,6 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..io_utils import atomic_write_text
 from ..data import (
     ClassificationSamples,
     CocoDetectionData,
@@ -25,11 +24,18 @@ from ..data import (
     collate_classification,
     collate_detection,
 )
+from ..io_utils import atomic_write_text
 from .classification_metrics import topk_correct
 from .coco_eval import CocoMetrics, detections_to_coco, evaluate_coco
 from .visualize import draw_detections, save_detection_grid
 
 logger = logging.getLogger(__name__)
+
+
+def no_accelerator_device() -> bool:
+    """True on CPU-only machines, where Accelerate must be told `cpu=True` to join a multi-process group."""
+    api = getattr(torch, "accelerator", None)
+    return not (api.is_available() if api is not None else torch.cuda.is_available())
 
 
 def _loader(samples, accelerator: Accelerator, batch_size: int, collate, num_workers: int) -> DataLoader:

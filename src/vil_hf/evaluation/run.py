@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from accelerate import Accelerator
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, AutoModelForObjectDetection
 
 from ..data import DataError, load_coco_detection, load_image_folder
-from ..training.config import ConfigError, TrainConfig
-from ..training.loop import no_accelerator_device
 from .coco_eval import CocoMetrics
-from .loop import evaluate_classifier, evaluate_detector
+from .loop import evaluate_classifier, evaluate_detector, no_accelerator_device
+
+if TYPE_CHECKING:
+    from ..training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ def evaluate_model_folder(
 ) -> dict[str, Any] | None:
     """Evaluates `model_dir` on the config's val data; the main process returns the metrics."""
     import vil_hf  # noqa: F401  (registers the ViL models with the Auto classes)
+
+    from ..training.config import ConfigError
 
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():

@@ -162,6 +162,11 @@ def _read_yaml(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
     return merge(_read_yaml((path.parent / base).resolve(), chain + (path,)), data)
 
 
+def read_config_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The YAML file as a dict with its `_base_` chain resolved (not validated)."""
+    return _read_yaml(Path(path).resolve(), ())
+
+
 def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in override.items():
@@ -260,6 +265,6 @@ def config_from_dict(data: dict[str, Any], source: str | None = None) -> TrainCo
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> TrainConfig:
     """Reads a YAML config (resolving `_base_`), applies `key=value` overrides and validates."""
-    data = _read_yaml(Path(path).resolve(), ()) if path is not None else {}
+    data = read_config_file(path) if path is not None else {}
     data = merge(data, parse_overrides(overrides or []))
     return config_from_dict(data, source=str(path) if path is not None else None)

@@ -33,7 +33,9 @@ from ..data import (
     load_coco_detection,
     load_image_folder,
 )
-from ..evaluation.loop import evaluate_classifier, evaluate_detector
+from ..evaluation.coco_eval import CocoMetrics
+from ..evaluation.loop import evaluate_classifier, evaluate_detector, no_accelerator_device
+from ..evaluation.run import write_evaluation_card
 from ..io_utils import atomic_write_text
 from .checkpoints import checkpoint_iteration, resolve_resume, save_checkpoint
 from .config import ConfigError, TrainConfig
@@ -167,12 +169,6 @@ def _scalar_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
         elif isinstance(value, (int, float)):
             flat[key] = float(value)
     return flat
-
-
-def no_accelerator_device() -> bool:
-    """True on CPU-only machines, where Accelerate must be told `cpu=True` to join a multi-process group."""
-    api = getattr(torch, "accelerator", None)
-    return not (api.is_available() if api is not None else torch.cuda.is_available())
 
 
 def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = False) -> TrainResult:
@@ -317,6 +313,8 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
             save_loss_curve(full_history, output_dir / "loss_curve.png")
         if metrics is not None:
             atomic_write_text(output_dir / "metrics.json", json.dumps(metrics, indent=2))
+            if config.task == "detection":
+                write_evaluation_card(model_dir, CocoMetrics.from_dict(metrics), config)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return TrainResult(output_dir, model_dir, optim.max_iter, metrics, history)
