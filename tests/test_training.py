@@ -161,7 +161,13 @@ def test_no_weight_decay_on_norms_biases_position_tables_and_global_tokens():
             name.endswith(".bias")
             or "norm" in name
             or name.rsplit(".", 1)[-1]
-            in {"global_tokens", "relative_position_bias_table", "global_to_local_bias", "local_to_global_bias", "global_to_global_bias"}
+            in {
+                "global_tokens",
+                "relative_position_bias_table",
+                "global_to_local_bias",
+                "local_to_global_bias",
+                "global_to_global_bias",
+            }
         ), name
     assert any(n.endswith("global_tokens") for n in kept)
     assert any(n.endswith("relative_position_bias_table") for n in kept)
@@ -226,7 +232,9 @@ def test_training_writes_checkpoints_model_evaluation_and_pictures(shapes, tmp_p
 
 
 def test_retinanet_trains_and_evaluates(shapes, tmp_path):
-    result = run_training(tiny_config(shapes, tmp_path / "retina", head="retinanet", optim={"max_iter": 2, "steps": []}))
+    result = run_training(
+        tiny_config(shapes, tmp_path / "retina", head="retinanet", optim={"max_iter": 2, "steps": []})
+    )
     assert set(result.metrics["stats"]) == {"bbox"}
 
 
@@ -243,7 +251,9 @@ def test_batch_must_split_over_processes_and_accumulation(shapes, tmp_path):
 
 
 def test_init_from_a_vil_backbone_folder(shapes, tmp_path):
-    backbone = ViLBackbone(ViLConfig(arch=TINY_ARCH, image_size=128, out_features=["stage1", "stage2", "stage3", "stage4"]))
+    backbone = ViLBackbone(
+        ViLConfig(arch=TINY_ARCH, image_size=128, out_features=["stage1", "stage2", "stage3", "stage4"])
+    )
     backbone.save_pretrained(tmp_path / "backbone")
     config = config_from_dict(tiny_config(shapes, tmp_path / "x") | {})
     config.model.init_from = str(tmp_path / "backbone")
@@ -306,3 +316,52 @@ def test_every_shipped_config_loads_and_describes_its_model():
             assert config.data.train_shortest_edge == list(range(640, 801, 32))
         if config.model.head == "retinanet":
             assert config.optim.clip_grad_norm == 1.0
+
+
+def test_evaluate_script_writes_metrics_card_and_fails_offline_push_clearly(shapes, tmp_path):
+    result = run_training(tiny_config(shapes, tmp_path / "run", optim={"max_iter": 2, "steps": []}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_dummy", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(result.model_dir),
+         "run.num_visualized=1", "--push-to-hub", "someone/vil-tiny-shapes"],
+        capture_output=True, text=True, env=env, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "someone/vil-tiny-shapes" in done.stderr and str(result.model_dir.resolve()) in done.stderr
+    metrics = json.loads((result.model_dir / "eval" / "metrics.json").read_text())["stats"]
+    assert (result.model_dir / "eval" / "detections.png").is_file()
+    card = (result.model_dir / "README.md").read_text()
+    assert "model-index" in card
+    assert f"value: {round(metrics['bbox']['AP'], 3)}" in card and f"value: {round(metrics['segm']['AP'], 3)}" in card
+
+
+def _colour_folder(root: Path, per_class: int, seed: int) -> None:
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    for name, channel in (("blue", 2), ("red", 0)):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(40, 48, 3, generator=generator) * 80).to(torch.uint8)
+            pixels[..., channel] += 150
+            Image.fromarray(pixels.numpy()).save(root / name / f"{i}.png")
+
+
+def test_classification_fine_tuning_and_top_k(tmp_path):
+    _colour_folder(tmp_path / "train", 6, 0)
+    _colour_folder(tmp_path / "val", 3, 1)
+    config = {
+        "task": "classification",
+        "model": {"head": "classification", "backbone": None, "arch": TINY_ARCH, "image_size": 224, "num_labels": None},
+        "data": {"train_images": str(tmp_path / "train"), "val_images": str(tmp_path / "val"), "num_workers": 0},
+        "optim": {"batch_size": 4, "lr": 1e-3, "warmup_iters": 1, "max_iter": 3, "steps": []},
+        "run": {"output_dir": str(tmp_path / "out"), "log_every": 1, "checkpoint_every": 10, "trackers": [],
+                "eval_batch_size": 4},
+    }  # fmt: skip
+    result = run_training(config)
+    assert result.metrics["images"] == 6 and result.metrics["top5"] == 100.0
+    assert 0.0 <= result.metrics["top1"] <= 100.0
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(result.model_dir)
+    assert model.config.id2label == {0: "blue", 1: "red"}

@@ -9,10 +9,8 @@ mappings merged recursively, lists replaced), and `load_config` resolves such a 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ import yaml
 
 from .ablations import ABLATIONS, Ablation
 from .configuration_vil import published_arch
+from .io_utils import atomic_write_text
 
 SCHEDULES = ("1x", "3x_ms")
 HEADS = ("mask_rcnn", "retinanet")
@@ -350,22 +349,6 @@ def config_files() -> dict[str, str]:
     for ablation in ABLATIONS.values():
         files[ablation_config_path(ablation)] = config_text(*_ablation_config(ablation))
     return files
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to a temporary file beside ``path`` and rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return path
 
 
 def write_files(files: Mapping[str, str], root: str | os.PathLike) -> list[Path]:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..io_utils import atomic_save_image, atomic_write_bytes
 from .errors import DataError
 
 CATEGORIES = [
@@ -168,20 +169,12 @@ def _annotation(ann_id: int, image_id: int, kind: int, polygon, visible: np.ndar
     }
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
-
-
 def _write_png(path: Path, pixels: np.ndarray) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(pixels).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    atomic_save_image(path, Image.fromarray(pixels))
 
 
 def _write_json(path: Path, content: dict) -> None:
-    _write_bytes(path, (json.dumps(content, indent=None, separators=(",", ":")) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (json.dumps(content, indent=None, separators=(",", ":")) + "\n").encode("utf-8"))
 
 
 def _is_shapes_set(out_dir: Path) -> bool:

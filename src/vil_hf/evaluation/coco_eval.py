@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from ..io_utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -141,21 +142,6 @@ def _format(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.2f}"
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as file:
-            file.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return path
-
-
 @dataclass
 class CocoMetrics:
     """COCO results per IoU type (``bbox``, ``segm``), in percent like detectron2.
@@ -209,7 +195,7 @@ class CocoMetrics:
 
     def save_json(self, path: str | os.PathLike) -> Path:
         """Write `to_dict` as JSON (temporary name, then renamed)."""
-        return _atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load_json(cls, path: str | os.PathLike) -> CocoMetrics:

@@ -7,17 +7,16 @@ the numbers; `push_to_hub` uploads a folder and, when the Hub cannot be reached,
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
+from ..io_utils import atomic_write_text
 from ..published import PAPER, PAPER_URL, PUBLISHED, SCHEDULES, PublishedResult
 
 if TYPE_CHECKING:
@@ -286,19 +285,7 @@ Config: `{config_path}`.
 # --------------------------------------------------------------------------------------------- write, push
 def write_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     """Write ``folder/README.md`` (temporary name, then renamed); returns its path."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / "README.md"
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".README.md.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="\n") as file:
-            file.write(str(card))
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return path
+    return atomic_write_text(Path(folder) / "README.md", str(card))
 
 
 def _upload_later(folder: Path, repo_id: str) -> str:

@@ -67,9 +67,13 @@ def evaluate_model_folder(
         model = AutoModelForImageClassification.from_pretrained(model_dir)
         val = load_image_folder(data.val_images)
         if len(val.classes) != model_config.num_labels:
-            raise DataError(f"{data.val_images} has {len(val.classes)} classes; the model predicts {model_config.num_labels}")
+            raise DataError(
+                f"{data.val_images} has {len(val.classes)} classes; the model predicts {model_config.num_labels}"
+            )
         model = accelerator.prepare(model)
-        metrics = evaluate_classifier(model, val, processor, accelerator, output_dir, batch_size=config.run.eval_batch_size)
+        metrics = evaluate_classifier(
+            model, val, processor, accelerator, output_dir, batch_size=config.run.eval_batch_size
+        )
         return metrics
 
     if data.val_annotations is None:

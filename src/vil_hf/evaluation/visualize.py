@@ -6,15 +6,15 @@ Each class keeps one colour (golden-ratio hues), so the same class looks the sam
 from __future__ import annotations
 
 import colorsys
-import contextlib
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..io_utils import atomic_save_image
 
 MASK_ALPHA = 0.45
 BOX_WIDTH = 2
@@ -164,18 +164,7 @@ def save_detection_grid(
     for index, tile in enumerate(tiles):
         row, column = divmod(index, columns)
         grid.paste(tile, (column * (cell_w + gap), row * (cell_h + gap)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as file:
-            grid.save(file, format="PNG")
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    return path
+    return atomic_save_image(path, grid)
 
 
 __all__ = ["class_colour", "draw_detections", "save_detection_grid"]

@@ -236,9 +236,7 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
         history_file.unlink(missing_ok=True)
     metrics = None
     model.train()
-    progress = tqdm(
-        total=optim.max_iter, initial=start, desc="training", disable=not accelerator.is_local_main_process
-    )
+    progress = tqdm(total=optim.max_iter, initial=start, desc="training", disable=not accelerator.is_local_main_process)
     window: dict[str, float] = {}  # loss sums since the last log line
     window_steps, window_start = 0, time.perf_counter()
     for iteration in range(start, optim.max_iter):
@@ -331,4 +329,3 @@ def save_final_model(model, image_processor, config: TrainConfig, output_dir: Pa
     shutil.rmtree(final, ignore_errors=True)
     partial.rename(final)
     return final
-

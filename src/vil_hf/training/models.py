@@ -75,7 +75,9 @@ def build_image_processor(config: TrainConfig):
     """The test-time processor, saved with the model."""
     if config.task == "classification":
         return ViLImageProcessorPil()
-    return DetectionImageProcessorPil(shortest_edge=config.data.test_shortest_edge, longest_edge=config.data.longest_edge)
+    return DetectionImageProcessorPil(
+        shortest_edge=config.data.test_shortest_edge, longest_edge=config.data.longest_edge
+    )
 
 
 def training_image_processor(config: TrainConfig):
@@ -140,4 +142,6 @@ def load_initial_weights(model: PreTrainedModel, folder: str | Path) -> None:
     missing = [name for name in target if name not in loaded]
     logger.info("init_from %s: loaded %d tensors, %d left at their initialisation", folder, len(loaded), len(missing))
     if skipped:
-        logger.warning("init_from %s: skipped %d tensors of another shape: %s", folder, len(skipped), "; ".join(skipped))
+        logger.warning(
+            "init_from %s: skipped %d tensors of another shape: %s", folder, len(skipped), "; ".join(skipped)
+        )

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import io
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ..io_utils import atomic_write_bytes
+from ..io_utils import atomic_save_image
 
 _COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
@@ -54,6 +53,4 @@ def save_loss_curve(history: list[dict[str, float]], path: str | Path, size: tup
             else:
                 draw.ellipse([pixels[0][0] - 2, pixels[0][1] - 2, pixels[0][0] + 2, pixels[0][1] + 2], fill=colour)
             draw.text((width - right + 10, top + 16 * index), name, fill=colour, font=font)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_save_image(path, image)
