@@ -41,9 +41,9 @@ class DemoSettings:
     num_train: int = 600
     num_val: int = 100
     image_size: int = 128
-    max_iter: int = 1500
+    max_iter: int = 1400
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 1.5e-3
     seed: int = 0
     num_workers: int = 0
 
@@ -69,7 +69,7 @@ def demo_config(settings: DemoSettings, data_dir: Path) -> TrainConfig:
                 "train_annotations": str(data_dir / "annotations" / "instances_train.json"),
                 "val_images": str(data_dir / "val"),
                 "val_annotations": str(data_dir / "annotations" / "instances_val.json"),
-                "train_shortest_edge": [size - 32, size - 16, size, size + 16, size + 32],
+                "train_shortest_edge": [size - 32, size - 16, size],
                 "test_shortest_edge": size,
                 "longest_edge": 2 * size,
                 "aspect_grouping": False,
@@ -81,7 +81,7 @@ def demo_config(settings: DemoSettings, data_dir: Path) -> TrainConfig:
                 "weight_decay": 0.05,
                 "warmup_iters": min(200, max_iter // 10),
                 "max_iter": max_iter,
-                "steps": [int(max_iter * 0.8), int(max_iter * 0.95)],
+                "steps": [int(max_iter * 0.7), int(max_iter * 0.9)],
                 "clip_grad_norm": 1.0,
             },
             "run": {

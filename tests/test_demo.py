@@ -1,0 +1,37 @@
+"""`vil-hf demo` end to end, shortened: data, training, evaluation, model folder, card, pictures."""
+
+import json
+
+import pytest
+
+from vil_hf.cli import main
+from vil_hf.demo import DemoSettings, demo_config, run_demo
+
+
+def test_demo_config_is_the_training_schema(tmp_path):
+    config = demo_config(DemoSettings(output_dir=str(tmp_path), max_iter=100), tmp_path / "shapes")
+    assert config.model.head == "mask_rcnn" and config.model.num_labels is None  # classes come from the data
+    assert config.optim.steps == [70, 90] and config.optim.warmup_iters == 10
+    # scale augmentation below the 128-pixel images: every batch pads to 128 x 128
+    assert config.data.train_shortest_edge == [96, 112, 128]
+
+
+@pytest.mark.slow
+def test_short_demo_learns_the_shapes(tmp_path, capsys):
+    code = main(["demo", "--output-dir", str(tmp_path), "--max-iter", "150", "--num-train", "160", "--num-val", "24"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "box AP" in printed and "mask AP" in printed
+    model_dir = tmp_path / "run" / "model"
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md"):
+        assert (model_dir / name).is_file(), name
+    stats = json.loads((tmp_path / "run" / "metrics.json").read_text())["stats"]
+    card = (model_dir / "README.md").read_text()
+    assert f"value: {round(stats['bbox']['AP'], 3)}" in card
+    assert (tmp_path / "run" / "eval" / "final" / "detections.png").is_file()
+    assert (tmp_path / "run" / "loss_curve.png").is_file()
+    # A floor the shortened run clears with a wide margin (see the README for the full demo's AP).
+    assert stats["bbox"]["AP"] > AP_FLOOR and stats["segm"]["AP"] > AP_FLOOR
+
+
+AP_FLOOR = 5.0
