@@ -25,7 +25,7 @@ from ..data import (
     collate_detection,
 )
 from ..io_utils import atomic_write_text
-from .classification_metrics import topk_correct
+from .classification_metrics import accuracy_from_counts, topk_correct
 from .coco_eval import CocoMetrics, detections_to_coco, evaluate_coco
 from .visualize import draw_detections, save_detection_grid
 
@@ -176,13 +176,15 @@ def evaluate_classifier(
     for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
         logits = model(pixel_values=batch["pixel_values"].to(accelerator.device)).logits
         correct = topk_correct(logits, batch["labels"].to(accelerator.device), ks=(1, 5))
-        totals += torch.tensor([correct[1], correct[5], len(logits)], dtype=torch.float64, device=totals.device)
+        totals += torch.tensor(
+            [correct["top1"], correct["top5"], correct["total"]], dtype=torch.float64, device=totals.device
+        )
     model.train(was_training)
     totals = accelerator.reduce(totals, reduction="sum")
     if not accelerator.is_main_process:
         return None
-    count = max(float(totals[2]), 1.0)
-    metrics = {"top1": 100 * float(totals[0]) / count, "top5": 100 * float(totals[1]) / count, "images": int(totals[2])}
+    counts = dict(zip(("top1", "top5", "total"), (int(v) for v in totals.tolist())))
+    metrics = {**accuracy_from_counts(counts), "images": counts["total"]}
     atomic_write_text(Path(output_dir) / "metrics.json", json.dumps(metrics, indent=2))
     logger.info("top-1 %.2f%%, top-5 %.2f%% on %d images", metrics["top1"], metrics["top5"], metrics["images"])
     return metrics

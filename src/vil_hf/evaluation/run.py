@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,6 +95,5 @@ def evaluate_model_folder(
         return None
     if write_card:
         write_evaluation_card(model_dir, metrics, config)
-    summary = metrics.to_dict()
-    logger.info("results in %s: %s", output_dir, json.dumps({k: summary[k].get("AP") for k in metrics.iou_types}))
-    return summary
+    logger.info("results written to %s", output_dir)
+    return metrics.to_dict()
