@@ -365,3 +365,13 @@ def test_classification_fine_tuning_and_top_k(tmp_path):
 
     model = AutoModelForImageClassification.from_pretrained(result.model_dir)
     assert model.config.id2label == {0: "blue", 1: "red"}
+
+
+def test_data_that_does_not_fit_the_model_config_stops_before_training(shapes, tmp_path):
+    from vil_hf.data import DataError
+
+    config = tiny_config(shapes, tmp_path / "bad", val=False)
+    config["model"]["num_labels"] = 2
+    with pytest.raises(DataError, match="num_labels=3"):
+        run_training(config)
+    assert not (tmp_path / "bad" / "checkpoints").exists()

@@ -96,8 +96,10 @@ def predict_coco(
     return sorted(gathered, key=lambda d: (d["image_id"], -d["score"]))
 
 
-def draw_coco_results(data: CocoDetectionData, results: list[dict], path: Path, count: int) -> None:
-    """One PNG of the first `count` images with their detections drawn."""
+def draw_coco_results(
+    data: CocoDetectionData, results: list[dict], path: Path, count: int, min_side: int = 320
+) -> None:
+    """One PNG of the first `count` images with their detections; small images are enlarged to `min_side`."""
     from pycocotools import mask as mask_util
 
     id2label = data.label_map.id2label
@@ -106,14 +108,16 @@ def draw_coco_results(data: CocoDetectionData, results: list[dict], path: Path, 
     for row in data.dataset.select(range(min(count, len(data)))):
         found = [d for d in results if d["image_id"] == row["image_id"]]
         image = Image.open(row["file_name"]).convert("RGB")
+        scale = max(1, -(-min_side // min(image.size)))  # whole factors keep masks pixel-exact
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in found)]).reshape(-1, 4)
         masks = None
         if found and "segmentation" in found[0]:
             masks = torch.from_numpy(np.stack([mask_util.decode(d["segmentation"]) for d in found]).astype(bool))
+            masks = masks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         panels.append(
             draw_detections(
-                image,
-                boxes,
+                image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST),
+                boxes * scale,
                 torch.tensor([category_to_label[d["category_id"]] for d in found], dtype=torch.int64),
                 torch.tensor([d["score"] for d in found]),
                 masks=masks,
@@ -121,7 +125,7 @@ def draw_coco_results(data: CocoDetectionData, results: list[dict], path: Path, 
             )
         )
     if panels:
-        save_detection_grid(panels, path)
+        save_detection_grid(panels, path, columns=min(3, len(panels)))
 
 
 def evaluate_detector(
