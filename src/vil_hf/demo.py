@@ -28,7 +28,7 @@ DEMO_DETECTOR = {
     "rpn_pre_nms_topk_test": 500,
     "rpn_post_nms_topk_test": 100,
     "rpn_batch_size_per_image": 128,
-    "roi_batch_size_per_image": 128,
+    "roi_batch_size_per_image": 64,
     "box_head_fc_dim": 256,
     "mask_head_conv_dim": 64,
     "detections_per_image": 30,
@@ -41,7 +41,7 @@ class DemoSettings:
     num_train: int = 600
     num_val: int = 100
     image_size: int = 128
-    max_iter: int = 1100
+    max_iter: int = 1300
     batch_size: int = 8
     lr: float = 1.5e-3
     seed: int = 0

@@ -147,9 +147,8 @@ def evaluate_detector(
     if not accelerator.is_main_process:
         return None
     output_dir = Path(output_dir)
-    iou_types = ("bbox", "segm") if any("segmentation" in d for d in results) else ("bbox",)
-    if not results and getattr(accelerator.unwrap_model(model).config, "mask_on", False):
-        iou_types = ("bbox", "segm")
+    mask_on = getattr(accelerator.unwrap_model(model).config, "mask_on", False)
+    iou_types = ("bbox", "segm") if mask_on else ("bbox",)
     metrics = evaluate_coco(data.annotation_file, results, iou_types=iou_types)
     atomic_write_text(output_dir / "detections.json", json.dumps(results))
     metrics.save_json(output_dir / "metrics.json")

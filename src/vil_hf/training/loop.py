@@ -89,7 +89,7 @@ def _to_device(labels: Any, device: torch.device) -> Any:
 class _TaskData:
     """What the loop needs from a task: training samples, their aspect ratios, evaluation, labels."""
 
-    def __init__(self, config: TrainConfig, accelerator: Accelerator):
+    def __init__(self, config: TrainConfig):
         self.config = config
         data = config.data
         if data.train_images is None:
@@ -192,7 +192,7 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
     per_process_batch = optim.batch_size // micro_batches
     set_seed(run.seed)
 
-    task = _TaskData(config, accelerator)
+    task = _TaskData(config)
     model = build_model(config, task.id2label)
     optimizer = build_optimizer(model, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -232,8 +232,10 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
     batches = iter(loader)
     history: list[dict[str, float]] = []
     history_file = output_dir / "history.jsonl"
-    if checkpoint is None and accelerator.is_main_process:
-        history_file.unlink(missing_ok=True)
+    if accelerator.is_main_process and history_file.exists():
+        # A resumed run repeats what came after its checkpoint: drop those lines.
+        kept = [line for line in history_file.read_text().splitlines() if json.loads(line)["iteration"] <= start]
+        atomic_write_text(history_file, "".join(line + "\n" for line in kept))
     metrics = None
     model.train()
     progress = tqdm(total=optim.max_iter, initial=start, desc="training", disable=not accelerator.is_local_main_process)
