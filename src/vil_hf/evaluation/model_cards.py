@@ -145,14 +145,18 @@ The folder loads with `AutoModelForObjectDetection.from_pretrained("{name}")` af
 ## Evaluate it
 
 ```bash
-accelerate launch scripts/evaluate.py --config {config} model.init_from={name}/
+accelerate launch scripts/evaluate.py --model {name}/ --config {config}
 ```
 
 ## Train it
 
 ```bash
-accelerate launch scripts/train.py --config {config}
+accelerate launch scripts/train.py --config {config} model.init_from=vil-{row.size}/
 ```
+
+where `vil-{row.size}/` is the {row.pretrain} ImageNet checkpoint of the original code converted with
+`vil-hf convert` (its weights go into the detector's backbone; without `model.init_from` the
+backbone starts from random weights).
 
 The config mirrors `{row.original_config(schedule)}`: batch 16, AdamW, warmup 1000 iterations,
 steps x0.1, drop path {row.drop_path(schedule)}.
@@ -268,7 +272,7 @@ evaluation (pycocotools COCOeval, percent) on {dataset_name}: {metrics.num_image
 ## How it was produced
 
 ```bash
-accelerate launch scripts/evaluate.py --config {config_path}
+accelerate launch scripts/evaluate.py --model MODEL_FOLDER --config {config_path}
 ```
 
 Config: `{config_path}`.
