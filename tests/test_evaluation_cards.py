@@ -45,7 +45,8 @@ def test_published_cards_hold_the_published_numbers(size, head):
         assert str(row.gflops) in text and row.arch in text
         assert row.original_config(schedule) in text and row.config_path(schedule) in text
         assert f"--head {head} --img-size 1333" in text
-        assert f"accelerate launch scripts/evaluate.py --config {row.config_path(schedule)} model.init_from=" in text
+        name = row.card_name(schedule)
+        assert f"accelerate launch scripts/evaluate.py --model {name}/ --config {row.config_path(schedule)}" in text
     assert (
         published_model_card(row, "1x").content
         == (ROOT / "model_cards" / row.card_name("1x") / "README.md").read_text()
