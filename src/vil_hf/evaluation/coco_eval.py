@@ -45,6 +45,24 @@ def _to_numpy(value: Any, name: str) -> np.ndarray:
         raise TypeError(f"{name} must be an array or tensor, got {type(value).__name__}") from error
 
 
+def detection_arrays(boxes: Any, scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, 4) float64 boxes, (N,) float64 scores and (N,) labels from tensors or arrays, checked."""
+    boxes_np = _to_numpy(boxes, "boxes").astype(np.float64)
+    scores_np = _to_numpy(scores, "scores").astype(np.float64).reshape(-1)
+    labels_np = _to_numpy(labels, "labels").reshape(-1)
+    if boxes_np.size == 0:
+        boxes_np = boxes_np.reshape(0, 4)
+    if boxes_np.ndim != 2 or boxes_np.shape[1] != 4:
+        raise ValueError(f"boxes must be (N, 4) as x1, y1, x2, y2; got shape {boxes_np.shape}")
+    count = boxes_np.shape[0]
+    if scores_np.shape[0] != count or labels_np.shape[0] != count:
+        raise ValueError(
+            f"boxes, scores and labels must have one entry per detection; got {count} boxes, "
+            f"{scores_np.shape[0]} scores and {labels_np.shape[0]} labels"
+        )
+    return boxes_np, scores_np, labels_np
+
+
 def mask_to_rle(mask: Any) -> dict[str, Any]:
     """One (H, W) binary mask -> compressed COCO RLE ``{"size": [H, W], "counts": str}``."""
     array = _to_numpy(mask, "mask")
@@ -95,19 +113,8 @@ def detections_to_coco(
         masks: optional (N, H, W) bool/0-1 masks at the original image size (float probabilities are
             binarised at 0.5); each becomes ``segmentation`` as compressed RLE with str counts.
     """
-    boxes = _to_numpy(boxes_xyxy, "boxes_xyxy").astype(np.float64)
-    scores_np = _to_numpy(scores, "scores").astype(np.float64).reshape(-1)
-    labels_np = _to_numpy(labels, "labels").reshape(-1)
-    if boxes.size == 0:
-        boxes = boxes.reshape(0, 4)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"boxes_xyxy must be (N, 4) as x1, y1, x2, y2; got shape {boxes.shape}")
+    boxes, scores_np, labels_np = detection_arrays(boxes_xyxy, scores, labels)
     count = boxes.shape[0]
-    if scores_np.shape[0] != count or labels_np.shape[0] != count:
-        raise ValueError(
-            f"boxes_xyxy, scores and labels must have one entry per detection; got {count} boxes, "
-            f"{scores_np.shape[0]} scores and {labels_np.shape[0]} labels"
-        )
     unknown = sorted({int(label) for label in labels_np} - {int(key) for key in label_to_category})
     if unknown:
         raise ValueError(

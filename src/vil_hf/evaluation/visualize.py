@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from ..io_utils import atomic_save_image
+from .coco_eval import detection_arrays
 
 MASK_ALPHA = 0.45
 BOX_WIDTH = 2
@@ -25,14 +26,6 @@ def class_colour(label: int) -> tuple[int, int, int]:
     hue = (0.61803398875 * (int(label) + 1)) % 1.0
     red, green, blue = colorsys.hsv_to_rgb(hue, 0.85, 0.95)
     return int(red * 255), int(green * 255), int(blue * 255)
-
-
-def _array(value: Any, name: str) -> np.ndarray:
-    if value is None:
-        return np.zeros((0,))
-    if hasattr(value, "detach"):
-        value = value.detach().cpu().numpy()
-    return np.asarray(value)
 
 
 def _caption(label: int, score: float, id2label: Mapping[int, str] | None) -> str:
@@ -62,19 +55,8 @@ def draw_detections(
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
-    boxes_np = _array(boxes, "boxes").astype(np.float64)
-    if boxes_np.size == 0:
-        boxes_np = boxes_np.reshape(0, 4)
-    labels_np = _array(labels, "labels").reshape(-1)
-    scores_np = _array(scores, "scores").astype(np.float64).reshape(-1)
-    if boxes_np.ndim != 2 or boxes_np.shape[1] != 4:
-        raise ValueError(f"boxes must be (N, 4) as x1, y1, x2, y2; got shape {boxes_np.shape}")
+    boxes_np, scores_np, labels_np = detection_arrays(boxes, scores, labels)
     count = boxes_np.shape[0]
-    if labels_np.shape[0] != count or scores_np.shape[0] != count:
-        raise ValueError(
-            f"boxes, labels and scores need one entry per detection; got {count}, {labels_np.shape[0]}, "
-            f"{scores_np.shape[0]}"
-        )
     canvas = np.array(image.convert("RGB"), dtype=np.float32)
     height, width = canvas.shape[:2]
     keep = np.nonzero(scores_np >= score_threshold)[0]
@@ -82,7 +64,7 @@ def draw_detections(
     keep = keep[np.argsort(scores_np[keep], kind="stable")]
 
     if masks is not None:
-        masks_np = _array(masks, "masks")
+        masks_np = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
         if masks_np.ndim == 4 and masks_np.shape[1] == 1:
             masks_np = masks_np[:, 0]
         if masks_np.ndim != 3 or masks_np.shape[0] != count or masks_np.shape[1:] != (height, width):
