@@ -5,7 +5,7 @@ import json
 import pytest
 
 from vil_hf.cli import main
-from vil_hf.demo import DemoSettings, demo_config, run_demo
+from vil_hf.demo import DemoSettings, demo_config
 
 
 def test_demo_config_is_the_training_schema(tmp_path):
