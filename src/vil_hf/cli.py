@@ -83,8 +83,9 @@ def _demo(args: argparse.Namespace) -> None:
     import logging
 
     from .demo import DemoSettings, run_demo
+    from .training.cli import setup_logging
 
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     logging.getLogger("vil_hf.data").setLevel(logging.WARNING)
     settings = DemoSettings(
         output_dir=args.output_dir,

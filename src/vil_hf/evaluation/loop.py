@@ -44,8 +44,8 @@ def _loader(samples, accelerator: Accelerator, batch_size: int, collate, num_wor
     return DataLoader(samples, batch_sampler=batches, collate_fn=collate, num_workers=num_workers)
 
 
-def _to_device(labels: list[dict], device: torch.device) -> list[dict]:
-    return [{k: v.to(device) if torch.is_tensor(v) else v for k, v in target.items()} for target in labels]
+def _predicts_masks(model: torch.nn.Module, accelerator: Accelerator) -> bool:
+    return bool(getattr(accelerator.unwrap_model(model).config, "mask_on", False))
 
 
 @torch.no_grad()
@@ -61,7 +61,7 @@ def predict_coco(
     """COCO-format detections (and RLE masks for Mask R-CNN) of every image, gathered on all processes."""
     samples = DetectionSamples(data, image_processor, training=False, return_masks=False)
     label_to_category = data.label_map.label_to_category
-    with_masks = bool(getattr(accelerator.unwrap_model(model).config, "mask_on", False))
+    with_masks = _predicts_masks(model, accelerator)
     was_training = model.training
     model.eval()
     results: list[dict[str, Any]] = []
@@ -147,8 +147,7 @@ def evaluate_detector(
     if not accelerator.is_main_process:
         return None
     output_dir = Path(output_dir)
-    mask_on = getattr(accelerator.unwrap_model(model).config, "mask_on", False)
-    iou_types = ("bbox", "segm") if mask_on else ("bbox",)
+    iou_types = ("bbox", "segm") if _predicts_masks(model, accelerator) else ("bbox",)
     metrics = evaluate_coco(data.annotation_file, results, iou_types=iou_types)
     atomic_write_text(output_dir / "detections.json", json.dumps(results))
     metrics.save_json(output_dir / "metrics.json")

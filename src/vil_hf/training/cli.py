@@ -14,7 +14,8 @@ logger = logging.getLogger("vil_hf")
 _OVERRIDES_HELP = "config overrides as dotted key=value with YAML values, e.g. optim.lr=1e-4 run.output_dir=out"
 
 
-def _setup_logging() -> None:
+def setup_logging() -> None:
+    """INFO lines with times, as the training and evaluation scripts and `vil-hf demo` print them."""
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -40,7 +41,7 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    _setup_logging()
+    setup_logging()
     args = train_parser().parse_args(argv)
     from ..data import DataError
     from .loop import train
@@ -73,7 +74,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: list[str] | None = None) -> int:
-    _setup_logging()
+    setup_logging()
     args = evaluate_parser().parse_args(argv)
     from ..data import DataError
     from ..evaluation.run import evaluate_model_folder
