@@ -132,6 +132,39 @@ def test_reference_mask_is_the_spec_rule(exact, neighbor):
     )
 
 
+def _dense_over_whole_map(tensors, height, width, window, exact, neighbor):
+    """The rule over all L x L pairs at once, bias pair by pair: what the reference computes in slabs."""
+    q, k, v, gk, gv = (tensors[n] for n in ("local_queries", "local_keys", "local_values", "global_keys", "global_values"))
+    table, to_global = tensors["relative_bias_table"], tensors["local_to_global_bias"]
+    span, side, length = 2 * window - 1, 4 * window - 1, height * width
+    index = torch.empty(length, length, dtype=torch.long)
+    for i, j in itertools.product(range(length), repeat=2):
+        dr = max(-span, min(span, i // width - j // width))
+        dc = max(-span, min(span, i % width - j % width))
+        index[i, j] = (dr + span) * side + dc + span
+    local = (q @ k.transpose(-1, -2) + table[index].permute(2, 0, 1)).masked_fill(
+        ~_allowed_by_definition(height, width, window, exact, neighbor), float("-inf")
+    )
+    to_globals = q @ gk.transpose(-1, -2) + to_global[None, :, None, :]
+    probs = torch.cat([to_globals, local], -1).softmax(-1)
+    num_global = gk.shape[-2]
+    return probs[..., :num_global] @ gv + probs[..., num_global:] @ v
+
+
+@pytest.mark.parametrize("exact,neighbor", [(False, None), (True, None), (False, 3)])
+def test_reference_in_slabs_equals_dense_attention_over_the_whole_map(exact, neighbor):
+    """The reference takes one chunk row of queries at a time, and recomputes slabs in the backward."""
+    height, width, window = 11, 8, 3  # four slabs, the last one partial
+    tensors = _inputs(2, 2, height, width, 2, 4, window, torch.float64, 5)
+    expected = _dense_over_whole_map(tensors, height, width, window, exact, neighbor)
+    actual = _run("reference", tensors, height, width, window, exact, neighbor, True)
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+    grad_output = torch.randn_like(expected)
+    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
+    for name in tensors:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-10, atol=1e-10, msg=name)
+
+
 def test_interior_query_sees_nine_chunks_and_its_exact_square():
     window = 3
     allowed = allowed_keys(12, 12, window, exact=False, neighbor=None)
@@ -172,6 +205,7 @@ def test_rejects_exact_window_with_random_shift_and_unknown_implementation():
     assert resolve_implementation("auto")[0] in LONGFORMER_IMPLEMENTATIONS
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("shape,window,num_global,exact,neighbor", CASES[::3])
 def test_flex_mask_and_bias_match_reference_on_cpu(shape, window, num_global, exact, neighbor):
     """FlexAttention has no CPU backward; its eager forward checks the block mask and score_mod here."""

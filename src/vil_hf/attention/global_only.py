@@ -29,12 +29,10 @@ class ViLGlobalOnlyAttention(ViLLongformerAttention):
         # hidden_states: (B, G + h*w, d), global tokens first
         batch, length, dim = hidden_states.shape
         num_global = self.num_global_tokens
-        local_tokens = hidden_states[:, num_global:]
-
-        local_queries = self._split_heads(self.query(local_tokens) * self.scale, 1)[0]  # (B, H, L, M)
-        keys, values = self._split_heads(self.kv(hidden_states), 2)  # (B, H, G + L, M) each
+        # (B, H, G + L, M) each, queries scaled
+        queries, keys, values = self._split_heads(self._query_key_value_projection(hidden_states), 3)
         local_context = F.scaled_dot_product_attention(
-            local_queries,
+            queries[:, :, num_global:],
             keys[:, :, :num_global],
             values[:, :, :num_global],
             dropout_p=self.dropout_probability(),
@@ -42,5 +40,5 @@ class ViLGlobalOnlyAttention(ViLLongformerAttention):
         )  # (B, H, L, M): G keys per query, no bias
         local_output = self.proj(local_context.transpose(1, 2).reshape(batch, length - num_global, dim))
 
-        global_output = self._global_attention(hidden_states, keys, values)
+        global_output = self._global_attention(hidden_states, queries, keys, values)
         return self.proj_dropout(torch.cat([global_output, local_output], dim=1))

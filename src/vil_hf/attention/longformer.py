@@ -43,60 +43,59 @@ class ViLLongformerAttention(ViLAttentionBase):
                 torch.zeros(relative_bias_table_size(self.window), self.num_heads)
             )
 
-    def _scaled_query_bias(self) -> torch.Tensor | None:
-        return None if self.query.bias is None else self.query.bias * self.scale
+    def _query_key_value_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """One product for queries, keys and values: (B, N, 3d), queries already scaled."""
+        # the scale folded into the weights: one pass less over the queries
+        weight = torch.cat([self.query.weight * self.scale, self.kv.weight])
+        bias = None if self.query.bias is None else torch.cat([self.query.bias * self.scale, self.kv.bias])
+        return F.linear(hidden_states, weight, bias)
 
     def _split_heads(self, tokens: torch.Tensor, parts: int) -> torch.Tensor:
         batch, length, _ = tokens.shape
         return tokens.view(batch, length, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
-    def _global_attention(self, hidden_states: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def _global_attention(
+        self, hidden_states: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
         """Global queries attend to every token (ordinary dense attention over G queries) -> (B, G, d).
 
-        keys, values: (B, H, G + L, M) from the local `kv`, replaced by `global_kv`'s where the weights differ.
+        queries, keys, values: (B, H, G + L, M) from the local projections (queries scaled); where
+        the global weights differ, the global queries, keys and values come from their own.
         """
         batch, length, dim = hidden_states.shape
         num_global = self.num_global_tokens
-        global_tokens = hidden_states[:, :num_global]
+        global_queries = queries[:, :, :num_global]  # (B, H, G, M)
+        global_proj = self.proj
         if self.has_global_weights:
-            global_queries = self.global_query(global_tokens)
+            global_queries = self._split_heads(self.global_query(hidden_states[:, :num_global]) * self.scale, 1)[0]
             keys, values = self._split_heads(self.global_kv(hidden_states), 2)
             global_proj = self.global_proj
-        else:
-            global_queries = self.query(global_tokens)
-            global_proj = self.proj
-        global_queries = self._split_heads(global_queries * self.scale, 1)[0]  # (B, H, G, M)
-        bias = None
-        if self.use_relative_bias:
-            to_local = self.global_to_local_bias[:, :, None].expand(-1, -1, length - num_global)
-            bias = torch.cat([self.global_to_global_bias, to_local], dim=-1)  # (H, G, G + L)
-        global_context = F.scaled_dot_product_attention(
-            global_queries,
-            keys,
-            values,
-            attn_mask=bias,
-            dropout_p=self.dropout_probability(),
-            scale=1.0,  # queries are already scaled
-        )
-        return global_proj(global_context.transpose(1, 2).reshape(batch, num_global, dim))
+        # Plain products over the strided key/value views of the projection: with G = 1 or 2
+        # queries, SDPA would take its math path and copy the (scaled) keys of the whole map.
+        contexts = []
+        for b in range(batch):
+            scores = torch.bmm(global_queries[b], keys[b].transpose(1, 2))  # (H, G, G + L)
+            if self.use_relative_bias:
+                scores[..., :num_global] += self.global_to_global_bias
+                scores[..., num_global:] += self.global_to_local_bias[:, :, None]
+            probs = F.dropout(scores.softmax(dim=-1), p=self.dropout_probability(), training=self.training)
+            contexts.append(torch.bmm(probs, values[b]))  # (H, G, M)
+        global_context = torch.stack(contexts).transpose(1, 2).reshape(batch, num_global, dim)
+        return global_proj(global_context)
 
     def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
         # hidden_states: (B, G + height*width, d), global tokens first
         batch, length, dim = hidden_states.shape
         num_global = self.num_global_tokens
-        local_tokens = hidden_states[:, num_global:]
-
-        # the scale folded into the projection: one pass less over the queries
-        local_queries = F.linear(local_tokens, self.query.weight * self.scale, self._scaled_query_bias())
-        local_queries = self._split_heads(local_queries, 1)[0]  # (B, H, L, M)
-        keys, values = self._split_heads(self.kv(hidden_states), 2)  # (B, H, G + L, M) each
+        # (B, H, G + L, M) each, strided views of one projection
+        queries, keys, values = self._split_heads(self._query_key_value_projection(hidden_states), 3)
 
         neighbor = None
         if self.random_shift and self.training:
             # torch's generator, so gradient checkpointing replays the same draw
             neighbor = int(torch.randint(len(NEIGHBOR_OFFSETS), ()).item())
         local_context = longformer_attention(
-            local_queries,
+            queries[:, :, num_global:],
             keys[:, :, num_global:],
             values[:, :, num_global:],
             keys[:, :, :num_global],
@@ -115,5 +114,5 @@ class ViLLongformerAttention(ViLAttentionBase):
         if num_global == 0:
             return self.proj_dropout(local_output)
 
-        global_output = self._global_attention(hidden_states, keys, values)
+        global_output = self._global_attention(hidden_states, queries, keys, values)
         return self.proj_dropout(torch.cat([global_output, local_output], dim=1))
