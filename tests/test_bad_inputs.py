@@ -289,6 +289,12 @@ def test_unknown_longformer_implementation():
         ViLConfig(arch=TINY, longformer_implementation="cuda-magic")
 
 
+@pytest.mark.parametrize("chunk", [-1, True, 2.5])
+def test_bad_feed_forward_chunk_size(chunk):
+    with pytest.raises(ValueError, match="chunk_size_feed_forward must be a non-negative number of tokens"):
+        ViLConfig(chunk_size_feed_forward=chunk)
+
+
 @pytest.mark.parametrize("rate", [-0.1, 1.0, 1.5])
 def test_drop_path_rate_out_of_range(rate):
     with pytest.raises(ValueError, match=r"drop_path_rate must be in \[0, 1\)"):

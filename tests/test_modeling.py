@@ -226,6 +226,32 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_feed_forward_in_chunks_gives_the_same_outputs_and_gradients():
+    """Chunks of 5 tokens (maps of 20x16 and 10x8 plus globals: never a whole number of chunks)."""
+    pixel_values, labels = torch.randn(2, 3, 80, 64), torch.tensor([1, 3])
+    results = []
+    for chunk in (0, 5):
+        torch.manual_seed(0)
+        model = randomize(ViLForImageClassification(tiny_config(chunk_size_feed_forward=chunk))).train()
+        output = model(pixel_values, labels=labels)
+        output.loss.backward()
+        results.append((output.logits, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (whole, whole_grads), (chunked, chunked_grads) = results
+    torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-6)
+    assert whole_grads.keys() == chunked_grads.keys()
+    for name in whole_grads:
+        torch.testing.assert_close(chunked_grads[name], whole_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_feed_forward_chunks_are_chosen_by_memory_on_cpu_only():
+    layer = ViLModel(tiny_config()).encoder.stages[0].layers[0]  # d 16: MLP hidden 64 features
+    cpu = torch.zeros(2, 100_000, 16)
+    assert layer._feed_forward_chunk(cpu) == 8 * 2**20 // (2 * 64 * 4)  # 8 MiB of float32 hidden activations
+    assert layer._feed_forward_chunk(torch.zeros(2, 100_000, 16, device="meta")) == 100_000  # whole off CPU
+    layer.chunk_size_feed_forward = 7
+    assert layer._feed_forward_chunk(cpu) == 7
+
+
 def test_random_shift_only_in_training_and_can_be_switched_off():
     config = tiny_config(random_shift=True)
     model = randomize(ViLForImageClassification(config))

@@ -184,6 +184,11 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
             attention dropout is on) or a name from ``vil_kernels``: ``blocked`` (CPU fast path),
             ``flex`` (FlexAttention, CUDA only), ``vectorized``, ``reference`` (dense, for tests).
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
+        chunk_size_feed_forward: (transformers' standard field) tokens that each block's LayerNorm
+            and MLP take at a time; chunks change the speed, not the result. 0, the default, lets
+            ViL choose: on CPU, chunks of about 8 MiB of MLP hidden activations (the MLP is
+            memory-bound there, and a whole stage-1 map's hidden activations are ~90 MB); on other
+            devices, the whole sequence at once.
         layer_norm_eps: every LayerNorm's eps (1e-6, which the original hard-codes).
         out_features, out_indices: stages (``stage1``..``stage4``) that ViLBackbone returns.
     """
@@ -288,6 +293,11 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         self.hidden_size = self.hidden_sizes[-1]
         self.stage_names = [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         super().__init__(**kwargs)
+        chunk = self.chunk_size_feed_forward
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:
+            raise ValueError(
+                f"chunk_size_feed_forward must be a non-negative number of tokens (0: ViL chooses), got {chunk!r}."
+            )
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
 
     def _validate(self) -> None:

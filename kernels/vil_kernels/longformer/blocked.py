@@ -296,13 +296,17 @@ def _fold_key_buffer(grad: torch.Tensor, layout: _Layout, out: torch.Tensor, out
 def _runs(layout: _Layout, element_size: int):
     """Runs of query chunks within one chunk row, each small enough for its scores to stay in cache.
 
-    Yields (first query chunk, first buffer block of its window, number of chunks).
+    Yields (first query chunk, first buffer block of its window, number of chunks, query slots).
+    The query slots of a chunk are row-major, so where the last chunk row holds only r map rows,
+    its queries are the first r * W slots and the rest (padding) is not computed at all.
     """
     per_run = max(1, _BLOCK_BYTES // (layout.window**2 * layout.window_keys * element_size))
-    my = layout.chunk_cols
+    my, w = layout.chunk_cols, layout.window
+    last_rows = layout.height - (layout.chunk_rows - 1) * w
     for i in range(layout.chunk_rows):
+        slots = w * (last_rows if i == layout.chunk_rows - 1 else w)
         for j in range(0, my, per_run):
-            yield i * my + j, i * layout.block_pitch + j, min(per_run, my - j)
+            yield i * my + j, i * layout.block_pitch + j, min(per_run, my - j), slots
 
 
 def _windows(buffer: torch.Tensor, layout: _Layout, first_block: int, count: int, features: int) -> torch.Tensor:
@@ -331,14 +335,14 @@ class _BlockedLongformerAttention(torch.autograd.Function):
             inputs = (t[b, heads_here.start : heads_here.stop] for t in (queries, keys, values, global_keys, global_values))
             q_chunks, k_buffer, v_buffer = workspace.load(*inputs)
             for k, h in enumerate(heads_here):
-                bias = shared[h][None]  # (1, W^2, S)
-                for first, block, count in _runs(layout, queries.element_size()):
+                for first, block, count, slots in _runs(layout, queries.element_size()):
                     k_windows = _windows(k_buffer[k], layout, block, count, head_dim + 1)  # (n, S, M+1)
                     # bmm then add: cheaper than baddbmm, which first copies the broadcast bias into its output
-                    scores = torch.bmm(q_chunks[k, first : first + count], k_windows.transpose(1, 2)).add_(bias)
-                    torch.softmax(scores, -1, out=scores)  # (n, W^2, S)
+                    scores = torch.bmm(q_chunks[k, first : first + count, :slots], k_windows.transpose(1, 2))
+                    scores.add_(shared[h, None, :slots])
+                    torch.softmax(scores, -1, out=scores)  # (n, slots, S)
                     v_windows = _windows(v_buffer[k], layout, block, count, head_dim)
-                    torch.bmm(scores, v_windows, out=out[k, first : first + count])
+                    torch.bmm(scores, v_windows, out=out[k, first : first + count, :slots])
             out_grid = _chunk_grid(out[: len(heads_here)], layout)
             _exchange(output[b, heads_here.start : heads_here.stop], out_grid, 0, 0, layout, "from_grid")
 
@@ -378,15 +382,14 @@ class _BlockedLongformerAttention(torch.autograd.Function):
             grad_k_buffer.zero_()
             grad_v_buffer.zero_()
             for k, h in enumerate(heads_here):
-                bias = shared[h][None]
-                for first, block, count in _runs(layout, queries.element_size()):
-                    q_block = q_chunks[k, first : first + count]  # (n, W^2, M+1)
+                for first, block, count, slots in _runs(layout, queries.element_size()):
+                    q_block = q_chunks[k, first : first + count, :slots]  # (n, slots, M+1)
                     k_block = _windows(k_buffer[k], layout, block, count, head_dim + 1)  # (n, S, M+1)
                     v_block = _windows(v_buffer[k], layout, block, count, head_dim)  # (n, S, M)
-                    do_block = grad_chunks[k, first : first + count]  # (n, W^2, M)
+                    do_block = grad_chunks[k, first : first + count, :slots]  # (n, slots, M)
                     # recomputed: a fused softmax is cheaper than exp(S - logsumexp) over masked entries
-                    probs = torch.bmm(q_block, k_block.transpose(1, 2)).add_(bias)
-                    torch.softmax(probs, -1, out=probs)  # (n, W^2, S)
+                    probs = torch.bmm(q_block, k_block.transpose(1, 2)).add_(shared[h, None, :slots])
+                    torch.softmax(probs, -1, out=probs)  # (n, slots, S)
                     # windows overlap: slot block s of chunk t's window is buffer block t + s, so each
                     # slot block's gradient is accumulated straight into its (contiguous) buffer blocks
                     for s in range(layout.span):
@@ -394,10 +397,10 @@ class _BlockedLongformerAttention(torch.autograd.Function):
                         target = grad_v_buffer[k, block + s : block + s + count]  # (n, keys per block, M)
                         target.baddbmm_(probs[:, :, part].transpose(1, 2), do_block)
                     grad_scores = torch.bmm(do_block, v_block.transpose(1, 2))
-                    grad_scores.sub_(delta_chunks[k, first : first + count]).mul_(probs)  # dS, (n, W^2, S)
+                    grad_scores.sub_(delta_chunks[k, first : first + count, :slots]).mul_(probs)  # dS, (n, slots, S)
                     if grad_shared is not None:
-                        grad_shared[h] += grad_scores.sum(0)
-                    torch.bmm(grad_scores, k_block[..., :head_dim], out=grad_q[k, first : first + count])
+                        grad_shared[h, :slots] += grad_scores.sum(0)
+                    torch.bmm(grad_scores, k_block[..., :head_dim], out=grad_q[k, first : first + count, :slots])
                     for s in range(layout.span):
                         part = slice(s * keys_per_block, (s + 1) * keys_per_block)
                         target = grad_k_buffer[k, block + s : block + s + count]

@@ -1,7 +1,8 @@
 """Dense longformer attention with an explicit mask: slow, obviously correct.
 
 Every fast path is tested against this. It states the rule of section 3 of the spec directly on
-token coordinates, without chunks or padding.
+token coordinates, without chunk buffers or padding; queries only go in slabs of map rows, so that
+memory stays bounded at detection sizes.
 """
 
 from __future__ import annotations
