@@ -33,7 +33,8 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "swin_forward_base",
         "swin_forward_4x_pixels",
     }
-    for part, names in (("layer", ("reference", "vectorized", "blocked")), ("kernel", ("vectorized", "blocked"))):
+    groups = (("layer", ("vectorized", "blocked")), ("layer_reference", ("reference", "blocked")), ("kernel", ("vectorized", "blocked")))
+    for part, names in groups:
         assert {key.rsplit("_forward", 1)[0] for key in results[part]} == set(names)
         for name in names:
             assert results[part][f"{name}_forward"]["median_s"] > 0
@@ -48,6 +49,7 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "kernel_vectorized_over_blocked_forward_backward",
     } <= set(results["ratios"])
     assert "| backbone forward 64x96 (no_grad) |" in results["markdown"]
+    assert "| reference (own group, interleaved with blocked: " in results["markdown"]
     assert results["markdown"] in result.stdout
 
 
