@@ -3,11 +3,12 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from vil_hf.benchmark import main, measure_peak_memory
+from vil_hf.benchmark import QUICK, main, measure_peak_memory
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -54,14 +55,34 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
 
 
 def test_peak_memory_is_measured_in_a_fresh_process():
-    memory = measure_peak_memory("vil", (32, 32), backward=True, device="cpu")
+    memory = measure_peak_memory("vil", replace(QUICK, image=(32, 32)), backward=True, device="cpu")
     assert memory["peak_bytes"] >= memory["before_bytes"] > 0
+
+
+def test_backbones_in_bfloat16_at_batch_2(tmp_path):
+    """The GPU target's setting (bfloat16 autocast, batch 2) runs the same code; here on CPU, tiny."""
+    output = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--batch", "2", "--dtype", "bfloat16"]
+        + ["--json", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(output.read_text())
+    assert (results["setup"]["batch"], results["setup"]["dtype"]) == (2, "bfloat16")
+    assert results["memory"]["vil_forward_backward"]["peak_bytes"] > 0
+    assert "backbones in bfloat16 at batch 2" in results["markdown"]
 
 
 def test_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit):
         main(["--repeats", "0"])
     assert "--repeats must be at least 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--batch", "0"])
+    assert "--batch must be at least 1, got 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--image-size", "16", "800"])
     assert "images at least 32x32" in capsys.readouterr().err

@@ -39,6 +39,8 @@ class Sizes:
     layer_map: tuple[int, int]  # stage-1 attention layer map
     repeats: int
     warmup: int
+    batch: int = 1  # of the backbone measurements (the layer and kernel run batch 1)
+    dtype: str = "float32"  # of the backbone measurements: "bfloat16" runs them under autocast
 
 
 FULL = Sizes(image=(800, 1216), scaled_image=(1600, 2432), layer_map=(200, 304), repeats=3, warmup=1)
@@ -78,12 +80,14 @@ def _synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _backbone_step(model, pixel_values, backward: bool):
+def _backbone_step(model, pixel_values, backward: bool, dtype: str = "float32"):
+    autocast = torch.autocast(pixel_values.device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
     if not backward:
-        with torch.no_grad():
+        with torch.no_grad(), autocast:
             model(pixel_values)
         return
-    maps = model(pixel_values).feature_maps
+    with autocast:
+        maps = model(pixel_values).feature_maps
     sum(m.float().mean() for m in maps).backward()
 
 
@@ -141,10 +145,16 @@ def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup:
     return {name: {"median_s": statistics.median(ts), "runs_s": ts} for name, ts in times.items()}
 
 
-def measure_peak_memory(model: str, image: tuple[int, int], backward: bool, device: str, threads: int = 1) -> dict:
+def _child_command(sizes: Sizes, device: str, threads: int) -> list[str]:
+    """The options that a measuring subprocess shares with its parent."""
+    command = [sys.executable, "-m", "vil_hf.benchmark", "--device", device, "--threads", str(threads)]
+    return command + ["--image-size", *map(str, sizes.image), "--batch", str(sizes.batch), "--dtype", sizes.dtype]
+
+
+def measure_peak_memory(model: str, sizes: Sizes, backward: bool, device: str, threads: int = 1) -> dict:
     """Peak memory of one forward (+backward) in a fresh subprocess (so nothing else counts)."""
-    command = [sys.executable, "-m", "vil_hf.benchmark", "--measure-memory", model, "--image-size", *map(str, image)]
-    command += ["--device", device, "--threads", str(threads)] + (["--backward"] if backward else [])
+    command = _child_command(sizes, device, threads) + ["--measure-memory", model]
+    command += ["--backward"] if backward else []
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise RuntimeError(f"memory measurement of {model} failed:\n{result.stderr[-2000:]}")
@@ -153,8 +163,7 @@ def measure_peak_memory(model: str, image: tuple[int, int], backward: bool, devi
 
 def measure_scaling(model: str, sizes: Sizes, device: str, threads: int) -> dict:
     """Forward times of ``model`` at the base and the 4x-pixel size, in a fresh subprocess."""
-    command = [sys.executable, "-m", "vil_hf.benchmark", "--measure-scaling", model, "--device", device]
-    command += ["--threads", str(threads), "--image-size", *map(str, sizes.image), "--repeats", str(sizes.repeats)]
+    command = _child_command(sizes, device, threads) + ["--measure-scaling", model, "--repeats", str(sizes.repeats)]
     command += ["--scaled-image-size", *map(str, sizes.scaled_image)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
@@ -165,26 +174,26 @@ def measure_scaling(model: str, sizes: Sizes, device: str, threads: int) -> dict
 def _scaling_child(model_name: str, sizes: Sizes, device: str) -> None:
     torch.manual_seed(0)
     model = build_vil(device=device) if model_name == "vil" else build_swin(device=device)
-    base = torch.randn(1, 3, *sizes.image, device=device)
-    scaled = torch.randn(1, 3, *sizes.scaled_image, device=device)
+    base = torch.randn(sizes.batch, 3, *sizes.image, device=device)
+    scaled = torch.randn(sizes.batch, 3, *sizes.scaled_image, device=device)
     steps = {
-        f"{model_name}_forward_base": lambda: _backbone_step(model, base, False),
-        f"{model_name}_forward_4x_pixels": lambda: _backbone_step(model, scaled, False),
+        f"{model_name}_forward_base": lambda: _backbone_step(model, base, False, sizes.dtype),
+        f"{model_name}_forward_4x_pixels": lambda: _backbone_step(model, scaled, False, sizes.dtype),
     }
     print(json.dumps(time_interleaved(steps, sizes.repeats, sizes.warmup, device)))
 
 
-def _memory_child(model_name: str, image: tuple[int, int], backward: bool, device: str) -> None:
+def _memory_child(model_name: str, sizes: Sizes, backward: bool, device: str) -> None:
     torch.manual_seed(0)
     model = build_vil(device=device) if model_name == "vil" else build_swin(device=device)
-    pixel_values = torch.randn(1, 3, *image, device=device)
+    pixel_values = torch.randn(sizes.batch, 3, *sizes.image, device=device)
     # before: the model and the input, so the peak minus it is what the step itself needs
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
     else:
         before = _resident_peak_bytes()
-    _backbone_step(model, pixel_values, backward)
+    _backbone_step(model, pixel_values, backward, sizes.dtype)
     peak = torch.cuda.max_memory_allocated() if device.startswith("cuda") else _resident_peak_bytes()
     print(json.dumps({"peak_bytes": peak, "before_bytes": before}))
 
@@ -223,8 +232,8 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
             "layer_map": list(sizes.layer_map),
             "repeats": sizes.repeats,
             "warmup": sizes.warmup,
-            "dtype": "float32",
-            "batch": 1,
+            "dtype": sizes.dtype,
+            "batch": sizes.batch,
         }
     }
     log(f"scaling: forward at {sizes.scaled_image[0]}x{sizes.scaled_image[1]} against the base size, per model")
@@ -237,15 +246,15 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     results["scaling"] = scaling
 
     vil, swin = build_vil(device=device), build_swin(device=device)
-    pixel_values = torch.randn(1, 3, *sizes.image, device=device)
+    pixel_values = torch.randn(sizes.batch, 3, *sizes.image, device=device)
 
     log(f"backbones at {sizes.image[0]}x{sizes.image[1]}: forward and forward+backward, interleaved")
     backbone = time_interleaved(
         {
-            "vil_forward": lambda: _backbone_step(vil, pixel_values, False),
-            "swin_forward": lambda: _backbone_step(swin, pixel_values, False),
-            "vil_forward_backward": lambda: _backbone_step(vil, pixel_values, True),
-            "swin_forward_backward": lambda: _backbone_step(swin, pixel_values, True),
+            "vil_forward": lambda: _backbone_step(vil, pixel_values, False, sizes.dtype),
+            "swin_forward": lambda: _backbone_step(swin, pixel_values, False, sizes.dtype),
+            "vil_forward_backward": lambda: _backbone_step(vil, pixel_values, True, sizes.dtype),
+            "swin_forward_backward": lambda: _backbone_step(swin, pixel_values, True, sizes.dtype),
         },
         sizes.repeats,
         sizes.warmup,
@@ -297,7 +306,7 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
         log("peak memory, one subprocess per measurement")
         results["memory"] = {
             f"{model}_{'forward_backward' if backward else 'forward'}": measure_peak_memory(
-                model, sizes.image, backward, device, threads
+                model, sizes, backward, device, threads
             )
             for backward in (False, True)
             for model in ("vil", "swin")
@@ -337,7 +346,8 @@ def markdown(results: dict) -> str:
     b, lay = results["backbone"], results["layer"]
     h, w = setup["image"]
     lines = [
-        f"{setup['device']}, {setup['threads']} threads, float32, batch 1, median of {setup['repeats']} interleaved runs",
+        f"{setup['device']}, {setup['threads']} threads, backbones in {setup['dtype']} at batch {setup['batch']}, "
+        f"median of {setup['repeats']} interleaved runs (the layer and kernel: float32, batch 1)",
         "",
         "| measurement | ViL-Small | Swin-T | ratio | target |",
         "|---|---|---|---|---|",
@@ -412,6 +422,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--repeats", type=int, help="timed runs per measurement (>= 3 for the medians)")
     parser.add_argument("--threads", type=int, help="torch threads (default: all cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch", type=int, default=1, help="backbone batch size (the GPU target uses 2)")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32", help="backbone precision (bfloat16: autocast)"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
     parser.add_argument("--json", default="benchmark.json", help="where to write the results")
     # internal: one peak-memory measurement in this (fresh) process
@@ -421,20 +435,22 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--scaled-image-size", type=int, nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    if args.measure_scaling:
+    if args.batch < 1:
+        parser.error(f"--batch must be at least 1, got {args.batch}")
+    if args.measure_scaling or args.measure_memory:
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
         image = tuple(args.image_size or FULL.image)
         scaled = tuple(args.scaled_image_size or (2 * image[0], 2 * image[1]))
-        child_sizes = replace(FULL, image=image, scaled_image=scaled, repeats=args.repeats or FULL.repeats)
-        _scaling_child(args.measure_scaling, child_sizes, args.device)
+        child_sizes = replace(
+            FULL, image=image, scaled_image=scaled, repeats=args.repeats or FULL.repeats, batch=args.batch, dtype=args.dtype
+        )
+        if args.measure_scaling:
+            _scaling_child(args.measure_scaling, child_sizes, args.device)
+        else:
+            _memory_child(args.measure_memory, child_sizes, args.backward, args.device)
         return None
 
-    if args.measure_memory:
-        torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        _memory_child(args.measure_memory, tuple(args.image_size or FULL.image), args.backward, args.device)
-        return None
-
-    sizes = QUICK if args.quick else FULL
+    sizes = replace(QUICK if args.quick else FULL, batch=args.batch, dtype=args.dtype)
     if args.image_size:
         h, w = args.image_size
         sizes = replace(sizes, image=(h, w), scaled_image=(2 * h, 2 * w))
