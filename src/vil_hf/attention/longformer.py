@@ -62,7 +62,7 @@ class ViLLongformerAttention(ViLAttentionBase):
         queries, keys, values: (B, H, G + L, M) from the local projections (queries scaled); where
         the global weights differ, the global queries, keys and values come from their own.
         """
-        batch, length, dim = hidden_states.shape
+        batch, _, dim = hidden_states.shape
         num_global = self.num_global_tokens
         global_queries = queries[:, :, :num_global]  # (B, H, G, M)
         global_proj = self.proj
