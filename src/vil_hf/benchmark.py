@@ -129,6 +129,15 @@ def _kernel_step(implementation: str, inputs: dict, height: int, width: int, bac
             output.mean().backward()
 
 
+def _steps_per_kind(names, step: Callable[[str, bool], None]) -> dict[str, Callable[[], None]]:
+    """{"<name>_forward": ..., then "<name>_forward_backward": ...}: each name's step without, then with, backward."""
+    return {
+        f"{name}_{kind}": lambda name=name, backward=backward: step(name, backward)
+        for kind, backward in (("forward", False), ("forward_backward", True))
+        for name in names
+    }
+
+
 def time_interleaved(steps: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str):
     """Median seconds of each step over ``repeats`` rounds; each round runs every step once, in turn."""
     for _ in range(warmup):
@@ -274,14 +283,7 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
         runnable[name] = build_layer(name, device)
 
     def layer_steps(names):
-        steps = {}
-        for kind, backward in (("forward", False), ("forward_backward", True)):
-            for name in names:
-                layer = runnable[name]
-                steps[f"{name}_{kind}"] = lambda layer=layer, backward=backward: _layer_step(
-                    layer, hidden_states, height, width, backward
-                )
-        return steps
+        return _steps_per_kind(names, lambda name, backward: _layer_step(runnable[name], hidden_states, height, width, backward))
 
     # The reference allocates gigabytes per call; interleaved with the others, the page faults it
     # leaves behind slowed `vectorized` down 2.5x. It is timed in its own group, against `blocked`.
@@ -295,11 +297,7 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     # The reference (about a minute per round at the stage-1 size) is compared on the layer only.
     log(f"the same layer's attention kernel alone (no projections): {', '.join(fast_paths)}")
     kernel_inputs = _kernel_inputs(height, width, device)
-    steps = {}
-    for name in fast_paths:
-        steps[f"{name}_forward"] = lambda name=name: _kernel_step(name, kernel_inputs, height, width, False)
-    for name in fast_paths:
-        steps[f"{name}_forward_backward"] = lambda name=name: _kernel_step(name, kernel_inputs, height, width, True)
+    steps = _steps_per_kind(fast_paths, lambda name, backward: _kernel_step(name, kernel_inputs, height, width, backward))
     results["kernel"] = time_interleaved(steps, sizes.repeats, sizes.warmup, device)
 
     if memory:
@@ -384,29 +382,26 @@ def markdown(results: dict) -> str:
         "| implementation | forward | forward+backward |",
         "|---|---|---|",
     ]
-    names = sorted({k.rsplit("_forward", 1)[0] for k in lay})
-    for name in names:
-        lines.append(
-            f"| {name} | {lay[f'{name}_forward']['median_s'] * 1e3:.0f} ms | "
-            f"{lay[f'{name}_forward_backward']['median_s'] * 1e3:.0f} ms |"
-        )
+
+    def ms(table, name, kind):
+        return f"{table[f'{name}_{kind}']['median_s'] * 1e3:.0f} ms"
+
+    for name in sorted({k.rsplit("_forward", 1)[0] for k in lay}):
+        lines.append(f"| {name} | {ms(lay, name, 'forward')} | {ms(lay, name, 'forward_backward')} |")
     own_group = results.get("layer_reference", {})
     if own_group:
-        reference, blocked = (
-            " | ".join(f"{own_group[f'{name}_{kind}']['median_s'] * 1e3:.0f} ms" for kind in ("forward", "forward_backward"))
-            for name in ("reference", "blocked")
+        blocked = f"{ms(own_group, 'blocked', 'forward')} / {ms(own_group, 'blocked', 'forward_backward')}"
+        lines.append(
+            f"| reference (own group, interleaved with blocked: {blocked}) | "
+            f"{ms(own_group, 'reference', 'forward')} | {ms(own_group, 'reference', 'forward_backward')} |"
         )
-        lines.append(f"| reference (own group, interleaved with blocked: {blocked.replace(' | ', ' / ')}) | {reference} |")
     for name, why in results["layer_skipped"].items():
         lines.append(f"| {name} | not run: {why} | |")
     kernel = results.get("kernel", {})
     if kernel:
         lines += ["", "The attention kernel alone (same inputs, no projections):", "", "| implementation | forward | forward+backward |", "|---|---|---|"]
         for name in sorted({k.rsplit("_forward", 1)[0] for k in kernel}):
-            lines.append(
-                f"| {name} | {kernel[f'{name}_forward']['median_s'] * 1e3:.0f} ms | "
-                f"{kernel[f'{name}_forward_backward']['median_s'] * 1e3:.0f} ms |"
-            )
+            lines.append(f"| {name} | {ms(kernel, name, 'forward')} | {ms(kernel, name, 'forward_backward')} |")
     lines.append("")
     for key, value in r.items():
         if key.startswith(("layer_", "kernel_")):
