@@ -19,10 +19,10 @@ import torch
 from torch.utils.data import Dataset
 
 from ..data import CocoDetectionData, DetectionSamples, collate_detection, derive_seed
-from ..evaluation.coco_eval import STAT_NAMES, _load_ground_truth, detections_to_coco, evaluate_coco
+from ..evaluation.coco_eval import _load_ground_truth, detections_to_coco, evaluate_coco
 from ..evaluation.detections import as_tensors, detections_per_image
+from ..metrics.coco import flat_metrics
 
-_TITLES = {"bbox": "box", "segm": "mask"}
 _SETTINGS_HINT = (
     "pass TrainingArguments(batch_eval_metrics=True) (or eval_do_concat_batches=False) so that Trainer keeps "
     "each batch's detections apart"
@@ -183,12 +183,7 @@ class CocoMetricsForTrainer:
         metrics = evaluate_coco(self._ground_truth, self.results, iou_types=iou_types, image_ids=self.image_ids)
         self.last_results, self.last_metrics = self.results, metrics
         self._reset()
-        flat: dict[str, float] = {}
-        for iou_type in iou_types:
-            title = _TITLES[iou_type]
-            flat.update({f"{title}_{name}": metrics.stats[iou_type][name] for name in STAT_NAMES})
-            flat.update({f"{title}_AP_{name}": value for name, value in metrics.per_class[iou_type].items()})
-        return flat
+        return flat_metrics(metrics)
 
     def __call__(self, eval_prediction: Any, compute_result: bool | None = None) -> dict[str, float]:
         predictions, labels = eval_prediction.predictions, eval_prediction.label_ids
