@@ -97,20 +97,19 @@ def draw_coco_results(
     for row in data.dataset.select(range(min(count, len(data)))):
         found = [d for d in results if d["image_id"] == row["image_id"]]
         image = Image.open(row["file_name"]).convert("RGB")
-        scale = max(1, -(-min_side // min(image.size)))  # whole factors keep masks pixel-exact
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in found)]).reshape(-1, 4)
         masks = None
         if found and "segmentation" in found[0]:
             masks = torch.from_numpy(np.stack([mask_util.decode(d["segmentation"]) for d in found]).astype(bool))
-            masks = masks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         panels.append(
             draw_detections(
-                image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST),
-                boxes * scale,
+                image,
+                boxes,
                 torch.tensor([category_to_label[d["category_id"]] for d in found], dtype=torch.int64),
                 torch.tensor([d["score"] for d in found]),
                 masks=masks,
                 id2label=id2label,
+                min_side=min_side,
             )
         )
     if panels:
