@@ -68,7 +68,7 @@ def test_images_and_folders_with_an_unreadable_file(setup, tmp_path, capsys):
                  "--threshold", "0.0", "--batch-size", "2"])  # fmt: skip
     assert code == 0
     printed = capsys.readouterr().out
-    assert "4 images and 0 video frames" in printed and "skipped 1 unreadable input(s)" in printed
+    assert "images: 4, video frames: 0" in printed and "skipped 1 unreadable input(s)" in printed
     assert "broken.png" in printed
 
     catalogue = json.loads((out / "images.json").read_text())

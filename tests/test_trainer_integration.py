@@ -169,6 +169,9 @@ def test_trainer_trains_evaluates_and_checkpoints_mask_rcnn(shapes, tmp_path):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    # Trainer's data loader (Accelerate's) passes each epoch on to the data set's augmentation.
+    trainer.get_train_dataloader().set_epoch(3)
+    assert trainer.train_dataset.epoch == 3
 
     metrics = trainer.evaluate()
     # The eval loss: Mask R-CNN computes its losses whenever labels are given, in eval mode too.

@@ -117,7 +117,7 @@ def _predict(args: argparse.Namespace) -> None:
         recursive=args.recursive,
         min_side=args.min_side,
     )
-    print(f"{report.images} images and {report.frames} video frames, {report.detections} detections")
+    print(f"images: {report.images}, video frames: {report.frames}, detections: {report.detections}")
     if report.skipped:
         print(f"  skipped {len(report.skipped)} unreadable input(s): {', '.join(path for path, _ in report.skipped)}")
     print(f"  drawn: {len(report.outputs)} file(s) in {args.output_dir}")
