@@ -21,6 +21,7 @@ from .detection import (
     RetinaNetConfig,
     RetinaNetForObjectDetection,
 )
+from .evaluation.visualize import draw_detections
 from .image_processing_vil import ViLImageProcessorPil
 from .modeling_vil import ViLBackbone, ViLForImageClassification, ViLModel, ViLPreTrainedModel
 
@@ -51,6 +52,7 @@ __all__ = [
     "ViLImageProcessorPil",
     "ViLModel",
     "ViLPreTrainedModel",
+    "draw_detections",
     "parse_arch",
     "published_arch",
 ]

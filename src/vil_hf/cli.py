@@ -1,4 +1,4 @@
-"""The `vil-hf` command line: `demo`, `convert`, `info` and `make-shapes`."""
+"""The `vil-hf` command line: `demo`, `convert`, `info`, `make-shapes` and `predict`."""
 
 from __future__ import annotations
 
@@ -103,6 +103,56 @@ def _demo(args: argparse.Namespace) -> None:
     print(f"  loss curve: {result.loss_curve}")
 
 
+def _predict(args: argparse.Namespace) -> None:
+    from .predict import predict
+
+    report = predict(
+        args.model,
+        args.inputs,
+        args.output_dir,
+        threshold=args.threshold,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        recursive=args.recursive,
+        min_side=args.min_side,
+    )
+    print(f"images: {report.images}, video frames: {report.frames}, detections: {report.detections}")
+    if report.skipped:
+        print(f"  skipped {len(report.skipped)} unreadable input(s): {', '.join(path for path, _ in report.skipped)}")
+    print(f"  drawn: {len(report.outputs)} file(s) in {args.output_dir}")
+    print(f"  COCO results: {report.results_file} (image ids and file names: {report.images_file})")
+
+
+def _add_predict_parser(commands) -> None:
+    from .predict import DTYPES
+
+    predict = commands.add_parser(
+        "predict",
+        help="run a detector folder on images, folders of images or videos; draw and save COCO results",
+        description="Draws the detections on every image (PNG) and video (MP4) and writes detections.json (COCO "
+        "results) and images.json (image ids, file names, sizes). Unreadable files are skipped and counted.",
+    )
+    predict.add_argument("model", help="detector folder (save_pretrained, `vil-hf convert --head ...`, the demo's)")
+    predict.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders of images, video files")
+    predict.add_argument("--output-dir", required=True, metavar="DIR", help="where the pictures and JSON go")
+    predict.add_argument("--threshold", type=float, default=0.5, help="keep detections scoring above (default 0.5)")
+    predict.add_argument("--device", help="cpu, cuda, cuda:N, mps (default: cuda when available, else cpu)")
+    predict.add_argument(
+        "--dtype", choices=list(DTYPES), default="float32", help="autocast precision (default float32)"
+    )
+    predict.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    predict.add_argument("--recursive", action="store_true", help="read folders at every depth (default: one level)")
+    predict.add_argument(
+        "--min-side",
+        type=int,
+        default=320,
+        metavar="PIXELS",
+        help="draw smaller images enlarged by a whole factor to reach this (default 320; 0: original size)",
+    )
+    predict.set_defaults(handler=_predict)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .configuration_vil import PUBLISHED_MODELS
 
@@ -188,6 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     shapes.add_argument("--seed", type=int, default=0, metavar="S", help="default 0")
     shapes.add_argument("--overwrite", action="store_true", help="write into a non-empty DIR that is not a shapes set")
     shapes.set_defaults(handler=_make_shapes)
+
+    _add_predict_parser(commands)
     return parser
 
 

@@ -11,6 +11,7 @@ import math
 from transformers import AutoConfig, PretrainedConfig
 
 from ..configuration_vil import ViLConfig, published_arch
+from ..integrations.timm_backbone import backbone_config_from_kwargs, is_timm_backbone_config, timm_backbone_features
 
 # detectron2's ImageNet statistics in 0-255 RGB, used by every published ViL detector.
 DETECTION_PIXEL_MEAN = (123.675, 116.28, 103.53)
@@ -47,8 +48,15 @@ def _backbone_stages(backbone_config: PretrainedConfig) -> list[str]:
 class DetectionConfigMixin:
     """What both detectors share: the backbone, which of its stages feed the FPN, and image statistics."""
 
-    def _setup_backbone(self, backbone_config, backbone_features: list[str] | None, default_count: int) -> None:
-        backbone_config = _resolve_backbone_config(backbone_config)
+    def _setup_backbone(
+        self, backbone_config, backbone_features: list[str] | None, default_count: int, kwargs: dict
+    ) -> None:
+        # transformers' `backbone="resnet18", use_timm_backbone=True` arguments, as DETR takes them.
+        backbone_config = _resolve_backbone_config(backbone_config_from_kwargs(backbone_config, kwargs))
+        if is_timm_backbone_config(backbone_config):
+            self.backbone_features = timm_backbone_features(backbone_config, backbone_features, default_count)
+            self.backbone_config = backbone_config
+            return
         stages = _backbone_stages(backbone_config)
         if backbone_features is None:
             backbone_features = stages[-default_count:]
@@ -69,7 +77,9 @@ class MaskRCNNConfig(DetectionConfigMixin, PretrainedConfig):
 
     Args:
         backbone_config: the backbone's config (a `PretrainedConfig` or a dict with `model_type`); ViL-Small
-            "_sparse" when None.
+            "_sparse" when None. A timm backbone also comes as transformers' arguments, as DETR takes them:
+            `backbone="resnet18", use_timm_backbone=True, use_pretrained_backbone=False` (`backbone_kwargs`
+            go to `TimmBackboneConfig`); `backbone_features` are then timm feature indices.
         backbone_features: backbone stages fed to the FPN, in increasing stride order; the last four stages when
             None (ViL, Swin, ResNet and ConvNeXt: strides 4 to 32).
         num_labels: object classes, without background (background is the last row of the box classifier,
@@ -130,7 +140,7 @@ class MaskRCNNConfig(DetectionConfigMixin, PretrainedConfig):
         initializer_range: float = 0.02,
         **kwargs,
     ):
-        self._setup_backbone(backbone_config, backbone_features, default_count=4)
+        self._setup_backbone(backbone_config, backbone_features, default_count=4, kwargs=kwargs)
         self.fpn_channels = fpn_channels
         self.anchor_sizes = [float(size) for size in anchor_sizes]
         self.anchor_aspect_ratios = [float(ratio) for ratio in anchor_aspect_ratios]
@@ -238,7 +248,7 @@ class RetinaNetConfig(DetectionConfigMixin, PretrainedConfig):
         initializer_range: float = 0.01,
         **kwargs,
     ):
-        self._setup_backbone(backbone_config, backbone_features, default_count=3)
+        self._setup_backbone(backbone_config, backbone_features, default_count=3, kwargs=kwargs)
         self.fpn_channels = fpn_channels
         self.anchor_sizes = [float(size) for size in anchor_sizes]
         self.anchor_scales = [float(scale) for scale in anchor_scales]

@@ -27,6 +27,7 @@ from ..data import (
 from ..io_utils import atomic_write_text
 from .classification_metrics import accuracy_from_counts, topk_correct
 from .coco_eval import CocoMetrics, detections_to_coco, evaluate_coco
+from .detections import detections_per_image, predicts_masks
 from .visualize import draw_detections, save_detection_grid
 
 logger = logging.getLogger(__name__)
@@ -45,7 +46,7 @@ def _loader(samples, accelerator: Accelerator, batch_size: int, collate, num_wor
 
 
 def _predicts_masks(model: torch.nn.Module, accelerator: Accelerator) -> bool:
-    return bool(getattr(accelerator.unwrap_model(model).config, "mask_on", False))
+    return predicts_masks(accelerator.unwrap_model(model).config)
 
 
 @torch.no_grad()
@@ -71,24 +72,12 @@ def predict_coco(
             pixel_values=batch["pixel_values"].to(accelerator.device),
             pixel_mask=batch["pixel_mask"].to(accelerator.device),
         )
-        sizes = [tuple(int(v) for v in target["orig_size"]) for target in batch["labels"]]
-        boxes = image_processor.post_process_object_detection(outputs, threshold=0.0, target_sizes=sizes)
-        masks = (
-            image_processor.post_process_instance_segmentation(
-                outputs, threshold=0.0, target_sizes=sizes, return_binary_maps=True
-            )
-            if with_masks
-            else [None] * len(boxes)
-        )
-        for image_id, found, segmented in zip(batch["image_ids"], boxes, masks):
+        sizes = [target["orig_size"] for target in batch["labels"]]
+        found = detections_per_image(outputs, image_processor, sizes, threshold=0.0, with_masks=with_masks)
+        for image_id, image in zip(batch["image_ids"], found):
             results.extend(
                 detections_to_coco(
-                    image_id,
-                    found["boxes"].cpu(),
-                    found["scores"].cpu(),
-                    found["labels"].cpu(),
-                    label_to_category,
-                    masks=None if segmented is None else segmented["segmentation"].cpu(),
+                    image_id, image["boxes"], image["scores"], image["labels"], label_to_category, image.get("masks")
                 )
             )
     model.train(was_training)
@@ -108,20 +97,19 @@ def draw_coco_results(
     for row in data.dataset.select(range(min(count, len(data)))):
         found = [d for d in results if d["image_id"] == row["image_id"]]
         image = Image.open(row["file_name"]).convert("RGB")
-        scale = max(1, -(-min_side // min(image.size)))  # whole factors keep masks pixel-exact
         boxes = torch.tensor([[x, y, x + w, y + h] for x, y, w, h in (d["bbox"] for d in found)]).reshape(-1, 4)
         masks = None
         if found and "segmentation" in found[0]:
             masks = torch.from_numpy(np.stack([mask_util.decode(d["segmentation"]) for d in found]).astype(bool))
-            masks = masks.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         panels.append(
             draw_detections(
-                image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST),
-                boxes * scale,
+                image,
+                boxes,
                 torch.tensor([category_to_label[d["category_id"]] for d in found], dtype=torch.int64),
                 torch.tensor([d["score"] for d in found]),
                 masks=masks,
                 id2label=id2label,
+                min_side=min_side,
             )
         )
     if panels:

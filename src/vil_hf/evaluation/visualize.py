@@ -19,6 +19,10 @@ from .coco_eval import detection_arrays
 
 MASK_ALPHA = 0.45
 BOX_WIDTH = 2
+FONT_SIZE = 10
+# On larger pictures outlines and captions grow with the shorter side, so that they stay readable.
+_PIXELS_PER_FONT_POINT = 40
+_PIXELS_PER_LINE_WIDTH = 300
 
 
 def class_colour(label: int) -> tuple[int, int, int]:
@@ -43,6 +47,10 @@ def draw_detections(
     masks: Any = None,
     id2label: Mapping[int, str] | None = None,
     score_threshold: float = 0.5,
+    *,
+    font_size: int | None = None,
+    line_width: int | None = None,
+    min_side: int | None = None,
 ) -> Image.Image:
     """A copy of ``image`` (RGB) with the detections scoring at least ``score_threshold`` drawn on it.
 
@@ -52,11 +60,20 @@ def draw_detections(
         labels: (N,) class labels; ``id2label`` names them in the captions.
         scores: (N,) confidences.
         masks: optional (N, H, W) masks at the image size (bool, 0/1 or probabilities, cut at 0.5).
+        font_size / line_width: caption size and outline width in pixels; by default 10 and 2, more on
+            images whose shorter side exceeds 400 / 600 pixels.
+        min_side: draw an image whose shorter side is smaller on a copy enlarged by the smallest whole
+            factor that reaches it (nearest neighbour, so masks stay pixel-exact): captions stay readable.
     """
     if not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL.Image, got {type(image).__name__}")
     boxes_np, scores_np, labels_np = detection_arrays(boxes, scores, labels)
     count = boxes_np.shape[0]
+    factor = 1
+    if min_side and min(image.size) < min_side:
+        factor = -(-int(min_side) // min(image.size))
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+        boxes_np = boxes_np * factor
     canvas = np.array(image.convert("RGB"), dtype=np.float32)
     height, width = canvas.shape[:2]
     keep = np.nonzero(scores_np >= score_threshold)[0]
@@ -67,6 +84,8 @@ def draw_detections(
         masks_np = np.asarray(masks.detach().cpu() if hasattr(masks, "detach") else masks)
         if masks_np.ndim == 4 and masks_np.shape[1] == 1:
             masks_np = masks_np[:, 0]
+        if factor > 1 and masks_np.ndim == 3:
+            masks_np = masks_np.repeat(factor, axis=1).repeat(factor, axis=2)
         if masks_np.ndim != 3 or masks_np.shape[0] != count or masks_np.shape[1:] != (height, width):
             raise ValueError(
                 f"masks must be (N, H, W) = ({count}, {height}, {width}) to match the boxes and the image; "
@@ -80,13 +99,15 @@ def draw_detections(
 
     result = Image.fromarray(np.clip(canvas + 0.5, 0, 255).astype(np.uint8), mode="RGB")
     draw = ImageDraw.Draw(result)
-    font = ImageFont.load_default()
+    shorter = min(width, height)
+    line_width = line_width or max(BOX_WIDTH, round(shorter / _PIXELS_PER_LINE_WIDTH))
+    font = ImageFont.load_default(size=font_size or max(FONT_SIZE, round(shorter / _PIXELS_PER_FONT_POINT)))
     for index in keep:
         colour = class_colour(int(labels_np[index]))
         x1, y1, x2, y2 = boxes_np[index].tolist()
         x1, x2 = sorted((min(max(x1, 0.0), width - 1.0), min(max(x2, 0.0), width - 1.0)))
         y1, y2 = sorted((min(max(y1, 0.0), height - 1.0), min(max(y2, 0.0), height - 1.0)))
-        draw.rectangle((x1, y1, x2, y2), outline=colour, width=BOX_WIDTH)
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=line_width)
         text = _caption(int(labels_np[index]), float(scores_np[index]), id2label)
         left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
         text_w, text_h = right - left, bottom - top
