@@ -390,7 +390,8 @@ def test_random_bytes_file(tmp_path, capsys):
     )
     out = tmp_path / "out"
     _convert_fails(source, out, match=r"Could not read .*garbage\.pth.* as a PyTorch checkpoint")
-    _cli_fails(["convert", str(source), str(out)], out, capsys, match=r"Could not read .*garbage\.pth")
+    err = _cli_fails(["convert", str(source), str(out)], out, capsys, match=r"Could not read .*garbage\.pth")
+    assert "weights_only" not in err
 
 
 def test_truncated_checkpoint(tmp_path, cls_path, capsys):
@@ -656,13 +657,21 @@ def test_non_empty_out_dir_without_overwrite(tmp_path, cls_path, capsys):
 
 
 def test_non_empty_out_dir_with_overwrite_is_replaced(tmp_path, cls_path, capsys):
+    import os
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
     capsys.readouterr()
-    assert main(["convert", str(cls_path), str(out), "--overwrite"]) == 0, capsys.readouterr().err
+    old_umask = os.umask(0o027)
+    try:
+        assert main(["convert", str(cls_path), str(out), "--overwrite"]) == 0, capsys.readouterr().err
+    finally:
+        os.umask(old_umask)
     assert not (out / "keep.txt").exists()
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    # The folder was written under a temporary name, yet has the mode mkdir gives under the umask (not 0700).
+    assert out.stat().st_mode & 0o777 == 0o750
     _assert_no_temporary_siblings(out)
 
 
@@ -748,9 +757,29 @@ def test_num_detection_classes_with_backbone_head_is_refused(det_path, det_arch,
     )
 
 
-def test_checkpoint_with_non_tensor_objects_explains_how_to_keep_the_weights(cls_checkpoint, tmp_path):
+class _RunsACommand:
+    """Unpickling this would run a shell command: what a malicious checkpoint holds."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo unpickled > pwned.txt",))
+
+
+def test_checkpoint_with_non_tensor_objects_is_refused_without_unsafe_advice(cls_checkpoint, tmp_path, capsys):
     import argparse
+    import pickle
 
     source = _save(tmp_path, {**cls_checkpoint, "args": argparse.Namespace(lr=0.1)})
-    message = _convert_fails(source, tmp_path / "out", "holds objects other than tensors")
-    assert "weights_only" in message and "torch.save" in message
+    message = _convert_fails(source, tmp_path / "out", "is not a plain tensor checkpoint")
+    assert "argparse.Namespace" in message and "weights_only=False" not in message
+    # A pickle that would run a command, through the command line (the old, non-zip format too).
+    for name, payload in (("zip.pth", None), ("raw.pth", pickle.dumps({"net": _RunsACommand()}))):
+        path = tmp_path / name
+        if payload is None:
+            torch.save({"net": _RunsACommand()}, path)
+        else:
+            path.write_bytes(payload)
+        err = _cli_fails(["convert", str(path), str(tmp_path / "out")], tmp_path / "out", capsys, "not a plain tensor")
+        assert "weights_only=False" not in err and "system" in err and "only tensors" in err
+    assert not (tmp_path / "pwned.txt").exists() and not Path("pwned.txt").exists()
