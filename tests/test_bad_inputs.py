@@ -368,6 +368,40 @@ def test_map_smaller_than_later_patch_size(tiny_model):
 
 
 # --------------------------------------------------------------------------------------------
+# image processors
+# --------------------------------------------------------------------------------------------
+
+
+def _processors():
+    from vil_hf import ViLImageProcessorPil
+    from vil_hf.detection import DetectionImageProcessorPil
+
+    return [DetectionImageProcessorPil(shortest_edge=32, longest_edge=64), ViLImageProcessorPil()]
+
+
+@pytest.mark.parametrize("images", [[], (), None], ids=["empty-list", "empty-tuple", "none"])
+def test_processors_refuse_no_images_by_name(images):
+    for processor in _processors():
+        with pytest.raises(ValueError, match=r"images (is an empty list|is required): pass .*image"):
+            processor(images=images, return_tensors="pt")
+
+
+def test_processors_take_two_dimensional_grayscale_as_the_equal_grey_image():
+    import numpy as np
+    from PIL import Image
+
+    grey = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+    for processor in _processors():
+        expected = processor(images=Image.fromarray(grey, mode="L"), return_tensors="pt")["pixel_values"]
+        for given in (grey, torch.from_numpy(grey), [grey], [grey, np.stack([grey] * 3, axis=-1)]):
+            pixel_values = processor(images=given, return_tensors="pt")["pixel_values"]
+            assert pixel_values.shape[1] == 3
+            torch.testing.assert_close(pixel_values[:1], expected)
+        with pytest.raises(ValueError, match=r"shape \(0, 5\) with no pixels"):
+            processor(images=np.zeros((0, 5), dtype=np.uint8), return_tensors="pt")
+
+
+# --------------------------------------------------------------------------------------------
 # conversion: unreadable sources
 # --------------------------------------------------------------------------------------------
 
