@@ -401,6 +401,33 @@ def test_processors_take_two_dimensional_grayscale_as_the_equal_grey_image():
             processor(images=np.zeros((0, 5), dtype=np.uint8), return_tensors="pt")
 
 
+@pytest.mark.parametrize("head", ["mask_rcnn", "retinanet"])
+def test_old_detector_configs_with_pixel_statistics_still_load(tmp_path, head):
+    """The image processor normalises; the statistics earlier detector configs carried (never used) are dropped."""
+    from transformers import AutoConfig
+    from transformers.testing_utils import CaptureLogger
+
+    from vil_hf.detection import MaskRCNNConfig, RetinaNetConfig
+    from vil_hf.detection import configuration_detection
+
+    config_class = MaskRCNNConfig if head == "mask_rcnn" else RetinaNetConfig
+    levels = {"anchor_sizes": (32, 64, 128, 256)} if head == "mask_rcnn" else {}  # 3 stages + P6
+    config_class(backbone_config=ViLConfig(arch=TINY), num_labels=3, **levels).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "pixel_mean" not in saved and "pixel_std" not in saved
+    old = {**saved, "pixel_mean": [123.675, 116.28, 103.53], "pixel_std": [58.395, 57.12, 57.375]}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with CaptureLogger(configuration_detection.logger) as captured:
+        loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, config_class) and loaded.num_labels == 3 and captured.out == ""
+    assert not hasattr(loaded, "pixel_mean") and "pixel_mean" not in loaded.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**old, "pixel_mean": [0.0, 0.0, 0.0]}))
+    with CaptureLogger(configuration_detection.logger) as captured:
+        AutoConfig.from_pretrained(tmp_path)
+    assert "pixel_mean=[0.0, 0.0, 0.0], which the model never used" in captured.out
+    assert "image_mean / image_std in preprocessor_config.json" in captured.out
+
+
 # --------------------------------------------------------------------------------------------
 # conversion: unreadable sources
 # --------------------------------------------------------------------------------------------
