@@ -407,8 +407,7 @@ def test_old_detector_configs_with_pixel_statistics_still_load(tmp_path, head):
     from transformers import AutoConfig
     from transformers.testing_utils import CaptureLogger
 
-    from vil_hf.detection import MaskRCNNConfig, RetinaNetConfig
-    from vil_hf.detection import configuration_detection
+    from vil_hf.detection import MaskRCNNConfig, RetinaNetConfig, configuration_detection
 
     config_class = MaskRCNNConfig if head == "mask_rcnn" else RetinaNetConfig
     levels = {"anchor_sizes": (32, 64, 128, 256)} if head == "mask_rcnn" else {}  # 3 stages + P6

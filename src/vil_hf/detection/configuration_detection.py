@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 
 from transformers import AutoConfig, PretrainedConfig
-
 from transformers.utils import logging
 
 from ..configuration_vil import ViLConfig, published_arch
