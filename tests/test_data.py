@@ -407,6 +407,27 @@ def test_read_failure_names_the_file(coco_set):
         samples[0]
 
 
+def test_unreadable_items_are_replaced_by_the_same_image_every_time(coco_set):
+    from vil_hf.data import ReplaceUnreadable
+
+    image_dir, annotation_file = coco_set
+    data = load_coco_detection(image_dir, annotation_file)
+    samples = ReplaceUnreadable(DetectionSamples(data, _processor(), training=True, return_masks=False))
+    (image_dir / "b.png").write_bytes(b"garbage")
+    first = samples[(1, 12345)]
+    again = samples[(1, 12345)]
+    assert "cannot read image" in first["replaced"] and "b.png" in first["replaced"]
+    assert first["image_id"] != 11 and first["image_id"] == again["image_id"]
+    torch.testing.assert_close(first["pixel_values"], again["pixel_values"])  # same image, same augmentation
+    assert "replaced" not in samples[(0, 12345)]
+    batch = collate_detection([samples[(0, 1)], first])
+    assert batch["replaced"] == [first["replaced"]] and len(batch["image_ids"]) == 2
+    for name, _, _ in IMAGES:
+        (image_dir / name).write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"8 images tried in its place could not be read either"):
+        samples[(1, 12345)]
+
+
 def test_collate_pads_to_the_batch_maximum(coco_set):
     data = load_coco_detection(*coco_set)
     samples = DetectionSamples(

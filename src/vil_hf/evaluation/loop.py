@@ -14,6 +14,7 @@ from accelerate.utils import gather_object
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from ..console import progress_bar
 from ..data import (
     ClassificationSamples,
     CocoDetectionData,
@@ -23,7 +24,6 @@ from ..data import (
     collate_classification,
     collate_detection,
 )
-from ..console import progress_bar
 from ..io_utils import atomic_write_text
 from .classification_metrics import accuracy_from_counts, topk_correct
 from .coco_eval import CocoMetrics, detections_to_coco, evaluate_coco

@@ -61,6 +61,10 @@ def train_parser() -> argparse.ArgumentParser:
 def train_main(argv: list[str] | None = None) -> int:
     setup_logging()
     args = train_parser().parse_args(argv)
+    if args.resume not in (None, "latest") and "=" in args.resume and not Path(args.resume).exists():
+        # `--resume optim.max_iter=20`: argparse gave the override to --resume's optional value.
+        args.overrides.insert(0, args.resume)
+        args.resume = "latest"
     from ..data import DataError
     from .loop import train
 

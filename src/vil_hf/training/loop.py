@@ -176,6 +176,14 @@ def _scalar_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
     return flat
 
 
+def _history_iteration(line: str) -> float:
+    """The iteration of a history.jsonl line; infinity for a line that does not parse."""
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def _format_duration(seconds: float) -> str:
     minutes, secs = divmod(int(round(seconds)), 60)
     hours, minutes = divmod(minutes, 60)
@@ -316,8 +324,9 @@ def train(
     history: list[dict[str, float]] = []
     history_file = output_dir / "history.jsonl"
     if accelerator.is_main_process and history_file.exists():
-        # A resumed run repeats what came after its checkpoint: drop those lines.
-        kept = [line for line in history_file.read_text().splitlines() if json.loads(line)["iteration"] <= start]
+        # A resumed run repeats what came after its checkpoint: drop those lines (and a line cut short
+        # when the run was killed).
+        kept = [line for line in history_file.read_text().splitlines() if _history_iteration(line) <= start]
         atomic_write_text(history_file, "".join(line + "\n" for line in kept))
     metrics = None
     model.train()
