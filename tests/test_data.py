@@ -552,3 +552,15 @@ def test_inference_sampler():
     assert [len(InferenceSampler(7, 3, r)) for r in range(3)] == [3, 2, 2]
     with pytest.raises(DataError, match="rank"):
         InferenceSampler(7, 2, 5)
+
+
+def test_image_check_timing_decodes_first_and_reads_the_cache_second(tmp_path):
+    from vil_hf.data.check_timing import time_image_check, write_jpeg_set
+
+    images, annotations = write_jpeg_set(tmp_path / "set", 12, size=(48, 64))
+    assert len(list(images.glob("*.jpg"))) == 12
+    assert len(load_coco_detection(images, annotations, skip_corrupt_images=False)) == 12
+    timing = time_image_check(images, annotations, tmp_path / "cache", threads=2)
+    assert timing.num_images == 12 and timing.threads == 2 and timing.mean_file_bytes > 1000
+    assert timing.first_seconds > 0 and timing.cached_seconds > 0
+    assert len(list((tmp_path / "cache" / "image-checks").iterdir())) == 1

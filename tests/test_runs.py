@@ -295,14 +295,22 @@ def test_a_missing_hub_token_is_found_before_the_data(shapes, tmp_path, capsys, 
 def test_pruning_and_resume_leave_another_runs_checkpoint_alone(shapes, tmp_path):
     run_training(tiny_config(shapes, tmp_path / "run", val=False, optim={"max_iter": 2, "steps": []}))
     folder = tmp_path / "run"
-    foreign = folder / "checkpoints" / "checkpoint-100"
-    shutil.copytree(folder / "checkpoints" / "checkpoint-2", foreign)
-    record = json.loads((foreign / "vil_hf_run.json").read_text())
-    (foreign / "vil_hf_run.json").write_text(json.dumps({**record, "run_id": "another", "iteration": 100}))
+    for number in (3, 100):  # checkpoints of another run, copied in
+        foreign = folder / "checkpoints" / f"checkpoint-{number}"
+        shutil.copytree(folder / "checkpoints" / "checkpoint-2", foreign)
+        record = json.loads((foreign / "vil_hf_run.json").read_text())
+        (foreign / "vil_hf_run.json").write_text(json.dumps({**record, "run_id": "another", "iteration": number}))
     config = tiny_config(shapes, folder, val=False, run={"keep_checkpoints": 1, "checkpoint_every": 1})
-    result = run_training(config, resume=True)
-    assert result.iteration == 4
+    result = run_training(config, resume=True)  # from its own checkpoint-2, not the newer checkpoint-100
+    assert result.iteration == 4 and [r["iteration"] for r in history(folder)] == [1, 2, 3, 4]
     assert [p.name for p in list_checkpoints(folder)] == ["checkpoint-4", "checkpoint-100"]
+    # Its own checkpoint-3 did not replace the other run's: that one was kept under another name.
+    assert (
+        json.loads((folder / "checkpoints" / "checkpoint-3-of-run-another" / "vil_hf_run.json").read_text())[
+            "iteration"
+        ]
+        == 3
+    )
 
 
 def test_a_checkpoint_that_fails_to_load_falls_back_to_the_one_before(shapes, tmp_path, caplog):

@@ -70,9 +70,9 @@ def _check_one(path: str) -> tuple[list | None, str | None]:
 class _CheckCache:
     """Decode results of the files under one folder, in one JSON file of the cache folder."""
 
-    def __init__(self, base_dir: str) -> None:
+    def __init__(self, base_dir: str, root: Path | None = None) -> None:
         digest = hashlib.sha256(os.path.abspath(base_dir).encode("utf-8")).hexdigest()[:20]
-        self.path = cache_dir() / "image-checks" / f"{digest}.json"
+        self.path = (root or cache_dir()) / "image-checks" / f"{digest}.json"
         self.base_dir = os.path.abspath(base_dir)
         self.entries: dict[str, list] = {}
         self.changed = False
@@ -123,16 +123,19 @@ def check_image_files(
     what: str,
     base_dir: str,
     expected_sizes: Sequence[tuple[int, int]] | None = None,
+    threads: int | None = None,
+    cache_root: str | os.PathLike | None = None,
 ) -> list[tuple[str, str]]:
     """(path, reason) for every path that is missing or (with `verify`) does not decode in full or
     (given `expected_sizes`, (width, height) per path) has another size, in input order.
 
-    Decode results are cached per `base_dir` (see `cache_dir`), keyed by path, file size and mtime.
+    Decode results are cached per `base_dir` under `cache_root` (default `cache_dir()`), keyed by
+    path, file size and mtime. `threads`: decoding threads (default one per core, at most 32).
     """
     if not verify:
         return [(path, "missing") for path in paths if not os.path.isfile(path)]
     start = time.perf_counter()
-    cache = _CheckCache(base_dir)
+    cache = _CheckCache(base_dir, None if cache_root is None else Path(cache_root))
     entries: list[list | None] = [None] * len(paths)
     problems: dict[int, str] = {}
     to_check = []
@@ -142,7 +145,7 @@ def check_image_files(
             to_check.append(index)
         else:
             entries[index] = entry
-    threads = _num_threads()
+    threads = threads or _num_threads()
     if to_check:
         if len(to_check) > 100:
             logger.info(

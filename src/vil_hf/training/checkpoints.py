@@ -79,6 +79,12 @@ def save_checkpoint(
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(partial / RECORD, json.dumps({**record, "iteration": iteration}, indent=1))
+        if final.is_dir() and (read_record(final) or {}).get("run_id") != record["run_id"]:
+            # Not ours (copied in, or an earlier vil-hf's): kept under another name, never replaced.
+            owner = (read_record(final) or {}).get("run_id", "unrecorded")
+            aside = root / f"{final.name}-of-run-{owner}"
+            logger.warning("%s belongs to another run; it is kept as %s", final, aside.name)
+            final.rename(aside)
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
         for old in run_checkpoints(output_dir, record["run_id"])[:-keep]:

@@ -45,7 +45,7 @@ _RUN_ENTRY_PATTERNS = (
     re.compile(r"^\.partial-model$"),  # a final model folder being written
     re.compile(r"^\..+\.tmp$"),  # a file being written atomically
 )
-_CHECKPOINT_ENTRY = re.compile(r"^(\.partial-)?checkpoint-\d+$")
+_CHECKPOINT_ENTRY = re.compile(r"^(\.partial-)?checkpoint-\d+$")  # not checkpoint-N-of-run-X: another run's
 
 
 class RunFolderError(ConfigError):
