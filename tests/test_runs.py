@@ -342,3 +342,14 @@ def test_weights_of_another_shape_are_reported_in_a_line(shapes, tmp_path):
     message = str(info.value)
     assert re.search(r"do not fit the model of this config \(\d+ tensors of another shape, e\.g\. \S+: ", message)
     assert len(message) < 600
+
+
+def test_differing_settings_are_described_where_they_differ():
+    from vil_hf.training.config import describe_differences
+
+    arch = "l1,h1,d16,n1,s1,g1,p4,f3,a0_l2,h1,d16,n1,s1,g1,p2,f3,a0_l3,h2,d32,n1,s1,g1,p2,f3,a0_l4,h2,d32,n1,s1,g0,p2,f3,a0"
+    found = [("model.arch", arch, arch.replace("l4,h2,d32", "l4,h2,d64")), ("model.detector.fpn_channels", 32, 16)]
+    assert describe_differences(found, "checkpoint", "now") == (
+        "model.arch: ...'_l4,h2,d32,n1,s1,g0,p2,f3,a0' (checkpoint) vs ...'_l4,h2,d64,n1,s1,g0,p2,f3,a0' (now); "
+        "model.detector.fpn_channels: 32 (checkpoint) vs 16 (now)"
+    )

@@ -178,14 +178,26 @@ def differences(before: dict[str, Any], after: dict[str, Any], keys=None) -> lis
     return [(n, old.get(n), new.get(n)) for n in names if (keys is None or keys(n)) and old.get(n) != new.get(n)]
 
 
+def _shortened(before: Any, after: Any, width: int = 48) -> tuple[str, str]:
+    """Both values as short reprs; long strings that share a beginning are shown from where they differ."""
+    texts = [repr(before), repr(after)]
+    if all(len(text) <= width for text in texts):
+        return texts[0], texts[1]
+    common = 0
+    if isinstance(before, str) and isinstance(after, str):
+        while common < min(len(before), len(after)) and before[common] == after[common]:
+            common += 1
+        texts = [repr(before[max(common - 8, 0) :]), repr(after[max(common - 8, 0) :])]
+    lead = "..." if common > 8 else ""
+    return tuple(lead + (text if len(text) <= width else text[: width - 3] + "...") for text in texts)
+
+
 def describe_differences(found: list[tuple[str, Any, Any]], before: str, after: str, limit: int = 6) -> str:
     """`model.arch: 'a' (checkpoint) vs 'b' (now); ...`, values shortened, at most `limit` settings."""
-
-    def short(value: Any) -> str:
-        text = repr(value)
-        return text if len(text) <= 48 else text[:45] + "..."
-
-    parts = [f"{name}: {short(a)} ({before}) vs {short(b)} ({after})" for name, a, b in found[:limit]]
+    parts = []
+    for name, a, b in found[:limit]:
+        old, new = _shortened(a, b)
+        parts.append(f"{name}: {old} ({before}) vs {new} ({after})")
     if len(found) > limit:
         parts.append(f"and {len(found) - limit} more")
     return "; ".join(parts)

@@ -236,8 +236,8 @@ def _check_resumable(plan: RunPlan, config: TrainConfig) -> None:
         raise RunFolderError(
             f"--resume: {checkpoint} is at iteration {iteration} and optim.max_iter={config.optim.max_iter}, so "
             "there is nothing left to train (the finished model is in "
-            f"{plan.output_dir / 'model'} if the run completed). To train longer, raise optim.max_iter "
-            f"(e.g. optim.max_iter={2 * iteration}; steps and warm-up follow optim.steps / optim.warmup_iters)"
+            f"{plan.output_dir / 'model'} if the run completed). To train longer, raise it: "
+            f"--resume optim.max_iter={2 * iteration} (and optim.steps if the schedule should stretch too)"
         )
 
 
