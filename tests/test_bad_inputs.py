@@ -841,5 +841,7 @@ def test_checkpoint_with_non_tensor_objects_is_refused_without_unsafe_advice(cls
         else:
             path.write_bytes(payload)
         err = _cli_fails(["convert", str(path), str(tmp_path / "out")], tmp_path / "out", capsys, "not a plain tensor")
-        assert "weights_only=False" not in err and "system" in err and "only tensors" in err
+        assert "weights_only" not in err
+        if payload is None:  # the zip format names the object; a raw pickle stops the safe unpickler earlier
+            assert "holds pickled Python objects (e.g. posix.system)" in err and "only tensors" in err
     assert not (tmp_path / "pwned.txt").exists() and not Path("pwned.txt").exists()

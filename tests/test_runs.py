@@ -125,10 +125,10 @@ def test_a_run_records_what_ran_with_absolute_paths_the_umask_and_log_lines(fini
 def test_reusing_a_folder_is_refused_and_overwrite_removes_only_a_run(finished, tmp_path):
     folder, config_path = copy_of(finished, tmp_path)
     before = snapshot(folder)
-    done = train_cli(config_path)
+    done = train_cli(config_path, f"data.train_images={tmp_path / 'nowhere'}")  # refused before the data is read
     assert done.returncode == 2
     assert "is not empty (checkpoints up to iteration 4;" in done.stderr and "--resume" in done.stderr
-    assert "--overwrite" in done.stderr and "decoding" not in done.stderr
+    assert "--overwrite" in done.stderr and "nowhere" not in done.stderr
     assert snapshot(folder) == before
 
     (folder / "notes.txt").write_text("mine")
@@ -150,9 +150,8 @@ def test_resume_refuses_a_finished_run_and_another_model_config_then_extends(fin
     before = snapshot(folder)
     done = train_cli(config_path, "--resume")
     assert done.returncode == 2
-    assert (
-        "checkpoint-4 is at iteration 4 and optim.max_iter=4" in done.stderr and "raise optim.max_iter" in done.stderr
-    )
+    assert "checkpoint-4 is at iteration 4 and optim.max_iter=4" in done.stderr
+    assert "To train longer, raise it: --resume optim.max_iter=8" in done.stderr
     done = train_cli(config_path, "--resume", "optim.max_iter=6", "model.detector.fpn_channels=16")
     assert done.returncode == 2
     message = done.stderr.strip().splitlines()[-1]
@@ -246,7 +245,7 @@ def test_bad_images_never_stop_a_run(shapes, tmp_path):
     config["run"]["output_dir"] = str(tmp_path / "second")
     done = train_cli(write_config(tmp_path / "second.yaml", config))
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "decoding" not in done.stderr  # every check came from the cache
+    assert "skipped 2 of 8 images" in done.stderr  # the broken file passed the cached check
     replaced = sum(r["replaced_images"] for r in history(tmp_path / "second"))
     assert replaced >= 1 and done.stderr.count("could not be read and another took its place") == replaced
     assert f"{replaced} training images could not be read during the run and were replaced" in done.stderr
@@ -316,6 +315,14 @@ def test_pruning_and_resume_leave_another_runs_checkpoint_alone(shapes, tmp_path
 def test_a_checkpoint_that_fails_to_load_falls_back_to_the_one_before(shapes, tmp_path, caplog):
     config = tiny_config(shapes, tmp_path / "run", val=False, optim={"max_iter": 4, "steps": []})
     run_training(config)
+    # Data with other class names than the run was trained on is refused first.
+    content = json.loads(Path(config["data"]["train_annotations"]).read_text())
+    for category in content["categories"]:
+        category["name"] = category["name"].upper()
+    (tmp_path / "renamed.json").write_text(json.dumps(content))
+    renamed = {**config, "data": {**config["data"], "train_annotations": str(tmp_path / "renamed.json")}}
+    with pytest.raises(ConfigError, match=r"the data's classes \(3: CIRCLE, TRIANGLE, SQUARE\) differ from those"):
+        run_training({**renamed, "optim": {**config["optim"], "max_iter": 5}}, resume=True)
     # A whole, well-formed file that does not fit the optimizer: only loading finds out.
     torch.save({"state": {}, "param_groups": []}, tmp_path / "run" / "checkpoints" / "checkpoint-4" / "optimizer.bin")
     config["optim"]["max_iter"] = 5
@@ -337,6 +344,8 @@ def test_weights_of_another_shape_are_reported_in_a_line(shapes, tmp_path):
         (folder / name).unlink()
     config["model"]["detector"]["fpn_channels"] = 16
     config["optim"]["max_iter"] = 4
+    with pytest.raises(ConfigError, match=r"no run record \(run.json\).*--resume \S+checkpoint-2"):
+        run_training(config, resume=True)
     with pytest.raises(ConfigError) as info:
         run_training(config, resume=str(folder / "checkpoints" / "checkpoint-2"))
     message = str(info.value)

@@ -80,20 +80,24 @@ def load_original_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, to
         # torch's message suggests weights_only=False, which would run whatever the file holds: it is
         # never repeated; only what the safe unpickler stopped at is.
         text = str(error)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        if found is None:
-            detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
-            reason = detail.group(1).strip() if detail else text.splitlines()[0]
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found is not None:
             raise ConversionError(
-                f"Could not read {str(path)!r} as a PyTorch checkpoint ({reason}). "
-                "Is the file complete, and is it a checkpoint of the original ViL code?"
+                f"{str(path)!r} is not a plain tensor checkpoint: besides tensors it holds pickled Python objects "
+                f"(e.g. {found.group(1)}), and unpickling those can run arbitrary code, so vil-hf does not load "
+                "them. Convert a file that holds only tensors: the original code's released checkpoints are such "
+                "files; otherwise ask whoever made this one for its weights alone ({'net': state_dict} or "
+                "{'model': state_dict} saved with torch.save)."
             ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
+        if detail is None and "weights only load failed" in text.lower():
+            detail = re.search(r"trusted source\.\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
+        reason = detail.group(1).strip() if detail else text.splitlines()[0]
+        if "weights only load failed" in text.lower():
+            reason = f"it is not a plain tensor checkpoint that can be read safely; the safe unpickler stopped at: {reason}"
         raise ConversionError(
-            f"{str(path)!r} is not a plain tensor checkpoint: besides tensors it holds pickled Python objects "
-            f"(e.g. {found.group(1)}), and unpickling those can run arbitrary code, so vil-hf does not load them. "
-            "Convert a file that holds only tensors: the original code's released checkpoints are such files; "
-            "otherwise ask whoever made this one for its weights alone ({'net': state_dict} or "
-            "{'model': state_dict} saved with torch.save)."
+            f"Could not read {str(path)!r} as a PyTorch checkpoint ({reason}). "
+            "Is the file complete, and is it a checkpoint of the original ViL code?"
         ) from None
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise ConversionError(
