@@ -826,6 +826,7 @@ class _RunsACommand:
         return (os.system, ("echo unpickled > pwned.txt",))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")  # torch, on the raw pickle
 def test_checkpoint_with_non_tensor_objects_is_refused_without_unsafe_advice(cls_checkpoint, tmp_path, capsys):
     import argparse
     import pickle
