@@ -12,3 +12,15 @@ def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
         pytest.skip(f"reference fixtures not found at {FIXTURES} (set VIL_FIXTURES)")
     return FIXTURES
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _image_check_cache(tmp_path_factory):
+    """Image-check caches go to a folder of the test session, not the user's ~/.cache (subprocesses inherit it)."""
+    old = os.environ.get("VIL_HF_CACHE")
+    os.environ["VIL_HF_CACHE"] = str(tmp_path_factory.mktemp("vil-hf-cache"))
+    yield
+    if old is None:
+        os.environ.pop("VIL_HF_CACHE", None)
+    else:
+        os.environ["VIL_HF_CACHE"] = old

@@ -368,6 +368,66 @@ def test_map_smaller_than_later_patch_size(tiny_model):
 
 
 # --------------------------------------------------------------------------------------------
+# image processors
+# --------------------------------------------------------------------------------------------
+
+
+def _processors():
+    from vil_hf import ViLImageProcessorPil
+    from vil_hf.detection import DetectionImageProcessorPil
+
+    return [DetectionImageProcessorPil(shortest_edge=32, longest_edge=64), ViLImageProcessorPil()]
+
+
+@pytest.mark.parametrize("images", [[], (), None], ids=["empty-list", "empty-tuple", "none"])
+def test_processors_refuse_no_images_by_name(images):
+    for processor in _processors():
+        with pytest.raises(ValueError, match=r"images (is an empty list|is required): pass .*image"):
+            processor(images=images, return_tensors="pt")
+
+
+def test_processors_take_two_dimensional_grayscale_as_the_equal_grey_image():
+    import numpy as np
+    from PIL import Image
+
+    grey = np.random.default_rng(0).integers(0, 256, (40, 50), dtype=np.uint8)
+    for processor in _processors():
+        expected = processor(images=Image.fromarray(grey, mode="L"), return_tensors="pt")["pixel_values"]
+        for given in (grey, torch.from_numpy(grey), [grey], [grey, np.stack([grey] * 3, axis=-1)]):
+            pixel_values = processor(images=given, return_tensors="pt")["pixel_values"]
+            assert pixel_values.shape[1] == 3
+            torch.testing.assert_close(pixel_values[:1], expected)
+        with pytest.raises(ValueError, match=r"shape \(0, 5\) with no pixels"):
+            processor(images=np.zeros((0, 5), dtype=np.uint8), return_tensors="pt")
+
+
+@pytest.mark.parametrize("head", ["mask_rcnn", "retinanet"])
+def test_old_detector_configs_with_pixel_statistics_still_load(tmp_path, head):
+    """The image processor normalises; the statistics earlier detector configs carried (never used) are dropped."""
+    from transformers import AutoConfig
+    from transformers.testing_utils import CaptureLogger
+
+    from vil_hf.detection import MaskRCNNConfig, RetinaNetConfig, configuration_detection
+
+    config_class = MaskRCNNConfig if head == "mask_rcnn" else RetinaNetConfig
+    levels = {"anchor_sizes": (32, 64, 128, 256)} if head == "mask_rcnn" else {}  # 3 stages + P6
+    config_class(backbone_config=ViLConfig(arch=TINY), num_labels=3, **levels).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "pixel_mean" not in saved and "pixel_std" not in saved
+    old = {**saved, "pixel_mean": [123.675, 116.28, 103.53], "pixel_std": [58.395, 57.12, 57.375]}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    with CaptureLogger(configuration_detection.logger) as captured:
+        loaded = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded, config_class) and loaded.num_labels == 3 and captured.out == ""
+    assert not hasattr(loaded, "pixel_mean") and "pixel_mean" not in loaded.to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**old, "pixel_mean": [0.0, 0.0, 0.0]}))
+    with CaptureLogger(configuration_detection.logger) as captured:
+        AutoConfig.from_pretrained(tmp_path)
+    assert "pixel_mean=[0.0, 0.0, 0.0], which the model never used" in captured.out
+    assert "image_mean / image_std in preprocessor_config.json" in captured.out
+
+
+# --------------------------------------------------------------------------------------------
 # conversion: unreadable sources
 # --------------------------------------------------------------------------------------------
 
@@ -390,7 +450,8 @@ def test_random_bytes_file(tmp_path, capsys):
     )
     out = tmp_path / "out"
     _convert_fails(source, out, match=r"Could not read .*garbage\.pth.* as a PyTorch checkpoint")
-    _cli_fails(["convert", str(source), str(out)], out, capsys, match=r"Could not read .*garbage\.pth")
+    err = _cli_fails(["convert", str(source), str(out)], out, capsys, match=r"Could not read .*garbage\.pth")
+    assert "weights_only" not in err
 
 
 def test_truncated_checkpoint(tmp_path, cls_path, capsys):
@@ -656,13 +717,21 @@ def test_non_empty_out_dir_without_overwrite(tmp_path, cls_path, capsys):
 
 
 def test_non_empty_out_dir_with_overwrite_is_replaced(tmp_path, cls_path, capsys):
+    import os
+
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("old")
     capsys.readouterr()
-    assert main(["convert", str(cls_path), str(out), "--overwrite"]) == 0, capsys.readouterr().err
+    old_umask = os.umask(0o027)
+    try:
+        assert main(["convert", str(cls_path), str(out), "--overwrite"]) == 0, capsys.readouterr().err
+    finally:
+        os.umask(old_umask)
     assert not (out / "keep.txt").exists()
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    # The folder was written under a temporary name, yet has the mode mkdir gives under the umask (not 0700).
+    assert out.stat().st_mode & 0o777 == 0o750
     _assert_no_temporary_siblings(out)
 
 
@@ -748,9 +817,32 @@ def test_num_detection_classes_with_backbone_head_is_refused(det_path, det_arch,
     )
 
 
-def test_checkpoint_with_non_tensor_objects_explains_how_to_keep_the_weights(cls_checkpoint, tmp_path):
+class _RunsACommand:
+    """Unpickling this would run a shell command: what a malicious checkpoint holds."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("echo unpickled > pwned.txt",))
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 4:UserWarning")  # torch, on the raw pickle
+def test_checkpoint_with_non_tensor_objects_is_refused_without_unsafe_advice(cls_checkpoint, tmp_path, capsys):
     import argparse
+    import pickle
 
     source = _save(tmp_path, {**cls_checkpoint, "args": argparse.Namespace(lr=0.1)})
-    message = _convert_fails(source, tmp_path / "out", "holds objects other than tensors")
-    assert "weights_only" in message and "torch.save" in message
+    message = _convert_fails(source, tmp_path / "out", "is not a plain tensor checkpoint")
+    assert "argparse.Namespace" in message and "weights_only=False" not in message
+    # A pickle that would run a command, through the command line (the old, non-zip format too).
+    for name, payload in (("zip.pth", None), ("raw.pth", pickle.dumps({"net": _RunsACommand()}))):
+        path = tmp_path / name
+        if payload is None:
+            torch.save({"net": _RunsACommand()}, path)
+        else:
+            path.write_bytes(payload)
+        err = _cli_fails(["convert", str(path), str(tmp_path / "out")], tmp_path / "out", capsys, "not a plain tensor")
+        assert "weights_only" not in err
+        if payload is None:  # the zip format names the object; a raw pickle stops the safe unpickler earlier
+            assert "holds pickled Python objects (e.g. posix.system)" in err and "only tensors" in err
+    assert not (tmp_path / "pwned.txt").exists() and not Path("pwned.txt").exists()

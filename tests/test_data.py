@@ -242,6 +242,101 @@ def test_all_images_unusable(tmp_path):
         load_coco_detection(image_dir, annotation_file)
 
 
+def _jpeg(path: Path, width: int, height: int, seed: int = 0, exif: Image.Exif | None = None) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((height, width, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path, quality=90, **({"exif": exif} if exif is not None else {}))
+
+
+def test_truncated_jpeg_and_wrong_size_are_found_before_training(tmp_path, caplog):
+    """verify() passes a truncated JPEG (it does not decode pixels); the check decodes every image."""
+    content = _coco()
+    for image in content["images"]:
+        image["file_name"] = image["file_name"].replace(".png", ".jpg")
+    image_dir, annotation_file = _make_set(tmp_path, content)
+    for name, width, height in IMAGES:
+        _jpeg(image_dir / name.replace(".png", ".jpg"), width, height)
+    data = (image_dir / "a.jpg").read_bytes()
+    (image_dir / "a.jpg").write_bytes(data[: len(data) // 2])
+    with Image.open(image_dir / "a.jpg") as image:
+        image.verify()  # what the old check did: no error
+    _jpeg(image_dir / "c.jpg", 33, 32)  # the annotation says 32x32
+    with caplog.at_level(logging.WARNING, logger="vil_hf.data"):
+        data = load_coco_detection(image_dir, annotation_file)
+    assert list(data.dataset["image_id"]) == [11, 13]
+    reasons = dict((Path(path).name, reason) for path, reason in data.skipped)
+    assert reasons["a.jpg"].startswith("unreadable: OSError") and "truncated" in reasons["a.jpg"]
+    assert reasons["c.jpg"] == "wrong size: the file is 33x32 (width x height), the annotation says 32x32"
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "skipped 2 of 4 images (1 unreadable, 1 wrong size)" in warning
+    with pytest.raises(DataError, match=r"2 of 4 images .*cannot be used \(1 unreadable, 1 wrong size\)"):
+        load_coco_detection(image_dir, annotation_file, skip_corrupt_images=False)
+
+
+def test_image_checks_are_cached_until_a_file_changes(tmp_path, monkeypatch):
+    from vil_hf.data import _images
+
+    monkeypatch.setenv("VIL_HF_CACHE", str(tmp_path / "cache"))
+    image_dir, annotation_file = _make_set(tmp_path)
+    decoded = []
+    real = _images.decoded_size
+    monkeypatch.setattr(_images, "decoded_size", lambda path: decoded.append(Path(path).name) or real(path))
+    assert len(load_coco_detection(image_dir, annotation_file)) == 4
+    assert sorted(decoded) == ["a.png", "b.png", "c.png", "d.png"]
+    (cache_file,) = (tmp_path / "cache" / "image-checks").iterdir()  # one file, no temporary left behind
+    decoded.clear()
+    assert len(load_coco_detection(image_dir, annotation_file)) == 4
+    assert decoded == []  # all from the cache
+    # A file rewritten (other size or mtime) is decoded again; so is a broken one, and it stays broken.
+    _write_image(image_dir / "b.png", 24, 48, value=9)
+    (image_dir / "c.png").write_bytes((image_dir / "c.png").read_bytes()[:60])
+    data = load_coco_detection(image_dir, annotation_file)
+    assert sorted(decoded) == ["b.png", "c.png"] and [Path(p).name for p, _ in data.skipped] == ["c.png"]
+    decoded.clear()
+    data = load_coco_detection(image_dir, annotation_file)
+    assert decoded == [] and [Path(p).name for p, _ in data.skipped] == ["c.png"]
+    # A damaged cache file only means checking again.
+    cache_file.write_text("{not json")
+    assert len(load_coco_detection(image_dir, annotation_file)) == 3 and len(decoded) == 4
+
+
+def test_exif_rotated_images_are_checked_in_the_orientation_they_are_read(tmp_path):
+    """A photo stored 30x40 with EXIF orientation 6 (rotate 90) is read as 40x30: that is the size it must have."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    image_dir, annotation_file = _make_set(tmp_path)
+    (image_dir / "a.png").unlink()
+    content = _coco()
+    content["images"][0]["file_name"] = "a.jpg"
+    annotation_file.write_text(json.dumps(content))
+    _jpeg(image_dir / "a.jpg", 30, 40, exif=exif)  # IMAGES says a is 40x30
+    data = load_coco_detection(image_dir, annotation_file, skip_corrupt_images=False)
+    samples = DetectionSamples(data, _processor(), training=False, return_masks=False)
+    assert samples[0]["labels"]["orig_size"].tolist() == [30, 40]
+
+
+def test_many_images_are_checked_in_parallel_and_reported_in_order(tmp_path, monkeypatch):
+    from vil_hf.data import _images
+
+    monkeypatch.setattr(_images, "_num_threads", lambda: 4)
+    image_dir = tmp_path / "many"
+    image_dir.mkdir()
+    paths = []
+    for index in range(150):
+        path = image_dir / f"{index:03d}.png"
+        _write_image(path, 8 + index % 5, 8)
+        paths.append(str(path))
+    for index in (7, 70, 140):
+        Path(paths[index]).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    expected = [(8 + index % 5, 8) for index in range(150)]
+    expected[100] = (99, 8)
+    problems = _images.check_image_files(
+        paths, verify=True, what="test", base_dir=str(image_dir), expected_sizes=expected
+    )
+    assert [Path(path).name for path, _ in problems] == ["007.png", "070.png", "100.png", "140.png"]
+    assert problems[2][1].startswith("wrong size: the file is 8x8")
+
+
 # ------------------------------------------------------------------------------------------------
 # samples and collate
 # ------------------------------------------------------------------------------------------------
@@ -310,6 +405,27 @@ def test_read_failure_names_the_file(coco_set):
     _write_image(image_dir / "a.png", 41, 30)
     with pytest.raises(DataError, match=r"a\.png is 41x30 .* but .*instances\.json says 40x30"):
         samples[0]
+
+
+def test_unreadable_items_are_replaced_by_the_same_image_every_time(coco_set):
+    from vil_hf.data import ReplaceUnreadable
+
+    image_dir, annotation_file = coco_set
+    data = load_coco_detection(image_dir, annotation_file)
+    samples = ReplaceUnreadable(DetectionSamples(data, _processor(), training=True, return_masks=False))
+    (image_dir / "b.png").write_bytes(b"garbage")
+    first = samples[(1, 12345)]
+    again = samples[(1, 12345)]
+    assert "cannot read image" in first["replaced"] and "b.png" in first["replaced"]
+    assert first["image_id"] != 11 and first["image_id"] == again["image_id"]
+    torch.testing.assert_close(first["pixel_values"], again["pixel_values"])  # same image, same augmentation
+    assert "replaced" not in samples[(0, 12345)]
+    batch = collate_detection([samples[(0, 1)], first])
+    assert batch["replaced"] == [first["replaced"]] and len(batch["image_ids"]) == 2
+    for name, _, _ in IMAGES:
+        (image_dir / name).write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"8 images tried in its place could not be read either"):
+        samples[(1, 12345)]
 
 
 def test_collate_pads_to_the_batch_maximum(coco_set):
@@ -436,3 +552,15 @@ def test_inference_sampler():
     assert [len(InferenceSampler(7, 3, r)) for r in range(3)] == [3, 2, 2]
     with pytest.raises(DataError, match="rank"):
         InferenceSampler(7, 2, 5)
+
+
+def test_image_check_timing_decodes_first_and_reads_the_cache_second(tmp_path):
+    from vil_hf.data.check_timing import time_image_check, write_jpeg_set
+
+    images, annotations = write_jpeg_set(tmp_path / "set", 12, size=(48, 64))
+    assert len(list(images.glob("*.jpg"))) == 12
+    assert len(load_coco_detection(images, annotations, skip_corrupt_images=False)) == 12
+    timing = time_image_check(images, annotations, tmp_path / "cache", threads=2)
+    assert timing.num_images == 12 and timing.threads == 2 and timing.mean_file_bytes > 1000
+    assert timing.first_seconds > 0 and timing.cached_seconds > 0
+    assert len(list((tmp_path / "cache" / "image-checks").iterdir())) == 1

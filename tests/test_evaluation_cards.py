@@ -138,6 +138,40 @@ def test_push_failures_say_where_the_folder_is(tmp_path, monkeypatch):
         push_to_hub(tmp_path / "missing", "someone/m", token="hf_test")
 
 
+def test_upload_is_checked_before_any_work(monkeypatch):
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from vil_hf.evaluation.model_cards import check_can_upload
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(model_cards, "get_token", lambda: None)
+    with pytest.raises(HubUploadError, match=r"--push-to-hub someone/m: no Hugging Face token found .*hf auth login"):
+        check_can_upload("someone/m")
+    monkeypatch.setattr(HfApi, "whoami", lambda self, **kw: {"name": "someone"})
+    assert check_can_upload("someone/m", token="hf_test") == "someone"
+
+    def refused(self, **kw):
+        raise HfHubHTTPError(
+            "401 Unauthorized", response=type("R", (), {"status_code": 401, "headers": {}, "request": None})()
+        )
+
+    monkeypatch.setattr(HfApi, "whoami", refused)
+    with pytest.raises(HubUploadError, match="does not accept the token") as info:
+        check_can_upload("someone/m", token="hf_bad")
+    assert info.value.folder is None and "nothing was started" in str(info.value)
+
+    def unreachable(self, **kw):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(HfApi, "whoami", unreachable)
+    with pytest.raises(HubUploadError, match=r"cannot be reached \(ConnectionError: no route to host\)"):
+        check_can_upload("someone/m", token="hf_test")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(HubUploadError, match="offline mode is on"):
+        check_can_upload("someone/m", token="hf_test")
+
+
 def test_push_offline_for_real(tmp_path):
     """HF_HUB_OFFLINE=1 in a fresh process: the real client refuses, and we say how to upload later."""
     code = (

@@ -246,6 +246,7 @@ def test_batch_must_split_over_processes_and_accumulation(shapes, tmp_path):
     config["optim"]["gradient_accumulation_steps"] = 4
     config["optim"]["batch_size"] = 4
     config["data"]["train_images"] = str(shapes / "missing")
+    config["run"]["output_dir"] = str(tmp_path / "other")
     with pytest.raises(Exception, match="missing"):
         run_training(config)
 
@@ -266,7 +267,7 @@ def test_init_from_a_vil_backbone_folder(shapes, tmp_path):
 
 
 def test_resume_without_checkpoint_fails_clearly(shapes, tmp_path):
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+    with pytest.raises(ConfigError, match="no checkpoint under .*fresh/checkpoints; train without --resume"):
         run_training(tiny_config(shapes, tmp_path / "fresh", val=False), resume=True)
 
 
@@ -318,21 +319,40 @@ def test_every_shipped_config_loads_and_describes_its_model():
             assert config.optim.clip_grad_norm == 1.0
 
 
-def test_evaluate_script_writes_metrics_card_and_fails_offline_push_clearly(shapes, tmp_path):
+def test_evaluate_script_writes_metrics_and_card_and_checks_the_push_first(shapes, tmp_path):
     result = run_training(tiny_config(shapes, tmp_path / "run", optim={"max_iter": 2, "steps": []}))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_dummy", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(result.model_dir),
-         "run.num_visualized=1", "--push-to-hub", "someone/vil-tiny-shapes"],
-        capture_output=True, text=True, env=env, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 3, done.stderr[-2000:]
-    assert "someone/vil-tiny-shapes" in done.stderr and str(result.model_dir.resolve()) in done.stderr
-    metrics = json.loads((result.model_dir / "eval" / "metrics.json").read_text())["stats"]
-    assert (result.model_dir / "eval" / "detections.png").is_file()
-    card = (result.model_dir / "README.md").read_text()
+    model_dir = result.model_dir
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def evaluate(*args, **extra_env):
+        return subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--model", str(model_dir), *args],
+            capture_output=True, text=True, env={**env, **extra_env}, timeout=600, cwd=tmp_path,
+        )  # fmt: skip
+
+    done = evaluate("run.num_visualized=1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((model_dir / "eval" / "metrics.json").read_text())["stats"]
+    assert (model_dir / "eval" / "detections.png").is_file()
+    card = (model_dir / "README.md").read_text()
     assert "model-index" in card
     assert f"value: {round(metrics['bbox']['AP'], 3)}" in card and f"value: {round(metrics['segm']['AP'], 3)}" in card
+
+    # Results elsewhere leave the model folder untouched; the card goes with them.
+    before = {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()}
+    done = evaluate("--output-dir", str(tmp_path / "elsewhere"), "run.num_visualized=0")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before
+    assert "model-index" in (tmp_path / "elsewhere" / "README.md").read_text()
+    assert (tmp_path / "elsewhere" / "metrics.json").is_file()
+
+    # The upload is checked before anything is evaluated: offline, no token, elsewhere + push.
+    offline = evaluate("--push-to-hub", "someone/vil-tiny-shapes", HF_HUB_OFFLINE="1", HF_TOKEN="hf_dummy")
+    assert offline.returncode == 3 and "offline mode is on (HF_HUB_OFFLINE=1)" in offline.stderr
+    assert "nothing was started" in offline.stderr and "evaluation on" not in offline.stderr
+    apart = evaluate("--push-to-hub", "someone/m", "--output-dir", str(tmp_path / "elsewhere"))
+    assert apart.returncode == 2 and "drop one of the two options" in apart.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in model_dir.iterdir()} == before
 
 
 def _colour_folder(root: Path, per_class: int, seed: int) -> None:

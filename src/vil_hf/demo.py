@@ -123,7 +123,8 @@ def run_demo(settings: DemoSettings) -> DemoResult:
     make_shapes(
         data_dir, num_train=settings.num_train, num_val=settings.num_val, image_size=(size, size), seed=settings.seed
     )
-    result = train(demo_config(settings, data_dir))
+    # A demo run starts over in its folder (which --overwrite refuses to do if anything but a run is there).
+    result = train(demo_config(settings, data_dir), overwrite=True)
     stats = result.metrics["stats"]
     return DemoResult(
         box_ap=stats["bbox"]["AP"],

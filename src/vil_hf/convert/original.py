@@ -7,7 +7,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from ..detection import (
     RetinaNetForObjectDetection,
 )
 from ..image_processing_vil import ViLImageProcessorPil
+from ..io_utils import make_temporary_folder
 from ..modeling_vil import ViLBackbone, ViLForImageClassification
 from .detectron2 import (
     DETECTOR_HEADS,
@@ -76,14 +76,30 @@ def load_original_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, to
         raise ConversionError(f"Checkpoint {str(path)!r} does not exist or is not a file.")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        if isinstance(error, pickle.UnpicklingError) and "Unsupported global" in str(error):
+    except pickle.UnpicklingError as error:
+        # torch's message suggests weights_only=False, which would run whatever the file holds: it is
+        # never repeated; only what the safe unpickler stopped at is.
+        text = str(error)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found is not None:
             raise ConversionError(
-                f"{str(path)!r} holds objects other than tensors, which vil-hf does not unpickle "
-                "(torch.load(weights_only=True) refused them). If you trust the file, keep only its weights: "
-                "python -c \"import torch; c = torch.load('IN', weights_only=False); "
-                "torch.save({k: c[k] for k in ('net', 'model', 'arch') if k in c}, 'OUT')\""
-            ) from error
+                f"{str(path)!r} is not a plain tensor checkpoint: besides tensors it holds pickled Python objects "
+                f"(e.g. {found.group(1)}), and unpickling those can run arbitrary code, so vil-hf does not load "
+                "them. Convert a file that holds only tensors: the original code's released checkpoints are such "
+                "files; otherwise ask whoever made this one for its weights alone ({'net': state_dict} or "
+                "{'model': state_dict} saved with torch.save)."
+            ) from None
+        detail = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
+        if detail is None and "weights only load failed" in text.lower():
+            detail = re.search(r"trusted source\.\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
+        reason = detail.group(1).strip() if detail else text.splitlines()[0]
+        if "weights only load failed" in text.lower():
+            reason = f"it is not a plain tensor checkpoint that can be read safely; the safe unpickler stopped at: {reason}"
+        raise ConversionError(
+            f"Could not read {str(path)!r} as a PyTorch checkpoint ({reason}). "
+            "Is the file complete, and is it a checkpoint of the original ViL code?"
+        ) from None
+    except Exception as error:  # torch raises several types for truncated or foreign files
         raise ConversionError(
             f"Could not read {str(path)!r} as a PyTorch checkpoint ({type(error).__name__}: {error}). "
             "Is the file complete, and is it a checkpoint of the original ViL code?"
@@ -326,11 +342,11 @@ def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
     """Write into a temporary sibling folder, then rename it into place."""
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    staging = make_temporary_folder(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         write(staging)
         if out_dir.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            retired = make_temporary_folder(out_dir.parent, f".{out_dir.name}.old-")
             os.replace(out_dir, retired / out_dir.name)
             os.replace(staging, out_dir)
             shutil.rmtree(retired, ignore_errors=True)

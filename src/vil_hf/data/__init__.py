@@ -4,7 +4,13 @@ from .coco import CategoryMap, CocoDetectionData, load_coco_detection
 from .errors import DataError
 from .image_folder import ImageFolderData, load_image_folder
 from .samplers import InferenceSampler, TrainingBatchSampler, derive_seed
-from .samples import ClassificationSamples, DetectionSamples, collate_classification, collate_detection
+from .samples import (
+    ClassificationSamples,
+    DetectionSamples,
+    ReplaceUnreadable,
+    collate_classification,
+    collate_detection,
+)
 from .shapes import make_shapes
 
 __all__ = [
@@ -15,6 +21,7 @@ __all__ = [
     "DetectionSamples",
     "ImageFolderData",
     "InferenceSampler",
+    "ReplaceUnreadable",
     "TrainingBatchSampler",
     "collate_classification",
     "collate_detection",

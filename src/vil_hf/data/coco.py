@@ -187,8 +187,10 @@ def load_coco_detection(
 ) -> CocoDetectionData:
     """Read and check a COCO instances JSON and the images it lists under `image_dir`.
 
-    Images missing on disk (always checked) or that do not decode (with `verify_images`) are left
-    out with one logged warning, or raise DataError when `skip_corrupt_images=False`.
+    Images missing on disk (always checked), and with `verify_images` those that do not decode in full
+    or whose size differs from their entry's width and height, are left out with one logged warning,
+    or raise DataError when `skip_corrupt_images=False`. Decoding results are cached by file size and
+    mtime (`vil_hf.data._images.cache_dir`), so loading the same data again is quick.
     """
     image_dir = os.path.abspath(os.fspath(image_dir))
     annotation_file = os.path.abspath(os.fspath(annotation_file))
@@ -264,7 +266,13 @@ def load_coco_detection(
         rows[image_id]["annotations"].append(obj)
 
     ordered = list(rows.values())
-    problems = check_image_files([row["file_name"] for row in ordered], verify=verify_images, what="COCO")
+    problems = check_image_files(
+        [row["file_name"] for row in ordered],
+        verify=verify_images,
+        what="COCO",
+        base_dir=image_dir,
+        expected_sizes=[(row["width"], row["height"]) for row in ordered],
+    )
     skipped = report_skipped(
         problems, len(ordered), skip=skip_corrupt_images, source=annotation_file, base_dir=image_dir
     )

@@ -37,7 +37,7 @@ def load_image_folder(
 ) -> ImageFolderData:
     """Every image file (by extension) in each sub-folder of `root`; sub-folders are the classes, sorted.
 
-    Files that do not decode are left out with one logged warning (with `verify_images`), or raise
+    Files that do not decode in full are left out with one logged warning (with `verify_images`), or raise
     DataError when `skip_corrupt_images=False`.
     """
     root = os.path.abspath(os.fspath(root))
@@ -65,7 +65,7 @@ def load_image_folder(
             f"class folder(s) {', '.join(empty)} in {root} hold no images ({'/'.join(IMAGE_EXTENSIONS)}); "
             "add images or remove the folder(s), since every sub-folder is a class"
         )
-    problems = check_image_files(files, verify=verify_images, what="image-folder")
+    problems = check_image_files(files, verify=verify_images, what="image-folder", base_dir=root)
     skipped = report_skipped(problems, len(files), skip=skip_corrupt_images, source=root, base_dir=root)
     if skipped:
         bad = {path for path, _ in skipped}

@@ -12,6 +12,7 @@ from torch.utils.data import Dataset
 from ._images import open_rgb
 from .coco import CocoDetectionData
 from .errors import DataError
+from .samplers import derive_seed
 
 
 def _split_key(key: Any, length: int) -> tuple[int, int | None]:
@@ -95,8 +96,51 @@ class DetectionSamples(Dataset):
         }
 
 
+class ReplaceUnreadable(Dataset):
+    """Training samples that never stop a run: an item that cannot be read (its file changed or broke
+    after the data check) is replaced by another image picked from its key.
+
+    The pick depends only on the key, so a resumed run replaces the same items with the same images
+    and resumption stays exact. A replaced item carries `replaced`, the reason, which the collate
+    functions hand on as the batch's `replaced` list for the loop to count and log.
+    """
+
+    def __init__(self, samples: Dataset, max_attempts: int = 8) -> None:
+        self.samples = samples
+        self.max_attempts = int(max_attempts)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = _split_key(key, len(self))
+        try:
+            return self.samples[key]
+        except DataError as error:
+            reason = str(error)
+        for attempt in range(1, self.max_attempts + 1):
+            pick = derive_seed(index, -1 if seed is None else seed, attempt)
+            other = (index + 1 + pick % max(len(self) - 1, 1)) % len(self)  # never the same image
+            try:
+                item = self.samples[other if seed is None else (other, derive_seed(seed, attempt))]
+            except DataError:
+                continue
+            return {**item, "replaced": reason}
+        raise DataError(
+            f"{reason}; and {self.max_attempts} images tried in its place could not be read either: the data "
+            "set is no longer readable (a disk or network folder gone?). Fix it, then resume with --resume"
+        )
+
+
+def _replaced(samples: list[dict]) -> list[str]:
+    return [s["replaced"] for s in samples if "replaced" in s]
+
+
 def collate_detection(samples: list[dict]) -> dict[str, Any]:
-    """Batch DetectionSamples items: zero-pad pixel_values / pixel_mask to the batch's largest H, W."""
+    """Batch DetectionSamples items: zero-pad pixel_values / pixel_mask to the batch's largest H, W.
+
+    `replaced` lists the reasons of items that ReplaceUnreadable replaced (empty normally).
+    """
     if not samples:
         raise DataError("cannot collate an empty list of samples")
     return {
@@ -104,6 +148,7 @@ def collate_detection(samples: list[dict]) -> dict[str, Any]:
         "pixel_mask": _pad_stack([s["pixel_mask"] for s in samples]),
         "labels": [s["labels"] for s in samples],
         "image_ids": [int(s["image_id"]) for s in samples],
+        "replaced": _replaced(samples),
     }
 
 
@@ -135,7 +180,8 @@ class ClassificationSamples(Dataset):
 
 
 def collate_classification(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Batch ClassificationSamples items: `pixel_values` (B, 3, H, W) and `labels` (B,) int64."""
+    """Batch ClassificationSamples items: `pixel_values` (B, 3, H, W), `labels` (B,) int64, `replaced` (as
+    collate_detection)."""
     if not samples:
         raise DataError("cannot collate an empty list of samples")
     shapes = {tuple(s["pixel_values"].shape) for s in samples}
@@ -147,7 +193,14 @@ def collate_classification(samples: list[dict]) -> dict[str, torch.Tensor]:
     return {
         "pixel_values": torch.stack([s["pixel_values"] for s in samples]),
         "labels": torch.tensor([int(s["labels"]) for s in samples], dtype=torch.int64),
+        "replaced": _replaced(samples),
     }
 
 
-__all__ = ["ClassificationSamples", "DetectionSamples", "collate_classification", "collate_detection"]
+__all__ = [
+    "ClassificationSamples",
+    "DetectionSamples",
+    "ReplaceUnreadable",
+    "collate_classification",
+    "collate_detection",
+]

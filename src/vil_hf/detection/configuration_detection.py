@@ -9,13 +9,32 @@ from __future__ import annotations
 import math
 
 from transformers import AutoConfig, PretrainedConfig
+from transformers.utils import logging
 
 from ..configuration_vil import ViLConfig, published_arch
 from ..integrations.timm_backbone import backbone_config_from_kwargs, is_timm_backbone_config, timm_backbone_features
 
-# detectron2's ImageNet statistics in 0-255 RGB, used by every published ViL detector.
-DETECTION_PIXEL_MEAN = (123.675, 116.28, 103.53)
-DETECTION_PIXEL_STD = (58.395, 57.12, 57.375)
+logger = logging.get_logger(__name__)
+
+# Earlier configs carried detectron2's pixel statistics (0-255 RGB), which no model code read.
+_UNUSED_NORMALISATION = {"pixel_mean": [123.675, 116.28, 103.53], "pixel_std": [58.395, 57.12, 57.375]}
+
+
+def _drop_unused_normalisation(kwargs: dict) -> None:
+    """Pixel statistics live in the image processor (`image_mean` / `image_std`), which normalises
+    before the model sees the pixels, as in transformers' other detectors; a model config copy
+    could only disagree with it. Old config.json files that carry them still load; values other than
+    the defaults, which they never applied either, are reported."""
+    for name, default in _UNUSED_NORMALISATION.items():
+        value = kwargs.pop(name, None)
+        if value is not None and [float(v) for v in value] != default:
+            logger.warning(
+                "this detector config sets %s=%s, which the model never used: images are normalised by the "
+                "image processor (image_mean / image_std in preprocessor_config.json, on the 0-1 scale); "
+                "set them there. The value is dropped.",
+                name,
+                list(value),
+            )
 
 
 def _resolve_backbone_config(backbone_config) -> PretrainedConfig:
@@ -46,7 +65,7 @@ def _backbone_stages(backbone_config: PretrainedConfig) -> list[str]:
 
 
 class DetectionConfigMixin:
-    """What both detectors share: the backbone, which of its stages feed the FPN, and image statistics."""
+    """What both detectors share: the backbone and which of its stages feed the FPN."""
 
     def _setup_backbone(
         self, backbone_config, backbone_features: list[str] | None, default_count: int, kwargs: dict
@@ -134,12 +153,11 @@ class MaskRCNNConfig(DetectionConfigMixin, PretrainedConfig):
         box_nms_threshold: float = 0.5,
         detections_per_image: int = 100,
         box_scale_clamp: float = math.log(1000.0 / 16),
-        pixel_mean: tuple[float, float, float] = DETECTION_PIXEL_MEAN,
-        pixel_std: tuple[float, float, float] = DETECTION_PIXEL_STD,
         size_divisibility: int = 32,
         initializer_range: float = 0.02,
         **kwargs,
     ):
+        _drop_unused_normalisation(kwargs)
         self._setup_backbone(backbone_config, backbone_features, default_count=4, kwargs=kwargs)
         self.fpn_channels = fpn_channels
         self.anchor_sizes = [float(size) for size in anchor_sizes]
@@ -175,8 +193,6 @@ class MaskRCNNConfig(DetectionConfigMixin, PretrainedConfig):
         self.box_nms_threshold = box_nms_threshold
         self.detections_per_image = detections_per_image
         self.box_scale_clamp = box_scale_clamp
-        self.pixel_mean = list(pixel_mean)
-        self.pixel_std = list(pixel_std)
         self.size_divisibility = size_divisibility
         self.initializer_range = initializer_range
         if "id2label" not in kwargs:  # a saved config carries id2label, which fixes num_labels
@@ -242,12 +258,11 @@ class RetinaNetConfig(DetectionConfigMixin, PretrainedConfig):
         nms_threshold: float = 0.5,
         detections_per_image: int = 100,
         box_scale_clamp: float = math.log(1000.0 / 16),
-        pixel_mean: tuple[float, float, float] = DETECTION_PIXEL_MEAN,
-        pixel_std: tuple[float, float, float] = DETECTION_PIXEL_STD,
         size_divisibility: int = 32,
         initializer_range: float = 0.01,
         **kwargs,
     ):
+        _drop_unused_normalisation(kwargs)
         self._setup_backbone(backbone_config, backbone_features, default_count=3, kwargs=kwargs)
         self.fpn_channels = fpn_channels
         self.anchor_sizes = [float(size) for size in anchor_sizes]
@@ -266,8 +281,6 @@ class RetinaNetConfig(DetectionConfigMixin, PretrainedConfig):
         self.nms_threshold = nms_threshold
         self.detections_per_image = detections_per_image
         self.box_scale_clamp = box_scale_clamp
-        self.pixel_mean = list(pixel_mean)
-        self.pixel_std = list(pixel_std)
         self.size_divisibility = size_divisibility
         self.initializer_range = initializer_range
         if "id2label" not in kwargs:  # a saved config carries id2label, which fixes num_labels

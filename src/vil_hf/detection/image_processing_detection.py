@@ -33,6 +33,8 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import logging
 
+from ..image_processing_vil import prepare_image_list
+
 logger = logging.get_logger(__name__)
 
 # detectron2's MODEL.PIXEL_MEAN / PIXEL_STD in 0-255 RGB are exactly ImageNet's mean/std times 255
@@ -472,8 +474,7 @@ class DetectionImageProcessorPil(PilBackend):
         generator (`torch.Generator`, *optional*):
             Generator for the random draws; advanced by each call.
         """
-        if images is None:
-            raise ValueError("images is required: pass one image or a list of images (PIL, numpy or torch)")
+        images = prepare_image_list(images)
         if training:
             kwargs.setdefault("do_random_resize", True)
             kwargs.setdefault("do_random_flip", True)

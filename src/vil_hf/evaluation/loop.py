@@ -13,8 +13,8 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from PIL import Image
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
+from ..console import progress_bar
 from ..data import (
     ClassificationSamples,
     CocoDetectionData,
@@ -67,7 +67,7 @@ def predict_coco(
     model.eval()
     results: list[dict[str, Any]] = []
     loader = _loader(samples, accelerator, batch_size, collate_detection, num_workers)
-    for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
+    for batch in progress_bar(loader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
         outputs = model(
             pixel_values=batch["pixel_values"].to(accelerator.device),
             pixel_mask=batch["pixel_mask"].to(accelerator.device),
@@ -163,7 +163,7 @@ def evaluate_classifier(
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=accelerator.device)
     loader = _loader(samples, accelerator, batch_size, collate_classification, num_workers)
-    for batch in tqdm(loader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
+    for batch in progress_bar(loader, desc="evaluating", disable=not accelerator.is_local_main_process, leave=False):
         logits = model(pixel_values=batch["pixel_values"].to(accelerator.device)).logits
         correct = topk_correct(logits, batch["labels"].to(accelerator.device), ks=(1, 5))
         totals += torch.tensor(

@@ -46,9 +46,10 @@ _HUB_ERRORS: tuple[type[BaseException], ...] = (
 
 
 class HubUploadError(RuntimeError):
-    """The upload to the Hub failed; the folder is still complete on disk (``folder``)."""
+    """The upload to the Hub failed, or would (``folder`` None: checked before any work); the folder
+    is still complete on disk (``folder``)."""
 
-    def __init__(self, message: str, folder: Path, repo_id: str) -> None:
+    def __init__(self, message: str, folder: Path | None, repo_id: str) -> None:
         super().__init__(message)
         self.folder = folder
         self.repo_id = repo_id
@@ -300,6 +301,36 @@ def _upload_later(folder: Path, repo_id: str) -> str:
     )
 
 
+def check_can_upload(repo_id: str, *, token: str | None = None) -> str:
+    """Before any work: that an upload to ``repo_id`` could happen (a token, not offline, the token
+    accepted by the Hub, whoami); returns the account name. Raises `HubUploadError` saying how to fix it."""
+    from huggingface_hub import constants
+
+    def fail(reason: str) -> HubUploadError:
+        return HubUploadError(
+            f"--push-to-hub {repo_id}: {reason}; nothing was started. Fix that, or drop --push-to-hub and upload "
+            f"the model folder later with `hf upload {repo_id} FOLDER`",
+            None,
+            repo_id,
+        )
+
+    if constants.HF_HUB_OFFLINE:
+        raise fail("offline mode is on (HF_HUB_OFFLINE=1), so the upload at the end would fail")
+    token = token or get_token()
+    if not token:
+        raise fail("no Hugging Face token found (log in with `hf auth login`, or set HF_TOKEN)")
+    try:
+        user = HfApi(token=token).whoami()
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise fail("the Hub does not accept the token (HTTP 401): log in again with `hf auth login`") from None
+        raise fail(f"the Hub answered {type(error).__name__}: {error}") from None
+    except _HUB_ERRORS as error:
+        raise fail(f"the Hub cannot be reached ({type(error).__name__}: {error})") from None
+    return str(user.get("name", "")) if isinstance(user, dict) else ""
+
+
 def push_to_hub(
     folder: str | os.PathLike,
     repo_id: str,
@@ -343,6 +374,7 @@ def push_to_hub(
 __all__ = [
     "HubUploadError",
     "card_files",
+    "check_can_upload",
     "evaluation_model_card",
     "model_cards_index",
     "published_cards",

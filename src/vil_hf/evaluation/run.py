@@ -19,17 +19,20 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def write_evaluation_card(model_dir: Path, metrics: CocoMetrics, config: TrainConfig) -> Path:
-    """The model folder's README.md: a card with the measured AP in its model-index metadata."""
+def write_evaluation_card(
+    folder: Path, metrics: CocoMetrics, config: TrainConfig, model_name: str | None = None
+) -> Path:
+    """`folder/README.md`: a card with the measured AP in its model-index metadata (named after
+    `model_name`, by default the folder's name)."""
     from .model_cards import evaluation_model_card, write_card
 
     card = evaluation_model_card(
-        model_dir.name,
+        model_name or Path(folder).resolve().name,
         metrics,
         config_path=config.source or "training_config.yaml",
         dataset_name=Path(config.data.val_annotations or "val").stem,
     )
-    return write_card(card, model_dir)
+    return write_card(card, folder)
 
 
 def evaluate_model_folder(
@@ -40,7 +43,12 @@ def evaluate_model_folder(
     cpu: bool = False,
     write_card: bool = True,
 ) -> dict[str, Any] | None:
-    """Evaluates `model_dir` on the config's val data; the main process returns the metrics."""
+    """Evaluates `model_dir` on the config's val data; the main process returns the metrics.
+
+    Results go to `output_dir` (default `model_dir/eval`). The card with the measured AP is the
+    model folder's README.md when the results stay inside the model folder; with an `output_dir`
+    elsewhere the model folder is left untouched and the card is `output_dir/README.md`.
+    """
     import vil_hf  # noqa: F401  (registers the ViL models with the Auto classes)
 
     from ..training.config import ConfigError
@@ -52,6 +60,7 @@ def evaluate_model_folder(
     if data.val_images is None:
         raise ConfigError("data.val_images is not set: give the evaluation image folder (data.val_images=...)")
     output_dir = Path(output_dir) if output_dir is not None else model_dir / "eval"
+    card_dir = model_dir if output_dir.resolve().is_relative_to(model_dir.resolve()) else output_dir
     accelerator = Accelerator(cpu=cpu or no_accelerator_device(), mixed_precision=config.run.mixed_precision)
     model_config = AutoConfig.from_pretrained(model_dir)
     try:
@@ -94,6 +103,6 @@ def evaluate_model_folder(
     if metrics is None:
         return None
     if write_card:
-        write_evaluation_card(model_dir, metrics, config)
+        write_evaluation_card(card_dir, metrics, config, model_name=model_dir.resolve().name)
     logger.info("results written to %s", output_dir)
     return metrics.to_dict()

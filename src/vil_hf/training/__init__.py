@@ -1,10 +1,11 @@
 """Training on Accelerate: configs, optimisation, checkpoints and the loop that `scripts/train.py` runs."""
 
-from .checkpoints import list_checkpoints, resolve_resume, save_checkpoint
+from .checkpoints import list_checkpoints, save_checkpoint
 from .config import ConfigError, TrainConfig, config_from_dict, load_config
 from .loop import TrainResult, save_final_model, train
 from .models import build_image_processor, build_model, load_initial_weights
 from .optim import build_optimizer, lr_factor, parameter_groups, set_learning_rate
+from .run_folder import RunFolderError, plan_run
 
 __all__ = [
     "ConfigError",
@@ -19,7 +20,8 @@ __all__ = [
     "load_initial_weights",
     "lr_factor",
     "parameter_groups",
-    "resolve_resume",
+    "RunFolderError",
+    "plan_run",
     "save_checkpoint",
     "save_final_model",
     "set_learning_rate",

@@ -7,6 +7,7 @@ keys (`optim.lr=1e-4`, `data.train_shortest_edge=[640,800]`) with YAML values.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import os
@@ -21,6 +22,15 @@ from ..io_utils import atomic_write_text
 TASKS = ("detection", "classification")
 HEADS = {"detection": ("mask_rcnn", "retinanet"), "classification": ("classification",)}
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Settings that name files or folders: recorded absolute, so that a saved config works from anywhere.
+PATH_SETTINGS = (
+    ("data", "train_images"),
+    ("data", "train_annotations"),
+    ("data", "val_images"),
+    ("data", "val_annotations"),
+    ("model", "init_from"),
+    ("run", "output_dir"),
+)
 
 
 class ConfigError(ValueError):
@@ -102,6 +112,16 @@ class TrainConfig:
         out.pop("source")
         return out
 
+    def with_absolute_paths(self) -> TrainConfig:
+        """A copy whose file and folder settings are absolute (relative ones are relative to the
+        working directory, where the run reads them)."""
+        out = copy.deepcopy(self)
+        for section, key in PATH_SETTINGS:
+            value = getattr(getattr(out, section), key)
+            if value is not None:
+                setattr(getattr(out, section), key, os.path.abspath(os.path.expanduser(value)))
+        return out
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes the resolved config (no `_base_`) atomically."""
         text = yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -137,6 +157,50 @@ class TrainConfig:
         if not self.data.train_shortest_edge:
             raise ConfigError("data.train_shortest_edge needs at least one size")
         return self
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """`{"model": {"detector": {"a": 1}}}` -> `{"model.detector.a": 1}` (lists stay values)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(before: dict[str, Any], after: dict[str, Any], keys=None) -> list[tuple[str, Any, Any]]:
+    """(dotted key, value before, value after) for every setting that differs, in key order;
+    `keys(name) -> bool` selects which settings count. A setting absent on one side is None there."""
+    old, new = flatten(before), flatten(after)
+    names = sorted(set(old) | set(new))
+    return [(n, old.get(n), new.get(n)) for n in names if (keys is None or keys(n)) and old.get(n) != new.get(n)]
+
+
+def _shortened(before: Any, after: Any, width: int = 48) -> tuple[str, str]:
+    """Both values as short reprs; long strings that share a beginning are shown from where they differ."""
+    texts = [repr(before), repr(after)]
+    if all(len(text) <= width for text in texts):
+        return texts[0], texts[1]
+    common = 0
+    if isinstance(before, str) and isinstance(after, str):
+        while common < min(len(before), len(after)) and before[common] == after[common]:
+            common += 1
+        texts = [repr(before[max(common - 8, 0) :]), repr(after[max(common - 8, 0) :])]
+    lead = "..." if common > 8 else ""
+    return tuple(lead + (text if len(text) <= width else text[: width - 3] + "...") for text in texts)
+
+
+def describe_differences(found: list[tuple[str, Any, Any]], before: str, after: str, limit: int = 6) -> str:
+    """`model.arch: 'a' (checkpoint) vs 'b' (now); ...`, values shortened, at most `limit` settings."""
+    parts = []
+    for name, a, b in found[:limit]:
+        old, new = _shortened(a, b)
+        parts.append(f"{name}: {old} ({before}) vs {new} ({after})")
+    if len(found) > limit:
+        parts.append(f"and {len(found) - limit} more")
+    return "; ".join(parts)
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,14 +20,16 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from ..console import interactive, progress_bar
 from ..data import (
     ClassificationSamples,
     DataError,
     DetectionSamples,
+    ReplaceUnreadable,
     TrainingBatchSampler,
     collate_classification,
     collate_detection,
@@ -37,11 +40,12 @@ from ..evaluation.coco_eval import CocoMetrics
 from ..evaluation.loop import evaluate_classifier, evaluate_detector, no_accelerator_device
 from ..evaluation.run import write_evaluation_card
 from ..io_utils import atomic_write_text
-from .checkpoints import checkpoint_iteration, resolve_resume, save_checkpoint
+from .checkpoints import checkpoint_iteration, save_checkpoint
 from .config import ConfigError, TrainConfig
-from .models import build_image_processor, build_model, training_image_processor
+from .models import build_image_processor, build_model, check_model_config, training_image_processor
 from .optim import build_optimizer, set_learning_rate
 from .plots import save_loss_curve
+from .run_folder import LOGS, RunFolderError, RunPlan, check_labels, checkpoint_record, claim_output_dir, plan_run
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +57,7 @@ class TrainResult:
     iteration: int
     metrics: dict[str, Any] | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    replaced_images: int = 0  # training images unreadable at run time, replaced by others
 
 
 def _available_trackers(requested: list[str]) -> list[str]:
@@ -171,15 +176,100 @@ def _scalar_metrics(metrics: dict[str, Any] | None) -> dict[str, float]:
     return flat
 
 
-def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = False) -> TrainResult:
-    """Trains `config`'s model; writes checkpoints, evaluations and the final model folder."""
+def _history_iteration(line: str) -> float:
+    """The iteration of a history.jsonl line; infinity for a line that does not parse."""
+    try:
+        return json.loads(line)["iteration"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
+def _format_duration(seconds: float) -> str:
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+def _log_line(record: dict[str, Any], max_iter: int) -> str:
+    """`iteration 20/100  loss 1.2345 (loss_cls 0.3, ...)  lr 2.50e-04  0.52 s/it  ETA 0:00:42`."""
+    parts = ", ".join(f"{k} {record[k]:.4f}" for k in sorted(record) if k.startswith("loss") and k != "loss")
+    line = f"iteration {record['iteration']}/{max_iter}  loss {record['loss']:.4f}"
+    line += f" ({parts})" if parts else ""
+    eta = (max_iter - record["iteration"]) * record["seconds_per_iteration"]
+    line += f"  lr {record['lr']:.2e}  {record['seconds_per_iteration']:.2f} s/it  ETA {_format_duration(eta)}"
+    if record.get("replaced_images"):
+        line += f"  ({record['replaced_images']} unreadable images replaced)"
+    return line
+
+
+def _condensed_load_error(error: Exception) -> str | None:
+    """A short account of a state dict that does not fit the model (torch lists every tensor), or
+    None when `error` is not about the model's shape."""
+    text = str(error)
+    mismatched = re.findall(r"size mismatch for ([^:]+): copying a param with shape (\S+ \S+|\S+) from checkpoint, "
+                            r"the shape in current model is (\S+ \S+|\S+)", text)  # fmt: skip
+    missing = re.search(r"Missing key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\n)", text, re.S)
+    unexpected = re.search(r"Unexpected key\(s\) in state_dict: (.*?)(?:\.\s*$|\.\s*\n|\n)", text, re.S)
+    if not (mismatched or missing or unexpected):
+        return None
+    parts = []
+    if mismatched:
+        name, saved, now = mismatched[0]
+        parts.append(
+            f"{len(mismatched)} tensors of another shape, e.g. {name}: {saved.rstrip('.')} saved, {now.rstrip('.')} now"
+        )
+    for what, found in (("missing", missing), ("unexpected", unexpected)):
+        if found:
+            names = [n.strip().strip('"') for n in found.group(1).split(",") if n.strip()]
+            parts.append(f"{len(names)} {what} tensors, e.g. {names[0]}")
+    return "; ".join(parts)
+
+
+def _load_checkpoint(accelerator: Accelerator, plan: RunPlan) -> tuple[Path, int]:
+    """Loads the newest loadable candidate; a damaged one is skipped with a warning."""
+    failures = []
+    for checkpoint in plan.candidates:
+        try:
+            accelerator.load_state(str(checkpoint))
+        except Exception as error:  # safetensors, torch.load and load_state_dict raise many types
+            condensed = _condensed_load_error(error)
+            if condensed is not None:
+                raise RunFolderError(
+                    f"--resume: the weights in {checkpoint} do not fit the model of this config ({condensed}). "
+                    f"Resume with the config the run started with (its copy: {plan.output_dir / 'config.yaml'})"
+                ) from None
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            failures.append(f"{checkpoint.name}: {reason}")
+            logger.warning(
+                "--resume: %s could not be loaded (%s); trying the next older checkpoint", checkpoint, reason
+            )
+            continue
+        return checkpoint, checkpoint_iteration(checkpoint)
+    raise RunFolderError(
+        f"--resume: no checkpoint of the run in {plan.output_dir} could be loaded ({'; '.join(failures)}). "
+        "Start the run over with --overwrite"
+    )
+
+
+def train(
+    config: TrainConfig, *, resume: str | bool | None = None, overwrite: bool = False, cpu: bool = False
+) -> TrainResult:
+    """Trains `config`'s model; writes checkpoints, evaluations and the final model folder.
+
+    The config and the run folder (`run_folder.plan_run`) are checked before any data is read.
+    `resume`: True / "latest" for the newest complete checkpoint of the run in `run.output_dir`, or
+    a checkpoint folder; `overwrite`: start over in a folder that holds an earlier run.
+    """
+    config = config.with_absolute_paths().validate()
+    check_model_config(config)
+    plan = plan_run(config, resume, overwrite)
     run, optim = config.run, config.optim
-    output_dir = Path(run.output_dir)
+    output_dir = plan.output_dir
     accelerator = Accelerator(
         mixed_precision=run.mixed_precision,
         cpu=cpu or no_accelerator_device(),
         log_with=_available_trackers(run.trackers) or None,
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / LOGS)),
         # Heads without a positive sample in a batch leave parameters out of the graph.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -192,20 +282,21 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
     per_process_batch = optim.batch_size // micro_batches
     set_seed(run.seed)
 
-    task = _TaskData(config)
+    with accelerator.main_process_first():  # the others find the main process's image checks cached
+        task = _TaskData(config)
+    check_labels(plan, task.id2label)
     model = build_model(config, task.id2label)
     optimizer = build_optimizer(model, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    checkpoint = resolve_resume(resume, output_dir)
     start = 0
-    if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        start = checkpoint_iteration(checkpoint)
+    if not plan.fresh:
+        checkpoint, start = _load_checkpoint(accelerator, plan)
         logger.info("resumed from %s at iteration %d", checkpoint, start)
-    elif accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        config.save(output_dir / "config.yaml")
+    if accelerator.is_main_process:
+        claim_output_dir(plan, config, start)
+    accelerator.wait_for_everyone()
+    record_base = checkpoint_record(plan, config, task.id2label)
     if accelerator.log_with:
         accelerator.init_trackers(output_dir.name, config=_flat_config(config))
 
@@ -220,7 +311,7 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
         start_iteration=start * accumulation,
     )
     loader = DataLoader(
-        task.samples,
+        ReplaceUnreadable(task.samples),
         batch_sampler=sampler,
         collate_fn=task.collate,
         num_workers=config.data.num_workers,
@@ -233,75 +324,100 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
     history: list[dict[str, float]] = []
     history_file = output_dir / "history.jsonl"
     if accelerator.is_main_process and history_file.exists():
-        # A resumed run repeats what came after its checkpoint: drop those lines.
-        kept = [line for line in history_file.read_text().splitlines() if json.loads(line)["iteration"] <= start]
+        # A resumed run repeats what came after its checkpoint: drop those lines (and a line cut short
+        # when the run was killed).
+        kept = [line for line in history_file.read_text().splitlines() if _history_iteration(line) <= start]
         atomic_write_text(history_file, "".join(line + "\n" for line in kept))
     metrics = None
     model.train()
-    progress = tqdm(total=optim.max_iter, initial=start, desc="training", disable=not accelerator.is_local_main_process)
+    on_terminal = interactive()
+    progress = progress_bar(
+        total=optim.max_iter, initial=start, desc="training", disable=not accelerator.is_local_main_process
+    )
     window: dict[str, float] = {}  # loss sums since the last log line
-    window_steps, window_start = 0, time.perf_counter()
-    for iteration in range(start, optim.max_iter):
-        lr = set_learning_rate(optimizer, optim, iteration)
-        for micro in range(accumulation):
-            batch = next(batches)
-            sync = micro == accumulation - 1
-            with contextlib.nullcontext() if sync else accelerator.no_sync(model):
-                if config.task == "detection":
-                    outputs = model(
-                        pixel_values=batch["pixel_values"].to(accelerator.device),
-                        pixel_mask=batch["pixel_mask"].to(accelerator.device),
-                        labels=_to_device(batch["labels"], accelerator.device),
-                    )
-                    parts = {k: v.detach() for k, v in outputs.loss_dict.items()}
-                else:
-                    outputs = model(
-                        pixel_values=batch["pixel_values"].to(accelerator.device),
-                        labels=batch["labels"].to(accelerator.device),
-                    )
-                    parts = {}
-                loss = outputs.loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at iteration {iteration} ({ {k: float(v) for k, v in parts.items()} }); "
-                        "lower optim.lr, raise optim.warmup_iters, or check the annotations"
-                    )
-                accelerator.backward(loss / accumulation)
-            for name, value in {"loss": loss.detach(), **parts}.items():
-                window[name] = window.get(name, 0.0) + float(value) / accumulation
-        grad_norm = None
-        if optim.clip_grad_norm is not None:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.clip_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        done = iteration + 1
-        window_steps += 1
-        progress.update(1)
+    window_steps, window_start, window_replaced, replaced_total = 0, time.perf_counter(), 0, 0
+    # On a terminal, log lines go through tqdm so that they do not tear the bar.
+    with logging_redirect_tqdm() if on_terminal else contextlib.nullcontext():
+        for iteration in range(start, optim.max_iter):
+            lr = set_learning_rate(optimizer, optim, iteration)
+            for micro in range(accumulation):
+                batch = next(batches)
+                for reason in batch["replaced"]:
+                    window_replaced += 1
+                    logger.warning(
+                        "iteration %d: a training image could not be read and another took its place (%s)",
+                        iteration + 1, reason,
+                    )  # fmt: skip
+                sync = micro == accumulation - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    if config.task == "detection":
+                        outputs = model(
+                            pixel_values=batch["pixel_values"].to(accelerator.device),
+                            pixel_mask=batch["pixel_mask"].to(accelerator.device),
+                            labels=_to_device(batch["labels"], accelerator.device),
+                        )
+                        parts = {k: v.detach() for k, v in outputs.loss_dict.items()}
+                    else:
+                        outputs = model(
+                            pixel_values=batch["pixel_values"].to(accelerator.device),
+                            labels=batch["labels"].to(accelerator.device),
+                        )
+                        parts = {}
+                    loss = outputs.loss
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"loss is {loss.item()} at iteration {iteration} ({ {k: float(v) for k, v in parts.items()} }); "
+                            "lower optim.lr, raise optim.warmup_iters, or check the annotations"
+                        )
+                    accelerator.backward(loss / accumulation)
+                for name, value in {"loss": loss.detach(), **parts}.items():
+                    window[name] = window.get(name, 0.0) + float(value) / accumulation
+            grad_norm = None
+            if optim.clip_grad_norm is not None:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), optim.clip_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = iteration + 1
+            window_steps += 1
+            progress.update(1)
 
-        if done % run.log_every == 0 or done == optim.max_iter:
-            names = sorted(window)
-            averaged = accelerator.reduce(
-                torch.tensor([window[n] / window_steps for n in names], device=accelerator.device), reduction="mean"
-            )
-            record = {"iteration": done, "lr": lr, **dict(zip(names, averaged.tolist()))}
-            if grad_norm is not None:
-                record["grad_norm"] = float(grad_norm)
-            record["seconds_per_iteration"] = (time.perf_counter() - window_start) / window_steps
-            window, window_steps, window_start = {}, 0, time.perf_counter()
-            history.append(record)
-            progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
-            accelerator.log({k: v for k, v in record.items() if k != "iteration"}, step=done)
-            if accelerator.is_main_process:
-                with history_file.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-        if done % run.checkpoint_every == 0 and done != optim.max_iter:
-            save_checkpoint(accelerator, output_dir, done, run.keep_checkpoints)
-        if done % run.eval_every == 0 and done != optim.max_iter:
-            metrics = task.evaluate(model, accelerator, output_dir / "eval" / f"iteration-{done}")
-            accelerator.log(_scalar_metrics(metrics), step=done)
+            if done % run.log_every == 0 or done == optim.max_iter:
+                names = sorted(window)
+                averaged = accelerator.reduce(
+                    torch.tensor([window[n] / window_steps for n in names], device=accelerator.device),
+                    reduction="mean",
+                )
+                replaced = int(
+                    accelerator.reduce(torch.tensor([window_replaced], device=accelerator.device), reduction="sum")
+                )
+                replaced_total += replaced
+                record = {"iteration": done, "lr": lr, **dict(zip(names, averaged.tolist()))}
+                if grad_norm is not None:
+                    record["grad_norm"] = float(grad_norm)
+                record["seconds_per_iteration"] = (time.perf_counter() - window_start) / window_steps
+                record["replaced_images"] = replaced
+                window, window_steps, window_start, window_replaced = {}, 0, time.perf_counter(), 0
+                history.append(record)
+                progress.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{lr:.2e}")
+                accelerator.log({k: v for k, v in record.items() if k != "iteration"}, step=done)
+                if accelerator.is_main_process:
+                    if not on_terminal:
+                        logger.info(_log_line(record, optim.max_iter))
+                    with history_file.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if done % run.checkpoint_every == 0 and done != optim.max_iter:
+                save_checkpoint(accelerator, output_dir, done, run.keep_checkpoints, record_base)
+            if done % run.eval_every == 0 and done != optim.max_iter:
+                metrics = task.evaluate(model, accelerator, output_dir / "eval" / f"iteration-{done}")
+                accelerator.log(_scalar_metrics(metrics), step=done)
     progress.close()
+    if replaced_total:
+        logger.warning(
+            "%d training images could not be read during the run and were replaced by others (see the warnings "
+            "above and replaced_images in %s)", replaced_total, history_file,
+        )  # fmt: skip
 
-    save_checkpoint(accelerator, output_dir, optim.max_iter, run.keep_checkpoints)
+    save_checkpoint(accelerator, output_dir, optim.max_iter, run.keep_checkpoints, record_base)
     metrics = task.evaluate(model, accelerator, output_dir / "eval" / "final")
     if metrics is not None:
         accelerator.log(_scalar_metrics(metrics), step=optim.max_iter)
@@ -317,7 +433,7 @@ def train(config: TrainConfig, *, resume: str | bool | None = None, cpu: bool = 
                 write_evaluation_card(model_dir, CocoMetrics.from_dict(metrics), config)
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    return TrainResult(output_dir, model_dir, optim.max_iter, metrics, history)
+    return TrainResult(output_dir, model_dir, optim.max_iter, metrics, history, replaced_total)
 
 
 def save_final_model(model, image_processor, config: TrainConfig, output_dir: Path) -> Path:

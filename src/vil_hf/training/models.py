@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from transformers import PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..configuration_vil import ViLConfig, published_arch
 from ..detection import (
@@ -51,21 +51,43 @@ def backbone_config(model: ModelSection, **kwargs) -> ViLConfig:
         raise ConfigError(f"model: {err}") from None
 
 
-def build_model(config: TrainConfig, id2label: dict[int, str]) -> PreTrainedModel:
-    """A randomly initialised model of the config's head, then `model.init_from` weights if given."""
+def model_config(config: TrainConfig, id2label: dict[int, str]) -> PretrainedConfig:
+    """The transformers config of the model `config` describes, for these labels."""
     labels = {"id2label": dict(id2label), "label2id": {name: i for i, name in id2label.items()}}
     if config.task == "classification":
-        model = ViLForImageClassification(backbone_config(config.model, **labels))
+        return backbone_config(config.model, **labels)
+    config_class, _ = DETECTORS[config.model.head]
+    accepted = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs", "backbone_config"}
+    unknown = sorted(set(config.model.detector) - accepted)
+    if unknown:
+        raise ConfigError(
+            f"model.detector: {unknown} are not {config_class.__name__} arguments; known: {', '.join(sorted(accepted))}"
+        )
+    try:
+        return config_class(backbone_config=backbone_config(config.model), **labels, **config.model.detector)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.detector: {err}") from None
+
+
+def check_model_config(config: TrainConfig) -> None:
+    """Everything about the model that can be checked without the data: `model.*` settings (the
+    backbone name, architecture string, detector arguments) and that `model.init_from` holds weights.
+
+    Training runs it before it reads any data, so that a typo costs seconds, not a data check.
+    """
+    num_labels = config.model.num_labels or 1  # None: taken from the data later
+    model_config(config, {label: f"LABEL_{label}" for label in range(num_labels)})
+    if config.model.init_from:
+        _weights_files(Path(config.model.init_from))
+
+
+def build_model(config: TrainConfig, id2label: dict[int, str]) -> PreTrainedModel:
+    """A randomly initialised model of the config's head, then `model.init_from` weights if given."""
+    settings = model_config(config, id2label)
+    if config.task == "classification":
+        model = ViLForImageClassification(settings)
     else:
-        config_class, model_class = DETECTORS[config.model.head]
-        accepted = set(inspect.signature(config_class.__init__).parameters) - {"self", "kwargs", "backbone_config"}
-        unknown = sorted(set(config.model.detector) - accepted)
-        if unknown:
-            raise ConfigError(
-                f"model.detector: {unknown} are not {config_class.__name__} arguments; known: {', '.join(sorted(accepted))}"
-            )
-        detector_config = config_class(backbone_config=backbone_config(config.model), **labels, **config.model.detector)
-        model = model_class(detector_config)
+        model = DETECTORS[config.model.head][1](settings)
     if config.model.init_from:
         load_initial_weights(model, config.model.init_from)
     return model
@@ -92,20 +114,28 @@ def training_image_processor(config: TrainConfig):
     )
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def _weights_files(folder: Path) -> list[Path]:
+    """The safetensors files of a save_pretrained folder (one, or the shards of its index)."""
+    if not folder.is_dir():
+        raise ConfigError(f"model.init_from={folder} is not a folder; give a folder written by save_pretrained")
     single = folder / "model.safetensors"
     if single.is_file():
-        return load_file(single)
+        return [single]
     index = folder / "model.safetensors.index.json"
     if index.is_file():
-        weights: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
-            weights.update(load_file(folder / shard))
-        return weights
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [folder / shard for shard in shards]
     raise ConfigError(
         f"model.init_from={folder} has no model.safetensors: give a folder written by save_pretrained "
         "or by `vil-hf convert`"
     )
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    weights: dict[str, torch.Tensor] = {}
+    for path in _weights_files(folder):
+        weights.update(load_file(path))
+    return weights
 
 
 def load_initial_weights(model: PreTrainedModel, folder: str | Path) -> None:
@@ -116,8 +146,6 @@ def load_initial_weights(model: PreTrainedModel, folder: str | Path) -> None:
     starts from ImageNet weights.
     """
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"model.init_from={folder} is not a folder")
     weights = _read_weights(folder)
     target = model.state_dict()
     backbone_prefix = "backbone." if hasattr(model, "backbone") else "vil."
