@@ -136,5 +136,7 @@ def test_detectron2_round_trip_at_vil_small_dimensions(tmp_path):
     with torch.no_grad():
         for expected, actual in zip(model(pixel_values).feature_maps, converted(pixel_values).feature_maps):
             # the loaded weights sit in unaligned (memory-mapped) storage, so BLAS/oneDNN take other vector
-            # paths: float32 maps differ in the last bits (9.5e-7 seen on AMD EPYC)
-            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+            # paths: float32 maps differ in the last bits, growing over 12 blocks (1.5e-5 seen on AMD EPYC in a
+            # stage-3 map of magnitude 20), so the tolerance scales with each map, as the fixture tests do
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)
