@@ -514,3 +514,13 @@ def test_frozen_embeddings_and_reentrant_checkpointing_still_train_the_first_blo
     assert all(grad is not None for grad in gradients.values())
     for name in ("attention.query.weight", "attention.kv.weight", "attention.proj.weight", "mlp.fc1.weight"):
         assert gradients[name].abs().sum() > 0, name
+
+
+def test_trainer_passes_no_loss_kwargs_and_scales_the_loss_itself(tmp_path):
+    """Without **kwargs in forward, Trainer neither passes num_items_in_batch (which ViL's mean loss would
+    ignore) nor skips its own division of the loss under gradient accumulation."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, gradient_accumulation_steps=2)
+    trainer = Trainer(model=ViLForImageClassification(tiny_config()), args=args)
+    assert trainer.model_accepts_loss_kwargs is False
