@@ -86,9 +86,9 @@ def _download_sdist(version: str, into: Path) -> Path:
     archives = sorted(into.glob("transformers-*.tar.gz"))
     if result.returncode != 0 or len(archives) != 1:
         raise RuntimeError(
-            f"`{' '.join(command)}` failed (exit {result.returncode}) although {_index_url()} answers, so the "
-            f"common tests cannot run. Is transformers {version} published as an sdist there?\n"
-            f"{result.stderr[-3000:]}"
+            f"`{' '.join(command)}` failed (exit {result.returncode}) although {_index_url()} answers, so "
+            f"transformers' common tests cannot run (is transformers {version} a release with an sdist there?). "
+            f"pip said:\n{result.stderr[-3000:]}"
         )
     return archives[0]
 
