@@ -270,20 +270,25 @@ class ViLEncoder(nn.Module):
         else:
             self.calls_since_last_redraw += 1
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> ViLEncoderOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_stem: bool = False
+    ) -> ViLEncoderOutput:
+        """`feature_maps` (and `hidden_states`) follow `stage_names`; the stem's entry is None unless it is asked
+        for (`output_stem` or `output_hidden_states`), so that inference does not keep stage 1's embedding."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (batch, {self.num_channels}, height, width), got {tuple(pixel_values.shape)}."
             )
         if self.has_performer and self.training and self.performer_redraw_interval is not None:
             self.check_redraw_projections()
+        output_stem = output_stem or output_hidden_states
         feature_map, feature_maps, hidden_states = pixel_values, (), ()
         tokens = None
         for stage in self.stages:
             embedded, tokens, feature_map = stage(feature_map)
             if not feature_maps:  # the stem: stage 1's patch embedding
-                feature_maps += (tokens_to_map(embedded, *feature_map.shape[-2:]),)
-                hidden_states += (embedded,)
+                feature_maps += (tokens_to_map(embedded, *feature_map.shape[-2:]) if output_stem else None,)
+                hidden_states += (embedded if output_stem else None,)
             feature_maps += (feature_map,)
             hidden_states += (tokens,)
         return ViLEncoderOutput(
@@ -463,7 +468,9 @@ class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoded = self.encoder(pixel_values, output_hidden_states=False)
+        encoded = self.encoder(
+            pixel_values, output_hidden_states=False, output_stem=output_hidden_states or "stem" in self.out_features
+        )
         feature_maps = tuple(
             feature_map
             for name, feature_map in zip(self.stage_names, encoded.feature_maps)
