@@ -121,7 +121,9 @@ def test_original_checkpoint_round_trip(case, absolute, tmp_path):
     assert converted.config.average_pool == config.average_pool
     pixel_values = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(converted(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
+        # the converted weights sit in unaligned (memory-mapped) storage after from_pretrained, so BLAS/oneDNN
+        # take other vector paths: float32 logits differ in the last bits
+        torch.testing.assert_close(converted(pixel_values).logits, model(pixel_values).logits, rtol=1e-5, atol=1e-5)
     if case == "performer":
         assert int(converted.vil.encoder.calls_since_last_redraw) == 1
 
@@ -139,9 +141,10 @@ def test_detectron2_performer_backbone_round_trip(tmp_path):
     backbone = vil_hf.ViLBackbone.from_pretrained(out_dir).eval()
     pixel_values = torch.randn(1, 3, 96, 128)  # performer takes any size
     with torch.no_grad():
-        expected = model.vil.encoder(pixel_values).feature_maps
+        expected = model.vil.encoder(pixel_values).feature_maps[1:]  # the stages, after the stem
         for ours, theirs in zip(backbone(pixel_values).feature_maps, expected):
-            torch.testing.assert_close(ours, theirs, rtol=0, atol=0)
+            # loaded weights sit in unaligned storage: other vector paths, last-bit float32 differences
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 def test_linformer_conversion_at_the_wrong_image_size_names_the_length(tmp_path, capsys):

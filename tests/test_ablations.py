@@ -233,7 +233,9 @@ def test_performer_projection_survives_save_and_load(tmp_path):
         assert torch.equal(ours, theirs)
     pixel_values = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values).logits, loaded(pixel_values).logits, rtol=0, atol=0)
+        # the buffers and weights are equal (above), but loaded ones sit in unaligned storage, so BLAS takes
+        # other vector paths: float32 logits differ in the last bits
+        torch.testing.assert_close(model(pixel_values).logits, loaded(pixel_values).logits, rtol=1e-5, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------------

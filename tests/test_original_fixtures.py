@@ -128,7 +128,15 @@ def test_detectron2_round_trip_at_vil_small_dimensions(tmp_path):
     assert main(["convert", str(tmp_path / "model_final.pth"), str(out_dir), "--head", "backbone", "--arch", arch]) == 0
     converted = vil_hf.ViLBackbone.from_pretrained(out_dir).eval()
     assert converted.config.share_global_weights
+    expected_state, converted_state = model.state_dict(), converted.state_dict()
+    assert expected_state.keys() == converted_state.keys()
+    for name, tensor in expected_state.items():
+        assert torch.equal(converted_state[name], tensor), name  # conversion copies every tensor bit for bit
     pixel_values = torch.randn(1, 3, 150, 230)
     with torch.no_grad():
         for expected, actual in zip(model(pixel_values).feature_maps, converted(pixel_values).feature_maps):
-            torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+            # the loaded weights sit in unaligned (memory-mapped) storage, so BLAS/oneDNN take other vector
+            # paths: float32 maps differ in the last bits, growing over 12 blocks (1.5e-5 seen on AMD EPYC in a
+            # stage-3 map of magnitude 20), so the tolerance scales with each map, as the fixture tests do
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5 * scale)

@@ -37,8 +37,9 @@ def _info(args: argparse.Namespace) -> None:
     from . import ViLBackbone, ViLConfig, published_arch
 
     arch = args.arch or published_arch(args.model, sparse=args.sparse)
-    config = ViLConfig(arch=arch, out_features=None)
-    config.set_output_features_output_indices(out_features=list(config.stage_names), out_indices=None)
+    config = ViLConfig(arch=arch)
+    stages = config.stage_names[1:]  # every stage after the stem
+    config.out_features = stages
     model = ViLBackbone(config).eval()
     print(f"arch: {config.arch}")
     print(f"{'stage':<7}{'dim':>6}{'heads':>7}{'blocks':>8}{'attention':>12}{'window':>8}{'globals':>9}{'stride':>8}")
@@ -46,7 +47,7 @@ def _info(args: argparse.Namespace) -> None:
     for i in range(len(config.depths)):
         stride *= config.patch_sizes[i]
         print(
-            f"{config.stage_names[i]:<7}{config.hidden_sizes[i]:>6}{config.num_heads[i]:>7}{config.depths[i]:>8}"
+            f"{stages[i]:<7}{config.hidden_sizes[i]:>6}{config.num_heads[i]:>7}{config.depths[i]:>8}"
             f"{config.attention_types[i]:>12}{config.window_sizes[i]:>8}{config.num_global_tokens[i]:>9}{stride:>8}"
         )
     print(f"backbone parameters: {sum(p.numel() for p in model.parameters()) / 1e6:.3f}M")

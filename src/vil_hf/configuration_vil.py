@@ -136,6 +136,27 @@ def stage_lists_from_arch(arch: str, attention_type: str = "longformer") -> dict
     }
 
 
+def _indices_of_legacy_stage_names(
+    saved_stage_names: list[str] | None, stage_names: list[str], out_indices: list[int] | None
+) -> list[int] | None:
+    """`out_indices` in today's numbering, given the `stage_names` a saved config carries.
+
+    Configs written before the stem was added have ``stage_names == ["stage1", ...]`` and count the stages
+    from 0; their indices move up by one (negative ones count from the end and stay). Their `out_features`
+    name the same stages in both numberings.
+    """
+    if saved_stage_names is None or list(saved_stage_names) == stage_names:
+        return out_indices
+    if list(saved_stage_names) != stage_names[1:]:
+        raise ValueError(
+            f"stage_names {list(saved_stage_names)} do not match this ViL's stages {stage_names}; stage_names "
+            "follow from the per-stage lists and need not be given."
+        )
+    if out_indices is None:
+        return None
+    return [index + 1 if index >= 0 else index for index in out_indices]
+
+
 class ViLConfig(BackboneConfigMixin, PretrainedConfig):
     r"""Configuration of a Vision Longformer (ViL, arXiv:2103.15358).
 
@@ -190,7 +211,11 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
             memory-bound there, and a whole stage-1 map's hidden activations are ~90 MB); on other
             devices, the whole sequence at once.
         layer_norm_eps: every LayerNorm's eps (1e-6, which the original hard-codes).
-        out_features, out_indices: stages (``stage1``..``stage4``) that ViLBackbone returns.
+        out_features, out_indices: feature maps that ViLBackbone returns, named and numbered as in
+            ``stage_names``: ``["stem", "stage1", ..., "stage4"]``, as for Swin, ResNet and ConvNeXt. The
+            stem is stage 1's patch embedding (stride 4, ``hidden_sizes[0]`` channels, before stage 1's
+            blocks), so ``out_indices=[1, 2, 3, 4]`` are the four stages. Folders saved before the stem
+            existed (``stage_names`` without ``"stem"``, indices one lower) load with the stages they chose.
     """
 
     model_type = "vil"
@@ -291,7 +316,8 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         self.arch = self.to_arch_string()
         self.num_layers = sum(self.depths)
         self.hidden_size = self.hidden_sizes[-1]
-        self.stage_names = [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+        self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
+        out_indices = _indices_of_legacy_stage_names(kwargs.pop("stage_names", None), self.stage_names, out_indices)
         super().__init__(**kwargs)
         chunk = self.chunk_size_feed_forward
         if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0:

@@ -27,10 +27,11 @@ from .configuration_vil import ViLConfig
 
 @dataclass
 class ViLEncoderOutput(ModelOutput):
-    """
+    """Outputs per entry of `config.stage_names`: the stem (stage 1's patch embedding), then each stage.
+
     last_hidden_state: (B, G + L, d) tokens of the last stage, global tokens first.
-    feature_maps: per stage, the local tokens as an NCHW map (B, d, h, w).
-    hidden_states: per stage, its output tokens (B, G + L, d), when asked for.
+    feature_maps: the stem's tokens and each stage's local output tokens as NCHW maps (B, d, h, w).
+    hidden_states: the stem's tokens (B, L, d) and each stage's output tokens (B, G + L, d), when asked for.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -43,8 +44,9 @@ class ViLModelOutput(ModelOutput):
     """
     last_hidden_state: (B, G + L, d) normalised tokens of the last stage.
     pooler_output: (B, d) the first global token, or the mean of all tokens (see `average_pool`).
-    hidden_states: per stage, its output tokens (B, G + L, d), when asked for.
-    reshaped_hidden_states: per stage, its local tokens as an NCHW map, when hidden states are asked for.
+    hidden_states: when asked for, one entry per `config.stage_names`, as in Swin: the patch embedding of
+        stage 1 (B, L, d), then each stage's output tokens (B, G + L, d).
+    reshaped_hidden_states: the same as NCHW maps of the local tokens (B, d, h, w).
     """
 
     last_hidden_state: torch.FloatTensor | None = None
@@ -75,6 +77,20 @@ class ViLDropPath(nn.Module):
         return f"p={self.drop_prob}"
 
 
+class ViLPatchProjection(nn.Conv2d):
+    """The patch embedding's convolution (kernel = stride = patch size), run with a channels-last weight.
+
+    A channels-last weight keeps the convolution on its NHWC path: the maps of later stages are already
+    channels-last views of the tokens (no input copy), and the NHWC output flattens to (B, h*w, d) tokens
+    without a copy either. About 4x faster on CPU than the NCHW path. Stage 1's projection is what
+    `get_input_embeddings()` returns, so forward hooks on it (`enable_input_require_grads`) must fire.
+    """
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        weight = self.weight.contiguous(memory_format=torch.channels_last)
+        return F.conv2d(feature_map, weight, self.bias, stride=self.stride)
+
+
 class ViLPatchEmbeddings(nn.Module):
     """Conv2d with kernel = stride = patch size, flattened to tokens, then LayerNorm."""
 
@@ -83,7 +99,7 @@ class ViLPatchEmbeddings(nn.Module):
         in_channels = config.num_channels if stage_index == 0 else config.hidden_sizes[stage_index - 1]
         dim, patch = config.hidden_sizes[stage_index], config.patch_sizes[stage_index]
         self.patch_size = patch
-        self.projection = nn.Conv2d(in_channels, dim, kernel_size=patch, stride=patch)
+        self.projection = ViLPatchProjection(in_channels, dim, kernel_size=patch, stride=patch)
         self.norm = nn.LayerNorm(dim, eps=config.layer_norm_eps) if config.patch_embed_norm else nn.Identity()
 
     def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, int, int]:
@@ -92,11 +108,7 @@ class ViLPatchEmbeddings(nn.Module):
                 f"Input map {tuple(feature_map.shape[-2:])} is smaller than the patch size {self.patch_size}; "
                 "ViL needs images of at least the total stride (32 px for the published models) on each side."
             )
-        # A channels-last weight keeps the convolution on its NHWC path: the maps of later stages are
-        # already channels-last views of the tokens (no input copy), and the NHWC output flattens to
-        # (B, h*w, d) tokens without a copy either. About 4x faster on CPU than the NCHW path.
-        weight = self.projection.weight.contiguous(memory_format=torch.channels_last)
-        embeddings = F.conv2d(feature_map, weight, self.projection.bias, stride=self.patch_size)  # (B, d, h, w)
+        embeddings = self.projection(feature_map)  # (B, d, h, w)
         height, width = embeddings.shape[-2:]
         return self.norm(embeddings.flatten(2).transpose(1, 2)), height, width  # (B, h*w, d)
 
@@ -206,7 +218,9 @@ class ViLStage(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(ViLLayer(config, stage_index, rate) for rate in drop_path_rates)
 
-    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The patch-embedded local tokens (B, L, d), the stage's output tokens (B, G + L, d), and its
+        local output tokens as an NCHW map (B, d, h, w)."""
         local_tokens, height, width = self.patch_embeddings(feature_map)  # (B, L, d)
         batch = local_tokens.shape[0]
         hidden_states = local_tokens
@@ -218,8 +232,13 @@ class ViLStage(nn.Module):
         for layer in self.layers:
             hidden_states = layer(hidden_states, height, width)
         # the next stage starts from the local tokens only: global tokens are never carried over
-        local_map = hidden_states[:, self.num_global_tokens :].transpose(1, 2).reshape(batch, -1, height, width)
-        return hidden_states, local_map
+        local_map = tokens_to_map(hidden_states[:, self.num_global_tokens :], height, width)
+        return local_tokens, hidden_states, local_map
+
+
+def tokens_to_map(local_tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, h*w, d) row-major tokens -> (B, d, h, w), a view."""
+    return local_tokens.transpose(1, 2).reshape(local_tokens.shape[0], -1, height, width)
 
 
 class ViLEncoder(nn.Module):
@@ -251,20 +270,27 @@ class ViLEncoder(nn.Module):
         else:
             self.calls_since_last_redraw += 1
 
-    def forward(self, pixel_values: torch.Tensor, output_hidden_states: bool = False) -> ViLEncoderOutput:
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_stem: bool = False
+    ) -> ViLEncoderOutput:
+        """`feature_maps` (and `hidden_states`) follow `stage_names`; the stem's entry is None unless it is asked
+        for (`output_stem` or `output_hidden_states`), so that inference does not keep stage 1's embedding."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (batch, {self.num_channels}, height, width), got {tuple(pixel_values.shape)}."
             )
         if self.has_performer and self.training and self.performer_redraw_interval is not None:
             self.check_redraw_projections()
+        output_stem = output_stem or output_hidden_states
         feature_map, feature_maps, hidden_states = pixel_values, (), ()
         tokens = None
         for stage in self.stages:
-            tokens, feature_map = stage(feature_map)
+            embedded, tokens, feature_map = stage(feature_map)
+            if not feature_maps:  # the stem: stage 1's patch embedding
+                feature_maps += (tokens_to_map(embedded, *feature_map.shape[-2:]) if output_stem else None,)
+                hidden_states += (embedded if output_stem else None,)
             feature_maps += (feature_map,)
-            if output_hidden_states:
-                hidden_states += (tokens,)
+            hidden_states += (tokens,)
         return ViLEncoderOutput(
             last_hidden_state=tokens,
             feature_maps=feature_maps,
@@ -314,6 +340,25 @@ class ViLPreTrainedModel(PreTrainedModel):
         elif isinstance(module, ViLEncoder) and module.has_performer:
             init.zeros_(module.calls_since_last_redraw)
 
+    def get_input_embeddings(self) -> ViLPatchProjection:
+        """Stage 1's patch projection, the first layer the pixels meet (as Swin and ViT return theirs).
+
+        Its output is a tensor, so `enable_input_require_grads()` can make the activations require grad
+        when the embedding is frozen and the blocks are checkpointed with `use_reentrant=True`.
+        """
+        return self.base_model.encoder.stages[0].patch_embeddings.projection
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.base_model.encoder.stages[0].patch_embeddings.projection = value
+
+    def _check_output_attentions(self, output_attentions: bool | None) -> None:
+        if output_attentions if output_attentions is not None else self.config.output_attentions:
+            raise ValueError(
+                f"{type(self).__name__} cannot return attention weights: ViL's longformer attention never builds "
+                "the (query, key) matrix. Leave output_attentions unset (also in the config); use "
+                "output_hidden_states=True for each stage's tokens."
+            )
+
     def set_random_shift(self, enabled: bool) -> None:
         """Switch training-time random shifting on or off (the original turns it off late in training)."""
         if enabled and self.config.exact_window:
@@ -333,13 +378,16 @@ class ViLModel(ViLPreTrainedModel):
         self.layernorm = nn.LayerNorm(config.hidden_sizes[-1], eps=config.layer_norm_eps)
         self.post_init()
 
+    # No **kwargs: a misspelt argument is an error, not ignored. (transformers' Trainer then also knows that
+    # the loss is not normalised by `num_items_in_batch`, and scales it for gradient accumulation itself.)
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> ViLModelOutput | tuple:
+        self._check_output_attentions(output_attentions)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -374,11 +422,17 @@ class ViLForImageClassification(ViLPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> ImageClassifierOutput | tuple:
+        self._check_output_attentions(output_attentions)
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.vil(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        outputs = self.vil(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
+        )
         logits = self.classifier(outputs.pooler_output)
         loss = self.loss_function(labels, logits, self.config) if labels is not None else None
         output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
@@ -386,9 +440,10 @@ class ViLForImageClassification(ViLPreTrainedModel):
 
 
 class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
-    """ViL as a feature extractor: the local tokens of each requested stage as NCHW maps.
+    """ViL as a feature extractor: NCHW maps of the requested `stage_names` ("stem", "stage1", ...).
 
-    As in the original detection backbone, the maps carry no extra normalisation.
+    As in the original detection backbone, the maps carry no extra normalisation. The stem is stage 1's
+    patch embedding (the tokens before stage 1's blocks); each stage's map holds its local output tokens.
     """
 
     has_attentions = False
@@ -396,7 +451,8 @@ class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
 
     def __init__(self, config: ViLConfig):
         super().__init__(config)
-        self.num_features = list(config.hidden_sizes)
+        # channels per stage name: the stem has stage 1's width (as ConvNeXt's stem has its first stage's)
+        self.num_features = [config.hidden_sizes[0]] + list(config.hidden_sizes)
         self.encoder = ViLEncoder(config)
         self.post_init()
 
@@ -406,15 +462,15 @@ class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> BackboneOutput | tuple:
-        if output_attentions:
-            raise ValueError("ViLBackbone does not return attention maps (the local attention is never materialised).")
+        self._check_output_attentions(output_attentions)
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        encoded = self.encoder(pixel_values, output_hidden_states=False)
+        encoded = self.encoder(
+            pixel_values, output_hidden_states=False, output_stem=output_hidden_states or "stem" in self.out_features
+        )
         feature_maps = tuple(
             feature_map
             for name, feature_map in zip(self.stage_names, encoded.feature_maps)

@@ -439,7 +439,7 @@ def convert_checkpoint(
         if head_kind == "backbone":
             dropped += sorted(head_state)
             head_state = {}
-            vil_config.set_output_features_output_indices(out_features=list(vil_config.stage_names), out_indices=None)
+            vil_config.out_features = vil_config.stage_names[1:]  # every stage after the stem
 
     mapped, unknown = map_original_state_dict(state_dict)
     mapped, vil_config.share_global_weights, folded = fold_global_copies(mapped)
