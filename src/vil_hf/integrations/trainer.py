@@ -37,7 +37,9 @@ def collate_for_trainer(samples: list[dict[str, Any]]) -> dict[str, Any]:
         for sample in samples
     ]
     batch = collate_detection(with_ids)
-    del batch["image_ids"]  # the model takes no image ids; the labels carry them
+    # The model takes neither: the labels carry the image ids, and ReplaceUnreadable logs each
+    # replacement itself (Trainer has no history to count them in).
+    del batch["image_ids"], batch["replaced"]
     return batch
 
 
