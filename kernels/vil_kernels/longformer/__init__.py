@@ -12,6 +12,7 @@ from .geometry import (
     NEIGHBOR_OFFSETS,
     check_key_extents,
     chunk_geometry,
+    keys_inside,
     relative_bias_index,
     relative_bias_table_size,
 )
@@ -127,6 +128,7 @@ __all__ = [
     "allowed_keys",
     "chunk_geometry",
     "flex_available",
+    "keys_inside",
     "longformer_attention",
     "longformer_attention_blocked",
     "longformer_attention_flex",

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration_vil import ViLConfig
-from .base import ViLAttentionBase
+from .base import ViLAttentionBase, extent_mask
 
 
 def full_relative_bias_index(height: int, width: int, device=None) -> torch.Tensor:
@@ -25,6 +25,10 @@ class ViLFullAttention(ViLAttentionBase):
     The relative bias table is built for the grid of ``config.image_size``; other map sizes get
     the table resized bicubically to their offsets, as Swin resizes its tables (the original
     only ran at the construction size).
+
+    Without that table (letter a1) an image's result does not depend on the map size, and
+    ``key_extents`` (a padded batch) masks the local keys beyond each image's extent; with it, the
+    table fits the map, so a padded batch must run each image size on its own.
     """
 
     def __init__(self, config: ViLConfig, stage_index: int):
@@ -37,6 +41,10 @@ class ViLFullAttention(ViLAttentionBase):
             self.relative_position_bias_table = nn.Parameter(
                 torch.zeros((2 * rows - 1) * (2 * cols - 1), self.num_heads)
             )
+
+    @property
+    def supports_key_extents(self) -> bool:
+        return not self.use_relative_bias
 
     def _local_bias_table(self, height: int, width: int) -> torch.Tensor:
         """The table for a height x width map, ((2h-1)(2w-1), H)."""
@@ -61,11 +69,19 @@ class ViLFullAttention(ViLAttentionBase):
         local_rows = torch.cat([self.local_to_global_bias[:, None, :].expand(-1, num_local, -1), local], dim=-1)
         return torch.cat([global_rows, local_rows], dim=1)
 
-    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, key_extents: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         queries, keys, values = qkv[0], qkv[1], qkv[2]  # (B, H, N, M)
         bias = self.relative_bias(height, width) if self.use_relative_bias else None
+        if key_extents is not None:
+            if self.use_relative_bias:
+                raise ValueError("Full attention with relative position bias cannot mask keys: run each image size alone.")
+            inside = extent_mask(key_extents, height, width).flatten(1)  # (B, L)
+            globals_seen = inside.new_ones(batch, length - height * width)
+            bias = torch.cat([globals_seen, inside], dim=1)[:, None, None]  # (B, 1, 1, G + L): True = attend
         context = F.scaled_dot_product_attention(
             queries,
             keys,
