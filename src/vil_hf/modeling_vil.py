@@ -119,10 +119,29 @@ class ViLAbsolutePositionEmbeddings(nn.Module):
 
     @staticmethod
     def _fit(table: torch.Tensor, length: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return ViLAbsolutePositionEmbeddings._fit_without_branch(table, length)
         if length <= table.shape[1]:
             return table[:, :length]
         resized = F.interpolate(table.transpose(1, 2), size=length, mode="linear", align_corners=False)
         return resized.transpose(1, 2)
+
+    @staticmethod
+    def _fit_without_branch(table: torch.Tensor, length: int) -> torch.Tensor:
+        """``_fit`` as one formula, for torch.compile / torch.export, where the length may be symbolic.
+
+        Linear resizing (align_corners=False) reads entry i at source position
+        (i + 1/2) * rows / length - 1/2; taking (i + 1/2) * min(1, rows / length) instead gives
+        exactly i for maps no larger than the table (their first rows), the resized table otherwise.
+        """
+        rows = table.shape[1]
+        half = torch.arange(length, device=table.device, dtype=torch.float32) + 0.5
+        scale = rows / torch.full((), length, device=table.device, dtype=torch.float32)  # as F.interpolate rounds it
+        source = (torch.minimum(half, half * scale) - 0.5).clamp(min=0)
+        low = source.floor().long().clamp(max=rows - 1)
+        high = (low + 1).clamp(max=rows - 1)
+        weight = (source - low)[None, :, None].to(table.dtype)
+        return table[:, low] * (1 - weight) + table[:, high] * weight
 
     def forward(self, height: int, width: int) -> torch.Tensor:
         rows = self._fit(self.row_embeddings, height)  # (1, h, d/2)
@@ -167,6 +186,10 @@ class ViLLayer(GradientCheckpointingLayer):
 
     def _feed_forward_chunk(self, hidden_states: torch.Tensor) -> int:
         """Tokens per chunk of the LayerNorm + MLP branch (see ``ViLConfig.chunk_size_feed_forward``)."""
+        if torch.compiler.is_compiling():
+            # chunks change speed only; a traced graph (torch.compile, torch.export) must not depend
+            # on how many tokens a symbolic size holds, and the compiler schedules memory itself
+            return hidden_states.shape[1]
         if self.chunk_size_feed_forward:
             return self.chunk_size_feed_forward
         if hidden_states.device.type != "cpu":

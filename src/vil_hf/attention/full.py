@@ -12,11 +12,13 @@ from .base import ViLAttentionBase, extent_mask
 
 def full_relative_bias_index(height: int, width: int, device=None) -> torch.Tensor:
     """(L, L) index into a ((2h-1)(2w-1))-row table for every pair of tokens, query minus key."""
-    tokens = torch.arange(height * width, device=device)
-    rows, cols = tokens // width, tokens % width
-    delta_rows = rows[:, None] - rows[None] + height - 1
-    delta_cols = cols[:, None] - cols[None] + width - 1
-    return delta_rows * (2 * width - 1) + delta_cols
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    delta_rows = rows[:, None] - rows[None] + height - 1  # (h, h), query row minus key row, shifted
+    delta_cols = cols[:, None] - cols[None] + width - 1  # (w, w)
+    # (query row, query col, key row, key col), made from the 1-D offsets rather than from token
+    # numbers by // and %, which torch.compile's dynamic shapes handle badly
+    index = delta_rows[:, None, :, None] * (2 * width - 1) + delta_cols[None, :, None, :]
+    return index.reshape(height * width, height * width)
 
 
 class ViLFullAttention(ViLAttentionBase):
@@ -50,7 +52,9 @@ class ViLFullAttention(ViLAttentionBase):
         """The table for a height x width map, ((2h-1)(2w-1), H)."""
         rows, cols = self.grid_size
         table = self.relative_position_bias_table
-        if (height, width) == (rows, cols):
+        # Under torch.compile / torch.export the map size may be symbolic: no branch on it there.
+        # Bicubic resizing to the same size weighs each entry by exactly 1 and its neighbours by 0.
+        if not torch.compiler.is_compiling() and (height, width) == (rows, cols):
             return table
         grid = table.t().reshape(1, self.num_heads, 2 * rows - 1, 2 * cols - 1)
         grid = F.interpolate(grid, size=(2 * height - 1, 2 * width - 1), mode="bicubic", align_corners=False)
