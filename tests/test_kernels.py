@@ -134,7 +134,9 @@ def test_reference_mask_is_the_spec_rule(exact, neighbor):
 
 def _dense_over_whole_map(tensors, height, width, window, exact, neighbor):
     """The rule over all L x L pairs at once, bias pair by pair: what the reference computes in slabs."""
-    q, k, v, gk, gv = (tensors[n] for n in ("local_queries", "local_keys", "local_values", "global_keys", "global_values"))
+    q, k, v, gk, gv = (
+        tensors[n] for n in ("local_queries", "local_keys", "local_values", "global_keys", "global_values")
+    )
     table, to_global = tensors["relative_bias_table"], tensors["local_to_global_bias"]
     span, side, length = 2 * window - 1, 4 * window - 1, height * width
     index = torch.empty(length, length, dtype=torch.long)
@@ -267,7 +269,9 @@ def test_paths_that_cannot_run_fail_clearly():
     with pytest.raises(ValueError, match="'flex' longformer implementation runs on CUDA tensors only, got cpu"):
         _run("flex", tensors, 9, 13, 5, False, None, True)
     with pytest.raises(ValueError, match="'blocked' longformer implementation has no attention dropout"):
-        longformer_attention(*(tensors[n] for n in list(tensors)[:5]), 9, 13, 5, dropout_p=0.1, implementation="blocked")
+        longformer_attention(
+            *(tensors[n] for n in list(tensors)[:5]), 9, 13, 5, dropout_p=0.1, implementation="blocked"
+        )
     with pytest.raises(ValueError, match="the map is 9x12"):
         _run("blocked", tensors, 9, 12, 5, False, None, True)
 
@@ -314,7 +318,9 @@ def test_blocked_path_in_head_groups_of_every_size(monkeypatch):
     for budget_heads, group in ((1, 1), (2, 2), (4, 3), (5, 5)):  # 5 heads: groups 1x5, 2+2+1, 3+2, 5
         monkeypatch.setattr(blocked, "_GROUP_BYTES", 0)
         assert blocked._heads_per_group(layout, 8, 5, 8) == 1
-        per_head = (layout.chunk_rows * layout.chunk_cols * window**2 + 2 * layout.num_blocks * layout.block_keys) * 9 * 8
+        per_head = (
+            (layout.chunk_rows * layout.chunk_cols * window**2 + 2 * layout.num_blocks * layout.block_keys) * 9 * 8
+        )
         monkeypatch.setattr(blocked, "_GROUP_BYTES", budget_heads * per_head)
         assert blocked._heads_per_group(layout, 8, 5, 8) == group
         actual = _run("blocked", tensors, height, width, window, False, None, True)
@@ -416,7 +422,9 @@ def _fast_paths_with_extents():
 
 @pytest.mark.parametrize("implementation", _fast_paths_with_extents())
 @pytest.mark.parametrize("shape,window,num_global,exact,neighbor", EXTENT_CASES)
-def test_fast_paths_with_key_extents_match_reference(implementation, shape, window, num_global, exact, neighbor, monkeypatch):
+def test_fast_paths_with_key_extents_match_reference(
+    implementation, shape, window, num_global, exact, neighbor, monkeypatch
+):
     height, width = shape
     extents = _extents_for(height, width)
     seed = hash((shape, window, num_global, exact, neighbor)) % 2**31

@@ -12,7 +12,9 @@ SPARSE_ARCH = TINY_ARCH.replace("s0", "s1")  # longformer in every stage; absolu
 RPE_ARCH = SPARSE_ARCH.replace("a1", "a0")  # relative bias everywhere
 APE_ARCH = TINY_ARCH.replace("a0", "a1")  # absolute tables everywhere, full attention in stages 3-4
 GLOBAL_ARCH = RPE_ARCH.replace("g0", "g1")
-OTHER_ARCH = "l1,h2,d16,n1,s1,g1,p4,f2,a1_l2,h2,d16,n1,s1,g1,p2,f2,a1_l3,h2,d32,n1,s1,g1,p2,f2,a1_l4,h2,d32,n1,s1,g0,p2,f1,a1"
+OTHER_ARCH = (
+    "l1,h2,d16,n1,s1,g1,p4,f2,a1_l2,h2,d16,n1,s1,g1,p2,f2,a1_l3,h2,d32,n1,s1,g1,p2,f2,a1_l4,h2,d32,n1,s1,g0,p2,f1,a1"
+)
 
 # Four images padded into 128x128: the largest rows and columns come from different images, two
 # images have different pixel sizes but the same map sizes at every stage (one group), and no map
@@ -128,7 +130,10 @@ def test_padded_batch_gradients_are_the_sum_of_each_images_own():
     pixel_values, pixel_mask = _padded_batch(sizes)
     pixel_values = pixel_values.double()
     generator = torch.Generator().manual_seed(3)
-    weights = [torch.randn(m.shape[1:], generator=generator, dtype=torch.float64) for m in backbone(pixel_values[:1]).feature_maps]
+    weights = [
+        torch.randn(m.shape[1:], generator=generator, dtype=torch.float64)
+        for m in backbone(pixel_values[:1]).feature_maps
+    ]
 
     def weighted(maps, b):
         """A weighted sum of image b's maps, over whatever part of them the maps hold."""
@@ -169,5 +174,7 @@ def test_bad_pixel_masks_are_clear_errors():
     with pytest.raises(ValueError, match="pixel_mask of image 1 is all zeros"):
         backbone(pixel_values, pixel_mask=torch.stack([pixel_mask[0], torch.zeros_like(pixel_mask[0])]))
     narrow = _padded_batch([(64, 64), (64, 20)], 64, 64)[1]  # 20 px: 5, 2, 1 columns, then too few for p2
-    with pytest.raises(ValueError, match=r"Image 1 of the batch \(64x20 pixels by pixel_mask\) has a 4x1 map before stage 4"):
+    with pytest.raises(
+        ValueError, match=r"Image 1 of the batch \(64x20 pixels by pixel_mask\) has a 4x1 map before stage 4"
+    ):
         backbone(pixel_values, pixel_mask=narrow)

@@ -244,7 +244,10 @@ class ViLStage(nn.Module):
         if not all(layer.attention.supports_key_extents and not layer.attention.mixes_batch for layer in self.layers):
             return False
         if self.position_embeddings is not None:
-            rows, cols = self.position_embeddings.row_embeddings.shape[1], self.position_embeddings.column_embeddings.shape[1]
+            rows, cols = (
+                self.position_embeddings.row_embeddings.shape[1],
+                self.position_embeddings.column_embeddings.shape[1],
+            )
             return height <= rows and width <= cols
         return True
 
@@ -328,7 +331,6 @@ class ViLEncoder(nn.Module):
             hidden_states=hidden_states if output_hidden_states else None,
         )
 
-
     def _forward_padded_batch(self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]]) -> ViLEncoderOutput:
         """Feature maps of a padded batch: image b fills the top-left ``image_sizes[b]`` of the input.
 
@@ -367,7 +369,10 @@ class ViLEncoder(nn.Module):
         # back to the maps of the whole input
         padded_maps, (full_height, full_width) = (), full_size
         for stage, feature_map in zip(self.stages, feature_maps):
-            full_height, full_width = full_height // stage.patch_embeddings.patch_size, full_width // stage.patch_embeddings.patch_size
+            full_height, full_width = (
+                full_height // stage.patch_embeddings.patch_size,
+                full_width // stage.patch_embeddings.patch_size,
+            )
             pad = (0, full_width - feature_map.shape[-1], 0, full_height - feature_map.shape[-2])
             padded_maps += (F.pad(feature_map, pad) if any(pad) else feature_map,)
         return ViLEncoderOutput(feature_maps=padded_maps)

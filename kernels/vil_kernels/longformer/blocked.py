@@ -91,7 +91,7 @@ def _slot_geometry(window: int, neighbor: int | None, num_global: int, exact: bo
     chunks_per_block = len(offsets) // span
     slot_row, slot_col, slot_global = [], [], []
     for block in range(span):
-        for dr, dc in offsets[block * chunks_per_block:(block + 1) * chunks_per_block]:
+        for dr, dc in offsets[block * chunks_per_block : (block + 1) * chunks_per_block]:
             slot_row.append(dr * w + inner_row)
             slot_col.append(dc * w + inner_col)
             slot_global.append(torch.full((w * w,), -1))
@@ -231,7 +231,7 @@ def release_workspaces() -> None:
 
 def _heads_per_group(layout: _Layout, head_dim: int, heads: int, element_size: int) -> int:
     """Heads loaded together: as many as fit in _GROUP_BYTES of buffers, in groups of equal size."""
-    per_head = (layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys)
+    per_head = layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys
     per_head *= (head_dim + 1) * element_size
     most = max(1, min(heads, _GROUP_BYTES // per_head))
     groups = -(-heads // most)
@@ -291,7 +291,8 @@ def _exchange(tokens: torch.Tensor, grid: torch.Tensor, first_row: int, first_co
     top, left = (rows.start + first_row) * w, (cols.start + first_col) * w
     bottom, right = min(height, (rows.stop + first_row) * w), min(width, (cols.stop + first_col) * w)
     image = image[..., top:bottom, left:right, :]
-    grid = grid[..., rows.start : rows.stop, cols.start : cols.stop, :, :, :].transpose(-4, -3)  # (..., rows, W, cols, W, F)
+    # (..., rows, W, cols, W, F)
+    grid = grid[..., rows.start : rows.stop, cols.start : cols.stop, :, :, :].transpose(-4, -3)
     for image_rows, image_cols, chunk_rows, inner_rows, chunk_cols, inner_cols in _chunk_pieces(
         bottom - top, right - left, w
     ):
@@ -382,7 +383,9 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
         for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
             workspace.set_key_extent(_image_extent(key_extents, b, layout))
             heads_here = range(start, min(start + group, heads))
-            inputs = (t[b, heads_here.start : heads_here.stop] for t in (queries, keys, values, global_keys, global_values))
+            inputs = (
+                t[b, heads_here.start : heads_here.stop] for t in (queries, keys, values, global_keys, global_values)
+            )
             workspace.load(*inputs)
             for h, runs in zip(heads_here, workspace.forward_runs()):
                 head_bias = shared[h, None]  # (1, W^2, S)
@@ -400,7 +403,17 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
 
 
 def _blocked_backward(
-    grad_output, queries, keys, values, global_keys, global_values, shared, output, layout, key_extents, needs_grad_shared
+    grad_output,
+    queries,
+    keys,
+    values,
+    global_keys,
+    global_values,
+    shared,
+    output,
+    layout,
+    key_extents,
+    needs_grad_shared,
 ):
     """Gradients of the five inputs and of ``shared`` (None unless asked), recomputing each run's scores."""
     batch, heads, length, head_dim = queries.shape
@@ -476,9 +489,7 @@ class _BlockedLongformerAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grads = _blocked_backward(
-            grad_output, *ctx.saved_tensors, ctx.layout, ctx.key_extents, ctx.needs_input_grad[5]
-        )
+        grads = _blocked_backward(grad_output, *ctx.saved_tensors, ctx.layout, ctx.key_extents, ctx.needs_input_grad[5])
         return (*grads, None, None)
 
 
@@ -535,8 +546,17 @@ def _blocked_backward_operator(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _layout(height, width, window, neighbor, global_keys.shape[-2])
     *grads, grad_shared = _blocked_backward(
-        grad_output, queries, keys, values, global_keys, global_values, shared, output, layout,
-        _extents_list(key_extents), needs_grad_shared,
+        grad_output,
+        queries,
+        keys,
+        values,
+        global_keys,
+        global_values,
+        shared,
+        output,
+        layout,
+        _extents_list(key_extents),
+        needs_grad_shared,
     )
     return (*grads, torch.zeros_like(shared) if grad_shared is None else grad_shared)
 
@@ -600,8 +620,15 @@ def longformer_attention_blocked(
         raise ValueError(f"local_queries hold {length} tokens, but the map is {height}x{width}.")
     num_global = global_keys.shape[-2]
     shared = _shared_scores_bias(
-        window, neighbor, num_global, exact, heads, local_queries.dtype, local_queries.device,
-        relative_bias_table, local_to_global_bias,
+        window,
+        neighbor,
+        num_global,
+        exact,
+        heads,
+        local_queries.dtype,
+        local_queries.device,
+        relative_bias_table,
+        local_to_global_bias,
     )
     tensors = (local_queries, local_keys, local_values, global_keys, global_values, shared)
     if torch.compiler.is_compiling():

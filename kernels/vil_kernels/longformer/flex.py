@@ -110,7 +110,9 @@ def longformer_attention_flex(
 ) -> torch.Tensor:
     """FlexAttention path (CUDA). Shapes as in :func:`vil_kernels.longformer_attention`."""
     if not flex_available():
-        raise RuntimeError("The 'flex' longformer implementation needs torch >= 2.5 (torch.nn.attention.flex_attention).")
+        raise RuntimeError(
+            "The 'flex' longformer implementation needs torch >= 2.5 (torch.nn.attention.flex_attention)."
+        )
     if compiled and local_queries.device.type != "cuda":
         raise ValueError(
             f"The 'flex' longformer implementation runs on CUDA tensors only, got {local_queries.device.type} "

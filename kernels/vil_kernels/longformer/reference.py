@@ -82,7 +82,9 @@ def longformer_attention_reference(
     num_global = global_keys.shape[-2]
     device = local_queries.device
 
-    def slab(queries, keys, values, global_keys, global_values, table, to_global_bias, extents, first_row, key_first_row):
+    def slab(
+        queries, keys, values, global_keys, global_values, table, to_global_bias, extents, first_row, key_first_row
+    ):
         # queries: (B, H, Lq, M) on map rows first_row...; keys, values: (B, H, Lk, M) from key_first_row
         query_rows = torch.arange(first_row, first_row + queries.shape[-2] // width, device=device)
         key_rows = torch.arange(key_first_row, key_first_row + keys.shape[-2] // width, device=device)

@@ -82,7 +82,9 @@ class ViLFullAttention(ViLAttentionBase):
         bias = self.relative_bias(height, width) if self.use_relative_bias else None
         if key_extents is not None:
             if self.use_relative_bias:
-                raise ValueError("Full attention with relative position bias cannot mask keys: run each image size alone.")
+                raise ValueError(
+                    "Full attention with relative position bias cannot mask keys: run each image size alone."
+                )
             inside = extent_mask(key_extents, height, width).flatten(1)  # (B, L)
             globals_seen = inside.new_ones(batch, length - height * width)
             bias = torch.cat([globals_seen, inside], dim=1)[:, None, None]  # (B, 1, 1, G + L): True = attend
