@@ -134,7 +134,9 @@ def test_reference_mask_is_the_spec_rule(exact, neighbor):
 
 def _dense_over_whole_map(tensors, height, width, window, exact, neighbor):
     """The rule over all L x L pairs at once, bias pair by pair: what the reference computes in slabs."""
-    q, k, v, gk, gv = (tensors[n] for n in ("local_queries", "local_keys", "local_values", "global_keys", "global_values"))
+    q, k, v, gk, gv = (
+        tensors[n] for n in ("local_queries", "local_keys", "local_values", "global_keys", "global_values")
+    )
     table, to_global = tensors["relative_bias_table"], tensors["local_to_global_bias"]
     span, side, length = 2 * window - 1, 4 * window - 1, height * width
     index = torch.empty(length, length, dtype=torch.long)
@@ -267,7 +269,9 @@ def test_paths_that_cannot_run_fail_clearly():
     with pytest.raises(ValueError, match="'flex' longformer implementation runs on CUDA tensors only, got cpu"):
         _run("flex", tensors, 9, 13, 5, False, None, True)
     with pytest.raises(ValueError, match="'blocked' longformer implementation has no attention dropout"):
-        longformer_attention(*(tensors[n] for n in list(tensors)[:5]), 9, 13, 5, dropout_p=0.1, implementation="blocked")
+        longformer_attention(
+            *(tensors[n] for n in list(tensors)[:5]), 9, 13, 5, dropout_p=0.1, implementation="blocked"
+        )
     with pytest.raises(ValueError, match="the map is 9x12"):
         _run("blocked", tensors, 9, 12, 5, False, None, True)
 
@@ -314,7 +318,9 @@ def test_blocked_path_in_head_groups_of_every_size(monkeypatch):
     for budget_heads, group in ((1, 1), (2, 2), (4, 3), (5, 5)):  # 5 heads: groups 1x5, 2+2+1, 3+2, 5
         monkeypatch.setattr(blocked, "_GROUP_BYTES", 0)
         assert blocked._heads_per_group(layout, 8, 5, 8) == 1
-        per_head = (layout.chunk_rows * layout.chunk_cols * window**2 + 2 * layout.num_blocks * layout.block_keys) * 9 * 8
+        per_head = (
+            (layout.chunk_rows * layout.chunk_cols * window**2 + 2 * layout.num_blocks * layout.block_keys) * 9 * 8
+        )
         monkeypatch.setattr(blocked, "_GROUP_BYTES", budget_heads * per_head)
         assert blocked._heads_per_group(layout, 8, 5, 8) == group
         actual = _run("blocked", tensors, height, width, window, False, None, True)
@@ -336,3 +342,186 @@ def test_blocked_workspaces_are_reused_and_can_be_released():
     torch.testing.assert_close(second, first, rtol=0, atol=0)
     blocked.release_workspaces()
     assert len(blocked._workspaces.cache) == 0
+
+
+# Per-image key extents: in a padded batch each image sees only its own top-left rectangle.
+EXTENT_CASES = [
+    (shape, window, num_global, exact, neighbor)
+    for (shape, window), num_global, (exact, neighbor) in itertools.product(
+        [((9, 13), 3), ((15, 11), 5)], (0, 1, 2), ((False, None), (True, None), (False, 6))
+    )
+]
+
+
+def _extents_for(height, width):
+    """Three images: the whole map, one cut inside a chunk, one of a few tokens (its far windows are empty)."""
+    return torch.tensor([[height, width], [height - 3, width - 4], [2, 3]])
+
+
+def _crop(tokens, b, width, rows, cols):
+    """Image b's (1, H, rows*cols, M) tokens out of (B, H, height*width, M)."""
+    heads, head_dim = tokens.shape[1], tokens.shape[-1]
+    return tokens[b : b + 1].unflatten(2, (-1, width))[:, :, :rows, :cols].reshape(1, heads, rows * cols, head_dim)
+
+
+def _inside(extents, height, width):
+    """(B, 1, L, 1) boolean: the token lies inside its image's extent."""
+    rows, cols = torch.arange(height)[:, None], torch.arange(width)[None]
+    inside = (rows < extents[:, 0, None, None]) & (cols < extents[:, 1, None, None])
+    return inside.flatten(1)[:, None, :, None]
+
+
+def _run_with_extents(implementation, tensors, height, width, window, exact, neighbor, key_extents):
+    names = ("local_queries", "local_keys", "local_values", "global_keys", "global_values")
+    return longformer_attention(
+        *(tensors[n] for n in names),
+        height,
+        width,
+        window,
+        exact=exact,
+        neighbor=neighbor,
+        relative_bias_table=tensors["relative_bias_table"],
+        local_to_global_bias=tensors["local_to_global_bias"],
+        implementation=implementation,
+        key_extents=key_extents,
+    )
+
+
+@pytest.mark.parametrize("shape,window,num_global,exact,neighbor", EXTENT_CASES)
+def test_reference_with_key_extents_is_the_reference_on_each_cropped_map(shape, window, num_global, exact, neighbor):
+    height, width = shape
+    extents = _extents_for(height, width)
+    tensors = _inputs(3, 2, height, width, num_global, 4, window, torch.float64, 11)
+    batched = _run_with_extents("reference", tensors, height, width, window, exact, neighbor, extents)
+    assert torch.isfinite(batched).all()  # queries beyond the extent are don't-care, but finite
+    inside = _inside(extents, height, width)
+    grad_output = torch.randn_like(batched) * inside  # only the outputs inside the extents count
+    batched_grads = _grads(batched, tensors, grad_output)
+    for b, (rows, cols) in enumerate(extents.tolist()):
+        alone = {n: t.detach().clone().requires_grad_() for n, t in tensors.items()}
+        image = {n: _crop(alone[n], b, width, rows, cols) for n in ("local_queries", "local_keys", "local_values")}
+        image |= {n: alone[n][b : b + 1] for n in ("global_keys", "global_values")}
+        image |= {n: alone[n] for n in ("relative_bias_table", "local_to_global_bias")}
+        expected = _run("reference", image, rows, cols, window, exact, neighbor, True)
+        torch.testing.assert_close(_crop(batched, b, width, rows, cols), expected, rtol=1e-12, atol=1e-12)
+        # gradients of image b alone: its own part of the batched gradient
+        image_grad_output = _crop(grad_output, b, width, rows, cols)
+        expected.backward(image_grad_output)
+        for name in ("local_queries", "local_keys", "local_values"):
+            torch.testing.assert_close(
+                batched_grads[name][b : b + 1], alone[name].grad[b : b + 1], rtol=1e-10, atol=1e-10, msg=name
+            )
+        for name in ("global_keys", "global_values"):
+            torch.testing.assert_close(batched_grads[name][b], alone[name].grad[b], rtol=1e-10, atol=1e-10, msg=name)
+
+
+def _fast_paths_with_extents():
+    """Every CPU path, and the blocked kernel's custom operator (what torch.compile and torch.export run)."""
+    return CPU_PATHS + ["blocked-operator"]
+
+
+@pytest.mark.parametrize("implementation", _fast_paths_with_extents())
+@pytest.mark.parametrize("shape,window,num_global,exact,neighbor", EXTENT_CASES)
+def test_fast_paths_with_key_extents_match_reference(
+    implementation, shape, window, num_global, exact, neighbor, monkeypatch
+):
+    height, width = shape
+    extents = _extents_for(height, width)
+    seed = hash((shape, window, num_global, exact, neighbor)) % 2**31
+    tensors = _inputs(3, 3, height, width, num_global, 8, window, torch.float64, seed)
+    expected = _run_with_extents("reference", tensors, height, width, window, exact, neighbor, extents)
+    if implementation == "blocked-operator":
+        implementation = "blocked"
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    actual = _run_with_extents(implementation, tensors, height, width, window, exact, neighbor, extents)
+    monkeypatch.undo()
+    assert torch.isfinite(actual).all()
+    inside = _inside(extents, height, width)
+    torch.testing.assert_close(actual * inside, expected * inside, rtol=1e-10, atol=1e-10)
+
+    grad_output = torch.randn_like(expected) * inside
+    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
+    for name in tensors:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+def test_blocked_workspace_forgets_an_images_extent():
+    """The extent flags live in cached buffers: a later call without extents must see every key again."""
+    from vil_kernels.longformer import blocked
+
+    blocked.release_workspaces()
+    height, width, window = 11, 16, 5
+    tensors = _inputs(2, 3, height, width, 1, 8, window, torch.float64, 4)
+    extents = torch.tensor([[4, 7], [height, 9]])
+    expected = _run("reference", tensors, height, width, window, False, None, True)
+    grad_output = torch.randn_like(expected)
+    expected_grads = _grads(expected, tensors, grad_output)
+    masked = _run_with_extents("blocked", tensors, height, width, window, False, None, extents)
+    _grads(masked, tensors, torch.randn_like(masked))
+    assert len(blocked._workspaces.cache) == 1  # the same workspace serves the next call
+    actual = _run("blocked", tensors, height, width, window, False, None, True)
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
+    actual_grads = _grads(actual, tensors, grad_output)
+    for name in tensors:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("shape,window,num_global,exact,neighbor", EXTENT_CASES[::2])
+def test_flex_with_key_extents_matches_reference_on_cpu(shape, window, num_global, exact, neighbor):
+    height, width = shape
+    extents = _extents_for(height, width)
+    tensors = {n: t.detach() for n, t in _inputs(3, 2, height, width, num_global, 8, window, torch.float32, 2).items()}
+    names = ("local_queries", "local_keys", "local_values", "global_keys", "global_values")
+    with torch.no_grad():
+        expected = _run_with_extents("reference", tensors, height, width, window, exact, neighbor, extents)
+        actual = longformer_attention_flex(
+            *(tensors[n] for n in names),
+            height,
+            width,
+            window,
+            exact=exact,
+            neighbor=neighbor,
+            relative_bias_table=tensors["relative_bias_table"],
+            local_to_global_bias=tensors["local_to_global_bias"],
+            key_extents=extents,
+            compiled=False,
+        )
+    inside = _inside(extents, height, width)
+    assert torch.isfinite(actual).all()
+    torch.testing.assert_close(actual * inside, expected * inside, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_key_extents_are_clear_errors():
+    tensors = _inputs(2, 1, 9, 13, 1, 4, 5, torch.float32, 0)
+    with pytest.raises(ValueError, match=r"key_extents must be a \(2, 2\) integer tensor"):
+        _run_with_extents("blocked", tensors, 9, 13, 5, False, None, torch.tensor([[9, 13]]))
+    with pytest.raises(ValueError, match=r"key_extents must be a \(2, 2\) integer tensor"):
+        _run_with_extents("blocked", tensors, 9, 13, 5, False, None, torch.tensor([[9.0, 13.0], [9.0, 13.0]]))
+    with pytest.raises(ValueError, match=r"key_extents must lie in \[1, 9\] x \[1, 13\]"):
+        _run_with_extents("reference", tensors, 9, 13, 5, False, None, torch.tensor([[9, 13], [10, 13]]))
+    with pytest.raises(ValueError, match=r"key_extents must lie in"):
+        _run_with_extents("vectorized", tensors, 9, 13, 5, False, None, torch.tensor([[9, 13], [0, 4]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flex path runs on CUDA; no GPU here")
+def test_gpu_paths_with_key_extents_match_reference():
+    for shape, window, num_global, exact, neighbor in EXTENT_CASES[::5]:
+        height, width = shape
+        extents = _extents_for(height, width)
+        tensors = _inputs(3, 2, height, width, num_global, 16, window, torch.float32, 3)
+        expected = _run_with_extents("reference", tensors, height, width, window, exact, neighbor, extents)
+        inside = _inside(extents, height, width)
+        grad_output = torch.randn_like(expected) * inside
+        expected_grads = _grads(expected, tensors, grad_output)
+        on_gpu = {n: t.detach().cuda().requires_grad_() for n, t in tensors.items()}
+        for implementation in ("flex", "blocked"):
+            case = f"{implementation} {shape} W{window} G{num_global} exact={exact} neighbor={neighbor}"
+            actual = _run_with_extents(implementation, on_gpu, height, width, window, exact, neighbor, extents.cuda())
+            assert torch.isfinite(actual).all(), case
+            torch.testing.assert_close(actual.cpu() * inside, expected * inside, rtol=2e-5, atol=2e-5, msg=case)
+            actual_grads = _grads(actual, on_gpu, grad_output.cuda())
+            for name in tensors:
+                torch.testing.assert_close(
+                    actual_grads[name].cpu(), expected_grads[name], rtol=2e-4, atol=2e-4, msg=f"{case} {name}"
+                )

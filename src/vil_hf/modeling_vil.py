@@ -22,6 +22,7 @@ from .attention import (
     ViLLongformerAttention,
     ViLPerformerAttention,
 )
+from .attention.base import extent_mask
 from .configuration_vil import ViLConfig
 
 
@@ -130,10 +131,29 @@ class ViLAbsolutePositionEmbeddings(nn.Module):
 
     @staticmethod
     def _fit(table: torch.Tensor, length: int) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return ViLAbsolutePositionEmbeddings._fit_without_branch(table, length)
         if length <= table.shape[1]:
             return table[:, :length]
         resized = F.interpolate(table.transpose(1, 2), size=length, mode="linear", align_corners=False)
         return resized.transpose(1, 2)
+
+    @staticmethod
+    def _fit_without_branch(table: torch.Tensor, length: int) -> torch.Tensor:
+        """``_fit`` as one formula, for torch.compile / torch.export, where the length may be symbolic.
+
+        Linear resizing (align_corners=False) reads entry i at source position
+        (i + 1/2) * rows / length - 1/2; taking (i + 1/2) * min(1, rows / length) instead gives
+        exactly i for maps no larger than the table (their first rows), the resized table otherwise.
+        """
+        rows = table.shape[1]
+        half = torch.arange(length, device=table.device, dtype=torch.float32) + 0.5
+        scale = rows / torch.full((), length, device=table.device, dtype=torch.float32)  # as F.interpolate rounds it
+        source = (torch.minimum(half, half * scale) - 0.5).clamp(min=0)
+        low = source.floor().long().clamp(max=rows - 1)
+        high = (low + 1).clamp(max=rows - 1)
+        weight = (source - low)[None, :, None].to(table.dtype)
+        return table[:, low] * (1 - weight) + table[:, high] * weight
 
     def forward(self, height: int, width: int) -> torch.Tensor:
         rows = self._fit(self.row_embeddings, height)  # (1, h, d/2)
@@ -178,6 +198,10 @@ class ViLLayer(GradientCheckpointingLayer):
 
     def _feed_forward_chunk(self, hidden_states: torch.Tensor) -> int:
         """Tokens per chunk of the LayerNorm + MLP branch (see ``ViLConfig.chunk_size_feed_forward``)."""
+        if torch.compiler.is_compiling():
+            # chunks change speed only; a traced graph (torch.compile, torch.export) must not depend
+            # on how many tokens a symbolic size holds, and the compiler schedules memory itself
+            return hidden_states.shape[1]
         if self.chunk_size_feed_forward:
             return self.chunk_size_feed_forward
         if hidden_states.device.type != "cpu":
@@ -193,10 +217,13 @@ class ViLLayer(GradientCheckpointingLayer):
         parts = hidden_states.split(chunk, dim=1)
         return torch.cat([self.mlp(self.layernorm_after(part)) for part in parts], dim=1)
 
-    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, key_extents: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # Residuals are added in place into the branch outputs: fresh tensors that no backward needs,
         # so each block allocates two (B, G + L, d) tensors fewer.
-        attention_output = self.drop_path(self.attention(self.layernorm_before(hidden_states), height, width))
+        extents = () if key_extents is None else (key_extents,)  # only attention types that mask keys get one
+        attention_output = self.drop_path(self.attention(self.layernorm_before(hidden_states), height, width, *extents))
         hidden_states = attention_output.add_(hidden_states)
         return self.drop_path(self.feed_forward(hidden_states)).add_(hidden_states)
 
@@ -218,9 +245,36 @@ class ViLStage(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.layers = nn.ModuleList(ViLLayer(config, stage_index, rate) for rate in drop_path_rates)
 
-    def forward(self, feature_map: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def masks_keys(self, height: int, width: int) -> bool:
+        """Whether masking keys beyond each image's extent gives every image of a padded batch, on a
+        ``height`` x ``width`` map, exactly its result alone.
+
+        Not where the attention has no such mask or mixes the images of a batch, nor where an
+        absolute table would be stretched to the map (a map larger than the table is interpolated
+        to its own size, so the batch's map and an image's own differ).
+        """
+        if not all(layer.attention.supports_key_extents and not layer.attention.mixes_batch for layer in self.layers):
+            return False
+        if self.position_embeddings is not None:
+            rows, cols = (
+                self.position_embeddings.row_embeddings.shape[1],
+                self.position_embeddings.column_embeddings.shape[1],
+            )
+            return height <= rows and width <= cols
+        return True
+
+    @property
+    def mixes_batch(self) -> bool:
+        return any(layer.attention.mixes_batch for layer in self.layers)
+
+    def forward(
+        self, feature_map: torch.Tensor, key_extents: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The patch-embedded local tokens (B, L, d), the stage's output tokens (B, G + L, d), and its
-        local output tokens as an NCHW map (B, d, h, w)."""
+        local output tokens as an NCHW map (B, d, h, w).
+
+        key_extents: (B, 2) valid (rows, cols) of each image on this stage's map, or None (see masks_keys).
+        """
         local_tokens, height, width = self.patch_embeddings(feature_map)  # (B, L, d)
         batch = local_tokens.shape[0]
         hidden_states = local_tokens
@@ -229,8 +283,9 @@ class ViLStage(nn.Module):
         if self.position_embeddings is not None:
             hidden_states = hidden_states + self.position_embeddings(height, width)
         hidden_states = self.dropout(hidden_states)
+        extents = () if key_extents is None else (key_extents,)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, height, width)
+            hidden_states = layer(hidden_states, height, width, *extents)
         # the next stage starts from the local tokens only: global tokens are never carried over
         local_map = tokens_to_map(hidden_states[:, self.num_global_tokens :], height, width)
         return local_tokens, hidden_states, local_map
@@ -271,10 +326,15 @@ class ViLEncoder(nn.Module):
             self.calls_since_last_redraw += 1
 
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool = False, output_stem: bool = False
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool = False,
+        output_stem: bool = False,
+        image_sizes: list[tuple[int, int]] | None = None,
     ) -> ViLEncoderOutput:
         """`feature_maps` (and `hidden_states`) follow `stage_names`; the stem's entry is None unless it is asked
-        for (`output_stem` or `output_hidden_states`), so that inference does not keep stage 1's embedding."""
+        for (`output_stem` or `output_hidden_states`), so that inference does not keep stage 1's embedding.
+        With `image_sizes`, a padded batch (see `_forward_padded_batch`)."""
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
             raise ValueError(
                 f"pixel_values must have shape (batch, {self.num_channels}, height, width), got {tuple(pixel_values.shape)}."
@@ -282,6 +342,8 @@ class ViLEncoder(nn.Module):
         if self.has_performer and self.training and self.performer_redraw_interval is not None:
             self.check_redraw_projections()
         output_stem = output_stem or output_hidden_states
+        if image_sizes is not None:
+            return self._forward_padded_batch(pixel_values, image_sizes, output_stem)
         feature_map, feature_maps, hidden_states = pixel_values, (), ()
         tokens = None
         for stage in self.stages:
@@ -296,6 +358,83 @@ class ViLEncoder(nn.Module):
             feature_maps=feature_maps,
             hidden_states=hidden_states if output_hidden_states else None,
         )
+
+    def _forward_padded_batch(
+        self, pixel_values: torch.Tensor, image_sizes: list[tuple[int, int]], output_stem: bool = False
+    ) -> ViLEncoderOutput:
+        """Feature maps of a padded batch: image b fills the top-left ``image_sizes[b]`` of the input.
+
+        Each image's maps equal, within its extent, those of the image cropped and run alone; beyond
+        it they are zero. Per stage: where every image fills the map, the plain stage; where masking
+        keys beyond each image's extent suffices (``ViLStage.masks_keys``), one masked run; else the
+        images of each extent (each image alone where the attention mixes the batch) run on their
+        cropped maps. Only the feature maps are returned (tokens beyond an extent are not defined); the
+        stem's is None unless ``output_stem``.
+        """
+        full_size = tuple(pixel_values.shape[-2:])
+        # nothing beyond the largest extent reaches any image's maps: crop to it, pad back at the end
+        feature_map = pixel_values[:, :, : max(r for r, _ in image_sizes), : max(c for _, c in image_sizes)]
+        sizes, feature_maps = list(image_sizes), (None,)
+        if output_stem:
+            # the patch embedding is per position: one run gives every image's own, zeroed beyond it
+            first = self.stages[0].patch_embeddings
+            embedded, height, width = first(feature_map)
+            extents = torch.tensor([(r // first.patch_size, c // first.patch_size) for r, c in sizes])
+            stem = tokens_to_map(embedded, height, width)
+            feature_maps = (stem.masked_fill(~extent_mask(extents.to(stem.device), height, width)[:, None], 0.0),)
+        for index, stage in enumerate(self.stages):
+            patch = stage.patch_embeddings.patch_size
+            for b, (rows, cols) in enumerate(sizes):
+                if rows < patch or cols < patch:
+                    raise ValueError(
+                        f"Image {b} of the batch ({image_sizes[b][0]}x{image_sizes[b][1]} pixels by pixel_mask) has a "
+                        f"{rows}x{cols} map before stage {index + 1}, smaller than its patch size {patch}; ViL needs "
+                        "images of at least the total stride (32 px for the published models) on each side."
+                    )
+            sizes = [(rows // patch, cols // patch) for rows, cols in sizes]
+            height, width = feature_map.shape[-2] // patch, feature_map.shape[-1] // patch  # the batch's map
+            if all(size == (height, width) for size in sizes):
+                _, _, feature_map = stage(feature_map)
+            elif stage.masks_keys(height, width):
+                key_extents = torch.tensor(sizes, device=feature_map.device)  # (B, 2)
+                _, _, feature_map = stage(feature_map, key_extents)
+                # tokens beyond an extent hold don't-care values: zero them, as the contract says
+                feature_map = feature_map.masked_fill(~extent_mask(key_extents, height, width)[:, None], 0.0)
+            else:
+                feature_map = self._stage_per_image_size(stage, feature_map, sizes, height, width)
+            feature_maps += (feature_map,)
+
+        # back to the maps of the whole input
+        full_sizes, (full_height, full_width) = [], full_size
+        for stage in self.stages:
+            full_height //= stage.patch_embeddings.patch_size
+            full_width //= stage.patch_embeddings.patch_size
+            full_sizes.append((full_height, full_width))
+        padded_maps = ()
+        for feature_map, (full_height, full_width) in zip(feature_maps, [full_sizes[0], *full_sizes]):  # stem: stage 1's size
+            if feature_map is not None:
+                pad = (0, full_width - feature_map.shape[-1], 0, full_height - feature_map.shape[-2])
+                feature_map = F.pad(feature_map, pad) if any(pad) else feature_map
+            padded_maps += (feature_map,)
+        return ViLEncoderOutput(feature_maps=padded_maps)
+
+    @staticmethod
+    def _stage_per_image_size(
+        stage: "ViLStage", feature_map: torch.Tensor, sizes: list[tuple[int, int]], height: int, width: int
+    ) -> torch.Tensor:
+        """The stage on each group of images of one extent, cropped, zero-padded back to (B, d, height, width)."""
+        patch = stage.patch_embeddings.patch_size
+        groups: dict[object, list[int]] = {}
+        for b, size in enumerate(sizes):
+            groups.setdefault(b if stage.mixes_batch else size, []).append(b)
+        output = None
+        for images in groups.values():
+            rows, cols = sizes[images[0]]
+            _, _, group_map = stage(feature_map[images, :, : rows * patch, : cols * patch])  # (n, d, rows, cols)
+            if output is None:
+                output = group_map.new_zeros(len(sizes), group_map.shape[1], height, width)
+            output[images, :, :rows, :cols] = group_map
+        return output
 
 
 class ViLPreTrainedModel(PreTrainedModel):
@@ -439,14 +578,51 @@ class ViLForImageClassification(ViLPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+def image_sizes_from_pixel_mask(pixel_mask: torch.Tensor, pixel_values: torch.Tensor) -> list[tuple[int, int]]:
+    """(rows, cols) of each image of a padded batch, from its (B, H, W) ``pixel_mask``.
+
+    The mask is 1 on each image's top-left-anchored rectangle, as image processors pad; anything
+    else is an error, since the maps could not be those of the image alone.
+    """
+    batch, height, width = pixel_values.shape[0], *pixel_values.shape[-2:]
+    if pixel_mask.shape != (batch, height, width):
+        raise ValueError(
+            f"pixel_mask must have shape (batch, height, width) = {(batch, height, width)} to match pixel_values "
+            f"{tuple(pixel_values.shape)}, got {tuple(pixel_mask.shape)}."
+        )
+    mask = pixel_mask.bool()
+    rows, cols = mask.any(2).sum(1), mask.any(1).sum(1)  # (B,) each
+    rectangles = extent_mask(torch.stack([rows, cols], dim=1), height, width)
+    if not torch.equal(rectangles, mask):
+        bad = int((rectangles != mask).flatten(1).any(1).nonzero()[0])
+        raise ValueError(
+            f"pixel_mask of image {bad} is not a top-left-anchored rectangle of ones; ViL takes images padded at the "
+            "bottom and right (as the image processors pad), with pixel_mask 1 on the image and 0 on the padding."
+        )
+    sizes = list(zip(rows.tolist(), cols.tolist()))
+    empty = [b for b, (r, c) in enumerate(sizes) if r == 0 or c == 0]
+    if empty:
+        raise ValueError(f"pixel_mask of image {empty[0]} is all zeros: the image has no pixels.")
+    return sizes
+
+
 class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
     """ViL as a feature extractor: NCHW maps of the requested `stage_names` ("stem", "stage1", ...).
 
     As in the original detection backbone, the maps carry no extra normalisation. The stem is stage 1's
     patch embedding (the tokens before stage 1's blocks); each stage's map holds its local output tokens.
+
+    Padded batches: with ``pixel_mask`` (B, H, W), 1 on each image's top-left rectangle, each
+    image's maps equal, within its extent, the maps of the image cropped to its rectangle and run
+    alone (stage extents follow the patch embeddings: floor division by each patch size), and are
+    zero beyond it. Attention masks the keys beyond each image's extent where that suffices
+    (longformer and global attention; full attention and absolute tables as long as the map needs
+    no resizing), and runs the images of each extent on their own, cropped, elsewhere.
     """
 
     has_attentions = False
+    # The detectors give their padded batches with pixel_mask and rely on the contract above.
+    supports_pixel_mask = True
     _keys_to_ignore_on_load_unexpected = [r"^layernorm\.", r"^classifier\."]
 
     def __init__(self, config: ViLConfig):
@@ -459,6 +635,7 @@ class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
+        pixel_mask: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
@@ -468,8 +645,16 @@ class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
+        image_sizes = None
+        if pixel_mask is not None:
+            image_sizes = image_sizes_from_pixel_mask(pixel_mask, pixel_values)
+            if all(size == tuple(pixel_values.shape[-2:]) for size in image_sizes):
+                image_sizes = None  # every image fills the input: the plain computation
         encoded = self.encoder(
-            pixel_values, output_hidden_states=False, output_stem=output_hidden_states or "stem" in self.out_features
+            pixel_values,
+            output_hidden_states=False,
+            output_stem=output_hidden_states or "stem" in self.out_features,
+            image_sizes=image_sizes,
         )
         feature_maps = tuple(
             feature_map
@@ -482,4 +667,10 @@ class ViLBackbone(BackboneMixin, ViLPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-__all__ = ["ViLBackbone", "ViLForImageClassification", "ViLModel", "ViLPreTrainedModel"]
+__all__ = [
+    "ViLBackbone",
+    "ViLForImageClassification",
+    "ViLModel",
+    "ViLPreTrainedModel",
+    "image_sizes_from_pixel_mask",
+]

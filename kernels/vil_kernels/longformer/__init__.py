@@ -8,7 +8,14 @@ import torch
 
 from .blocked import longformer_attention_blocked
 from .flex import flex_available, longformer_attention_flex
-from .geometry import NEIGHBOR_OFFSETS, chunk_geometry, relative_bias_index, relative_bias_table_size
+from .geometry import (
+    NEIGHBOR_OFFSETS,
+    check_key_extents,
+    chunk_geometry,
+    keys_inside,
+    relative_bias_index,
+    relative_bias_table_size,
+)
 from .reference import allowed_keys, longformer_attention_reference
 from .vectorized import longformer_attention_vectorized
 
@@ -68,6 +75,7 @@ def longformer_attention(
     local_to_global_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     implementation: str = "auto",
+    key_extents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of every local query over its key window and all global tokens.
 
@@ -81,14 +89,21 @@ def longformer_attention(
             chunk ``NEIGHBOR_OFFSETS[neighbor]`` (training-time random shifting).
         relative_bias_table: ((4W-1)^2, H) bias added to local-local scores, or None.
         local_to_global_bias: (H, G) bias added to local-global scores, or None.
+        key_extents: (B, 2) integer tensor, or None: the valid (rows, cols) of each image of the
+            batch, a top-left-anchored part of the map. Local keys beyond it are masked for all
+            queries of that image, so that inside its extent each image gets what the attention
+            gives on its map cropped to the extent. Outputs of queries beyond the extent are
+            unspecified (finite); ignore them.
 
     Returns:
         (B, H, L, M) context of the local queries.
     """
     if exact and neighbor is not None:
         raise ValueError("The exact window and random shifting cannot be combined (the original rejects it too).")
+    check_key_extents(key_extents, local_queries.shape[0], height, width)
     name, reason = resolve_implementation(implementation, local_queries.device, dropout_p)
-    logger.debug("longformer attention: %s (%s), map %dx%d, window %d", name, reason, height, width, window)
+    if not torch.compiler.is_compiling():  # no logging inside traced code
+        logger.debug("longformer attention: %s (%s), map %dx%d, window %d", name, reason, height, width, window)
     return IMPLEMENTATIONS[name](
         local_queries,
         local_keys,
@@ -103,6 +118,7 @@ def longformer_attention(
         relative_bias_table=relative_bias_table,
         local_to_global_bias=local_to_global_bias,
         dropout_p=dropout_p,
+        key_extents=key_extents,
     )
 
 
@@ -112,6 +128,7 @@ __all__ = [
     "allowed_keys",
     "chunk_geometry",
     "flex_available",
+    "keys_inside",
     "longformer_attention",
     "longformer_attention_blocked",
     "longformer_attention_flex",

@@ -78,31 +78,20 @@ def _layout(height: int, width: int, window: int, neighbor: int | None, num_glob
 
 
 @lru_cache(maxsize=64)
-def _padding_map(layout: _Layout, device: str) -> torch.Tensor:
-    """((mx+2) W, (my+2) W) bool: the zero padding around the map in the padded key image."""
-    w = layout.window
-    rows = torch.arange((layout.chunk_rows + 2) * w)
-    cols = torch.arange((layout.chunk_cols + 2) * w)
-    inside_rows = (rows >= w) & (rows < w + layout.height)
-    inside_cols = (cols >= w) & (cols < w + layout.width)
-    return (~(inside_rows[:, None] & inside_cols[None])).to(device)
-
-
-@lru_cache(maxsize=64)
-def _slot_geometry(layout: _Layout, exact: bool, device: str):
+def _slot_geometry(window: int, neighbor: int | None, num_global: int, exact: bool, device: str):
     """Per (query slot, key slot): bias-table row (W^2, S), allowed (W^2, S), global index or -1 (S,)."""
-    w, g = layout.window, layout.num_global
+    w, g = window, num_global
     inner_row = torch.arange(w).repeat_interleave(w)
     inner_col = torch.arange(w).repeat(w)
-    if layout.neighbor is None:
+    if neighbor is None:
         # slot order: dj (block t + dj), then [di-th chunk of the block, inner position | global]
-        offsets = [(di - 1, dj - 1) for dj in range(3) for di in range(3)]
+        offsets, span = [(di - 1, dj - 1) for dj in range(3) for di in range(3)], 3
     else:
-        offsets = list(chunk_offsets(layout.neighbor))
-    chunks_per_block = len(offsets) // layout.span
+        offsets, span = list(chunk_offsets(neighbor)), 1
+    chunks_per_block = len(offsets) // span
     slot_row, slot_col, slot_global = [], [], []
-    for block in range(layout.span):
-        for dr, dc in offsets[block * chunks_per_block:(block + 1) * chunks_per_block]:
+    for block in range(span):
+        for dr, dc in offsets[block * chunks_per_block : (block + 1) * chunks_per_block]:
             slot_row.append(dr * w + inner_row)
             slot_col.append(dc * w + inner_col)
             slot_global.append(torch.full((w * w,), -1))
@@ -123,16 +112,23 @@ def _slot_geometry(layout: _Layout, exact: bool, device: str):
     return bias_row.to(device), allowed.to(device), slot_global.to(device)
 
 
-def _shared_scores_bias(layout, exact, heads, dtype, device, relative_bias_table, local_to_global_bias):
-    """(H, W^2, S) additive term shared by every chunk: relative bias, l2g bias and -inf masks."""
-    bias_row, allowed, slot_global = _slot_geometry(layout, bool(exact), str(device))
+def _shared_scores_bias(
+    window, neighbor, num_global, exact, heads, dtype, device, relative_bias_table, local_to_global_bias
+):
+    """(H, W^2, S) additive term shared by every chunk: relative bias, l2g bias and -inf masks.
+
+    It depends on the window, not on the map size; under torch.compile / torch.export it is built
+    in the traced graph rather than taken from the cache.
+    """
+    geometry = _slot_geometry.__wrapped__ if torch.compiler.is_compiling() else _slot_geometry
+    bias_row, allowed, slot_global = geometry(window, neighbor, num_global, bool(exact), str(device))
     w2, s = bias_row.shape
     if relative_bias_table is not None:
         shared = relative_bias_table.to(dtype)[bias_row].permute(2, 0, 1)  # (H, W^2, S)
         shared = torch.where(slot_global[None, None] == -1, shared, 0.0)
     else:
         shared = torch.zeros(heads, w2, s, dtype=dtype, device=device)
-    if local_to_global_bias is not None and layout.num_global:
+    if local_to_global_bias is not None and num_global:
         to_global = local_to_global_bias.to(dtype)[:, slot_global.clamp(min=0)]  # (H, S)
         shared = shared + torch.where(slot_global >= 0, to_global, 0.0)[:, None, :]
     return shared.masked_fill(~allowed, float("-inf")).contiguous()
@@ -156,7 +152,7 @@ class _Workspace:
         # keys with one extra feature: 0 on map tokens and globals, a huge negative flag on padding,
         # so that q' . k' = q . k + flag masks the padding inside the product
         self.key_buffer = torch.zeros(group, layout.num_blocks, layout.block_keys, m + 1, dtype=dtype, device=device)
-        flag = torch.finfo(dtype).min / 4  # finite: no 0 * inf inside the product; exp() of it is 0
+        self.flag = flag = torch.finfo(dtype).min / 4  # finite: no 0 * inf inside the product; exp() of it is 0
         self.key_buffer[:, :, : layout.block_keys - g, m] = flag
         on_map = torch.zeros(group, layout.height * layout.width, 1, dtype=dtype, device=device)
         for grid, first_row, first_col in _key_grids(self.key_buffer[..., m:], layout):
@@ -164,6 +160,25 @@ class _Workspace:
         self.value_buffer = torch.zeros(group, layout.num_blocks, layout.block_keys, m, dtype=dtype, device=device)
         self.output_chunks = torch.empty(group, mx * my, w * w, m, dtype=dtype, device=device)
         self._forward_runs = None
+        self._key_extent = None  # (rows, cols) of the map keys currently not flagged; None: all of them
+
+    def set_key_extent(self, extent: tuple[int, int] | None) -> None:
+        """Flag the map keys at or beyond (rows, cols) like the padding (one image's extent); None: none.
+
+        The flags live in the keys' extra feature, which ``load`` never touches, so they hold for
+        every group of heads until changed; callers restore None before the workspace is reused.
+        """
+        if extent == self._key_extent:
+            return
+        layout, m = self.layout, self.head_dim
+        flags = self.key_buffer.new_zeros(self.key_buffer.shape[0], layout.height, layout.width, 1)
+        if extent is not None:
+            rows, cols = extent
+            flags[:, rows:] = self.flag
+            flags[:, :, cols:] = self.flag
+        for grid, first_row, first_col in _key_grids(self.key_buffer[..., m:], layout):
+            _exchange(flags.flatten(1, 2), grid, first_row, first_col, layout, "to_grid")
+        self._key_extent = extent
 
     def forward_runs(self) -> list[list[tuple]]:
         """Per head of the group, per run: the views its forward reads and writes.
@@ -216,7 +231,7 @@ def release_workspaces() -> None:
 
 def _heads_per_group(layout: _Layout, head_dim: int, heads: int, element_size: int) -> int:
     """Heads loaded together: as many as fit in _GROUP_BYTES of buffers, in groups of equal size."""
-    per_head = (layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys)
+    per_head = layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys
     per_head *= (head_dim + 1) * element_size
     most = max(1, min(heads, _GROUP_BYTES // per_head))
     groups = -(-heads // most)
@@ -276,7 +291,8 @@ def _exchange(tokens: torch.Tensor, grid: torch.Tensor, first_row: int, first_co
     top, left = (rows.start + first_row) * w, (cols.start + first_col) * w
     bottom, right = min(height, (rows.stop + first_row) * w), min(width, (cols.stop + first_col) * w)
     image = image[..., top:bottom, left:right, :]
-    grid = grid[..., rows.start : rows.stop, cols.start : cols.stop, :, :, :].transpose(-4, -3)  # (..., rows, W, cols, W, F)
+    # (..., rows, W, cols, W, F)
+    grid = grid[..., rows.start : rows.stop, cols.start : cols.stop, :, :, :].transpose(-4, -3)
     for image_rows, image_cols, chunk_rows, inner_rows, chunk_cols, inner_cols in _chunk_pieces(
         bottom - top, right - left, w
     ):
@@ -347,21 +363,29 @@ def _windows(buffer: torch.Tensor, layout: _Layout, first_block: int, count: int
     )
 
 
-class _BlockedLongformerAttention(torch.autograd.Function):
-    """Forward and a recomputing backward, a group of heads at a time; no (C, W^2, S) tensor is kept."""
+def _image_extent(key_extents, b: int, layout: _Layout) -> tuple[int, int] | None:
+    """Image b's key extent, or None where every key of the map is its own."""
+    if key_extents is None or key_extents[b] == (layout.height, layout.width):
+        return None
+    return key_extents[b]
 
-    @staticmethod
-    def forward(ctx, queries, keys, values, global_keys, global_values, shared, layout):
-        # queries, keys, values: (B, H, L, M); global_*: (B, H, G, M); shared: (H, W^2, S)
-        batch, heads, length, head_dim = queries.shape
-        group = _heads_per_group(layout, head_dim, heads, queries.element_size())
-        # (B, L, H, M) storage: what the output projection reads, so its reshape needs no copy
-        output = queries.new_empty(batch, length, heads, head_dim).permute(0, 2, 1, 3)
-        workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
-        full_slots = layout.window**2
+
+def _blocked_forward(queries, keys, values, global_keys, global_values, shared, layout, key_extents):
+    """Forward, a group of heads at a time; key_extents: per image (rows, cols), or None."""
+    # queries, keys, values: (B, H, L, M); global_*: (B, H, G, M); shared: (H, W^2, S)
+    batch, heads, length, head_dim = queries.shape
+    group = _heads_per_group(layout, head_dim, heads, queries.element_size())
+    # (B, L, H, M) storage: what the output projection reads, so its reshape needs no copy
+    output = queries.new_empty(batch, length, heads, head_dim).permute(0, 2, 1, 3)
+    workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
+    full_slots = layout.window**2
+    try:
         for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
+            workspace.set_key_extent(_image_extent(key_extents, b, layout))
             heads_here = range(start, min(start + group, heads))
-            inputs = (t[b, heads_here.start : heads_here.stop] for t in (queries, keys, values, global_keys, global_values))
+            inputs = (
+                t[b, heads_here.start : heads_here.stop] for t in (queries, keys, values, global_keys, global_values)
+            )
             workspace.load(*inputs)
             for h, runs in zip(heads_here, workspace.forward_runs()):
                 head_bias = shared[h, None]  # (1, W^2, S)
@@ -373,32 +397,43 @@ class _BlockedLongformerAttention(torch.autograd.Function):
                     torch.bmm(scores, v_windows, out=out_chunks)
             out_grid = _chunk_grid(workspace.output_chunks[: len(heads_here)], layout)
             _exchange(output[b, heads_here.start : heads_here.stop], out_grid, 0, 0, layout, "from_grid")
+    finally:
+        workspace.set_key_extent(None)
+    return output
 
-        ctx.save_for_backward(queries, keys, values, global_keys, global_values, shared, output)
-        ctx.layout = layout
-        return output
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_output):
-        queries, keys, values, global_keys, global_values, shared, output = ctx.saved_tensors
-        layout = ctx.layout
-        batch, heads, length, head_dim = queries.shape
-        keys_per_block = layout.block_keys
-        group = _heads_per_group(layout, head_dim, heads, queries.element_size())
-        chunks = layout.chunk_rows * layout.chunk_cols
-        # softmax backward: dS = P * (dP - sum(dO * O)) per query
-        delta = (grad_output * output).sum(-1, keepdim=True)  # (B, H, L, 1)
+def _blocked_backward(
+    grad_output,
+    queries,
+    keys,
+    values,
+    global_keys,
+    global_values,
+    shared,
+    output,
+    layout,
+    key_extents,
+    needs_grad_shared,
+):
+    """Gradients of the five inputs and of ``shared`` (None unless asked), recomputing each run's scores."""
+    batch, heads, length, head_dim = queries.shape
+    keys_per_block = layout.block_keys
+    group = _heads_per_group(layout, head_dim, heads, queries.element_size())
+    chunks = layout.chunk_rows * layout.chunk_cols
+    # softmax backward: dS = P * (dP - sum(dO * O)) per query
+    delta = (grad_output * output).sum(-1, keepdim=True)  # (B, H, L, 1)
 
-        grads = [torch.empty_like(t) for t in (queries, keys, values, global_keys, global_values)]
-        grad_shared = torch.zeros_like(shared) if ctx.needs_input_grad[5] else None
-        workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
-        grad_q = queries.new_empty(group, chunks, layout.window**2, head_dim)
-        grad_k_buffer = queries.new_empty(group, layout.num_blocks, keys_per_block, head_dim)
-        grad_v_buffer = torch.empty_like(grad_k_buffer)
-        grad_chunks = queries.new_zeros(group, chunks, layout.window**2, head_dim)  # padding stays 0
-        delta_chunks = queries.new_zeros(group, chunks, layout.window**2, 1)
+    grads = [t.new_empty(t.shape) for t in (queries, keys, values, global_keys, global_values)]
+    grad_shared = torch.zeros_like(shared) if needs_grad_shared else None
+    workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
+    grad_q = queries.new_empty(group, chunks, layout.window**2, head_dim)
+    grad_k_buffer = queries.new_empty(group, layout.num_blocks, keys_per_block, head_dim)
+    grad_v_buffer = torch.empty_like(grad_k_buffer)
+    grad_chunks = queries.new_zeros(group, chunks, layout.window**2, head_dim)  # padding stays 0
+    delta_chunks = queries.new_zeros(group, chunks, layout.window**2, 1)
+    try:
         for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
+            workspace.set_key_extent(_image_extent(key_extents, b, layout))
             heads_here = range(start, min(start + group, heads))
             size, here = len(heads_here), slice(heads_here.start, heads_here.stop)
             # rebuilt rather than saved: a copy each, cheaper than keeping them alive between passes
@@ -436,12 +471,122 @@ class _BlockedLongformerAttention(torch.autograd.Function):
             _exchange(grads[0][b, here], _chunk_grid(grad_q[:size], layout), 0, 0, layout, "from_grid")
             _fold_key_buffer(grad_k_buffer[:size], layout, grads[1][b, here], grads[3][b, here])
             _fold_key_buffer(grad_v_buffer[:size], layout, grads[2][b, here], grads[4][b, here])
-        return (*grads, grad_shared, None)
+    finally:
+        workspace.set_key_extent(None)
+    return (*grads, grad_shared)
+
+
+class _BlockedLongformerAttention(torch.autograd.Function):
+    """Forward and a recomputing backward; no (C, W^2, S) tensor is kept."""
+
+    @staticmethod
+    def forward(ctx, queries, keys, values, global_keys, global_values, shared, layout, key_extents):
+        output = _blocked_forward(queries, keys, values, global_keys, global_values, shared, layout, key_extents)
+        ctx.save_for_backward(queries, keys, values, global_keys, global_values, shared, output)
+        ctx.layout, ctx.key_extents = layout, key_extents
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_output):
+        grads = _blocked_backward(grad_output, *ctx.saved_tensors, ctx.layout, ctx.key_extents, ctx.needs_input_grad[5])
+        return (*grads, None, None)
 
 
 def _chunk_grid(chunks: torch.Tensor, layout: _Layout) -> torch.Tensor:
     """(..., C, W^2, F) -> (..., mx, my, W, W, F) view."""
     return chunks.unflatten(-3, (layout.chunk_rows, layout.chunk_cols)).unflatten(-2, (layout.window,) * 2)
+
+
+# Under torch.compile and torch.export the kernel runs as one custom operator: opaque to the tracer
+# (its Python loops, workspaces and out= products run eagerly at run time, at eager speed), with a
+# shape-only fake implementation for tracing and its recomputing backward as a second operator.
+@torch.library.custom_op("vil_kernels::longformer_blocked", mutates_args=())
+def _blocked_operator(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    global_keys: torch.Tensor,
+    global_values: torch.Tensor,
+    shared: torch.Tensor,
+    height: int,
+    width: int,
+    window: int,
+    neighbor: int | None,
+    key_extents: torch.Tensor | None,
+) -> torch.Tensor:
+    layout = _layout(height, width, window, neighbor, global_keys.shape[-2])
+    return _blocked_forward(
+        queries, keys, values, global_keys, global_values, shared, layout, _extents_list(key_extents)
+    )
+
+
+@_blocked_operator.register_fake
+def _(queries, keys, values, global_keys, global_values, shared, height, width, window, neighbor, key_extents):
+    batch, heads, length, head_dim = queries.shape
+    return queries.new_empty(batch, length, heads, head_dim).permute(0, 2, 1, 3)  # as the real output
+
+
+@torch.library.custom_op("vil_kernels::longformer_blocked_backward", mutates_args=())
+def _blocked_backward_operator(
+    grad_output: torch.Tensor,
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    global_keys: torch.Tensor,
+    global_values: torch.Tensor,
+    shared: torch.Tensor,
+    output: torch.Tensor,
+    height: int,
+    width: int,
+    window: int,
+    neighbor: int | None,
+    key_extents: torch.Tensor | None,
+    needs_grad_shared: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    layout = _layout(height, width, window, neighbor, global_keys.shape[-2])
+    *grads, grad_shared = _blocked_backward(
+        grad_output,
+        queries,
+        keys,
+        values,
+        global_keys,
+        global_values,
+        shared,
+        output,
+        layout,
+        _extents_list(key_extents),
+        needs_grad_shared,
+    )
+    return (*grads, torch.zeros_like(shared) if grad_shared is None else grad_shared)
+
+
+@_blocked_backward_operator.register_fake
+def _(grad_output, queries, keys, values, global_keys, global_values, shared, output, *geometry):
+    return tuple(t.new_empty(t.shape) for t in (queries, keys, values, global_keys, global_values, shared))
+
+
+def _operator_setup_context(ctx, inputs, output):
+    queries, keys, values, global_keys, global_values, shared, height, width, window, neighbor, key_extents = inputs
+    ctx.save_for_backward(queries, keys, values, global_keys, global_values, shared, output, key_extents)
+    ctx.geometry = (height, width, window, neighbor)
+
+
+def _operator_backward(ctx, grad_output):
+    *tensors, key_extents = ctx.saved_tensors
+    grads = torch.ops.vil_kernels.longformer_blocked_backward(
+        grad_output, *tensors, *ctx.geometry, key_extents, ctx.needs_input_grad[5]
+    )
+    return (*grads, None, None, None, None, None)
+
+
+torch.library.register_autograd(
+    "vil_kernels::longformer_blocked", _operator_backward, setup_context=_operator_setup_context
+)
+
+
+def _extents_list(key_extents: torch.Tensor | None) -> list[tuple[int, int]] | None:
+    return None if key_extents is None else [tuple(extent) for extent in key_extents.tolist()]
 
 
 def longformer_attention_blocked(
@@ -458,8 +603,12 @@ def longformer_attention_blocked(
     relative_bias_table: torch.Tensor | None = None,
     local_to_global_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    key_extents: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Blocked CPU path. Shapes as in :func:`vil_kernels.longformer_attention`; no attention dropout."""
+    """Blocked CPU path. Shapes as in :func:`vil_kernels.longformer_attention`; no attention dropout.
+
+    Keys beyond an image's ``key_extents`` get the padding flag, for that image only.
+    """
     if dropout_p > 0:
         raise ValueError(
             "The 'blocked' longformer implementation has no attention dropout; use 'vectorized' (or 'auto', "
@@ -469,15 +618,24 @@ def longformer_attention_blocked(
     batch, heads, length, head_dim = local_queries.shape
     if length != height * width:
         raise ValueError(f"local_queries hold {length} tokens, but the map is {height}x{width}.")
-    layout = _layout(height, width, window, neighbor, global_keys.shape[-2])
+    num_global = global_keys.shape[-2]
     shared = _shared_scores_bias(
-        layout, exact, heads, local_queries.dtype, local_queries.device, relative_bias_table, local_to_global_bias
+        window,
+        neighbor,
+        num_global,
+        exact,
+        heads,
+        local_queries.dtype,
+        local_queries.device,
+        relative_bias_table,
+        local_to_global_bias,
     )
+    tensors = (local_queries, local_keys, local_values, global_keys, global_values, shared)
+    if torch.compiler.is_compiling():
+        return torch.ops.vil_kernels.longformer_blocked(*tensors, height, width, window, neighbor, key_extents)
     # Strided inputs (heads split off a fused projection) are fine: each head is read once, by a copy.
-    return _BlockedLongformerAttention.apply(
-        local_queries, local_keys, local_values, global_keys, global_values, shared, layout
-    )
+    layout = _layout(height, width, window, neighbor, num_global)
+    return _BlockedLongformerAttention.apply(*tensors, layout, _extents_list(key_extents))
 
 
 __all__ = ["longformer_attention_blocked", "release_workspaces"]
-

@@ -3,7 +3,9 @@
 Keys are the G global tokens followed by the L local tokens in row-major order. ``mask_mod`` states
 the window rule on token coordinates (as the reference does) and ``create_block_mask`` turns it into
 a block-sparse pattern, so only tiles that hold some allowed pair are computed; ``score_mod`` adds the
-relative-position bias and the local-to-global bias. Forward and backward are FlexAttention's own
+relative-position bias and the local-to-global bias, and per-image key extents (a key beyond its
+image's extent gets the lowest finite score; the block mask stays the map's, so it is built once
+per map size, not per batch). Forward and backward are FlexAttention's own
 fused kernels (compiled with Triton on CUDA); nothing of size (L, keys) is stored.
 
 FlexAttention has no backward on CPU, and its compiled CPU forward takes tens of seconds to build,
@@ -17,7 +19,7 @@ from functools import lru_cache
 
 import torch
 
-from .geometry import NEIGHBOR_OFFSETS, chunk_offsets
+from .geometry import NEIGHBOR_OFFSETS, beyond_extent_score, chunk_offsets
 
 
 def flex_available() -> bool:
@@ -66,7 +68,7 @@ def _block_mask(height, width, window, exact, neighbor, num_global, device):
     return create_block_mask(mask_mod, None, None, length, num_global + length, device=device)
 
 
-def _score_mod(width, window, num_global, relative_bias_table, local_to_global_bias):
+def _score_mod(width, window, num_global, relative_bias_table, local_to_global_bias, key_extents=None):
     span, side = 2 * window - 1, 4 * window - 1
 
     def score_mod(score, batch, head, query_index, key_index):
@@ -81,6 +83,9 @@ def _score_mod(width, window, num_global, relative_bias_table, local_to_global_b
         if local_to_global_bias is not None:
             to_global = local_to_global_bias[head, key_index.clamp(max=num_global - 1)].to(score.dtype)
             bias = torch.where(is_global, to_global, bias)
+        if key_extents is not None:
+            inside = (key_token // width < key_extents[batch, 0]) & (key_token % width < key_extents[batch, 1])
+            return torch.where(is_global | inside, score + bias, beyond_extent_score(score.dtype))
         return score + bias
 
     return score_mod
@@ -100,11 +105,14 @@ def longformer_attention_flex(
     relative_bias_table: torch.Tensor | None = None,
     local_to_global_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    key_extents: torch.Tensor | None = None,
     compiled: bool = True,
 ) -> torch.Tensor:
     """FlexAttention path (CUDA). Shapes as in :func:`vil_kernels.longformer_attention`."""
     if not flex_available():
-        raise RuntimeError("The 'flex' longformer implementation needs torch >= 2.5 (torch.nn.attention.flex_attention).")
+        raise RuntimeError(
+            "The 'flex' longformer implementation needs torch >= 2.5 (torch.nn.attention.flex_attention)."
+        )
     if compiled and local_queries.device.type != "cuda":
         raise ValueError(
             f"The 'flex' longformer implementation runs on CUDA tensors only, got {local_queries.device.type} "
@@ -120,8 +128,11 @@ def longformer_attention_flex(
         local_to_global_bias = None
     keys = torch.cat([global_keys, local_keys], dim=2)  # (B, H, G + L, M)
     values = torch.cat([global_values, local_values], dim=2)
-    block_mask = _block_mask(height, width, window, bool(exact), neighbor, num_global, str(local_queries.device))
-    score_mod = _score_mod(width, window, num_global, relative_bias_table, local_to_global_bias)
+    make_block_mask = _block_mask.__wrapped__ if torch.compiler.is_compiling() else _block_mask
+    block_mask = make_block_mask(height, width, window, bool(exact), neighbor, num_global, str(local_queries.device))
+    if key_extents is not None:
+        key_extents = key_extents.to(local_queries.device)
+    score_mod = _score_mod(width, window, num_global, relative_bias_table, local_to_global_bias, key_extents)
     attend = _compiled_flex_attention() if compiled else flex_attention
     # queries are already scaled
     return attend(local_queries, keys, values, score_mod=score_mod, block_mask=block_mask, scale=1.0)

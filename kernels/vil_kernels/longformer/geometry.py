@@ -7,7 +7,6 @@ chunk (cr, cc) sees the real tokens of chunks (cr + dr, cc + dc) for the chunk o
 
 from __future__ import annotations
 
-import math
 from functools import lru_cache
 
 import torch
@@ -48,7 +47,44 @@ def chunk_offsets(neighbor: int | None) -> tuple[tuple[int, int], ...]:
 
 
 def num_chunks(height: int, width: int, window: int) -> tuple[int, int]:
-    return math.ceil(height / window), math.ceil(width / window)
+    # integer ceiling: also right for the symbolic sizes of torch.compile / torch.export
+    return -(-height // window), -(-width // window)
+
+
+def check_key_extents(key_extents: torch.Tensor | None, batch: int, height: int, width: int) -> None:
+    """Shape and range of per-image key extents: (B, 2) integers, rows in [1, height], cols in [1, width]."""
+    if key_extents is None:
+        return
+    if key_extents.shape != (batch, 2) or key_extents.is_floating_point() or key_extents.is_complex():
+        raise ValueError(
+            f"key_extents must be a ({batch}, 2) integer tensor of valid (rows, cols) per image, got "
+            f"{key_extents.dtype} of shape {tuple(key_extents.shape)}."
+        )
+    if torch.compiler.is_compiling():
+        return  # the range check reads the values (a sync and a graph break): eager only
+    rows, cols = key_extents[:, 0], key_extents[:, 1]
+    if bool(((rows < 1) | (rows > height) | (cols < 1) | (cols > width)).any()):
+        raise ValueError(
+            f"key_extents must lie in [1, {height}] x [1, {width}] (the {height}x{width} map), got "
+            f"{key_extents.tolist()}."
+        )
+
+
+def keys_inside(key_rows: torch.Tensor, key_cols: torch.Tensor, key_extents: torch.Tensor) -> torch.Tensor:
+    """(B, *shape) boolean: key at (row, col) lies inside each image's extent; key_* of any one shape."""
+    extents = key_extents.to(key_rows.device).view(-1, 2, *(1,) * key_rows.ndim)
+    return (key_rows[None] < extents[:, 0]) & (key_cols[None] < extents[:, 1])
+
+
+def beyond_extent_score(dtype: torch.dtype) -> float:
+    """Score of keys beyond an image's extent, where the window rule uses -inf.
+
+    exp() of it is exactly 0 next to any real score, yet it is finite: a query beyond the extent
+    whose window holds no key of its image (possible only without global tokens) gets finite, if
+    meaningless, weights rather than NaN. A quarter of the lowest value, so that kernels that
+    scale scores (by log2(e) for exp2) stay finite too.
+    """
+    return torch.finfo(dtype).min / 4
 
 
 @lru_cache(maxsize=64)
@@ -93,5 +129,8 @@ def chunk_geometry(height: int, width: int, window: int, exact: bool, neighbor: 
 
     Returns ``key_address`` (C, S) into the flattened padded key map, ``valid`` (C, 1 or W^2, S)
     and ``bias_index`` (W^2, S), where C is the number of chunks and S the key slots per chunk.
+    Under torch.compile / torch.export the sizes may be symbolic: the tensors are then built in
+    the traced graph, not cached.
     """
-    return _chunk_geometry(height, width, window, bool(exact), neighbor, str(torch.device(device)))
+    build = _chunk_geometry.__wrapped__ if torch.compiler.is_compiling() else _chunk_geometry
+    return build(height, width, window, bool(exact), neighbor, str(torch.device(device)))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .geometry import NEIGHBOR_OFFSETS, relative_bias_index
+from .geometry import NEIGHBOR_OFFSETS, beyond_extent_score, keys_inside, relative_bias_index
 
 
 def _allowed(query_rows, query_cols, key_rows, key_cols, window: int, exact: bool, neighbor: int | None):
@@ -66,8 +66,12 @@ def longformer_attention_reference(
     relative_bias_table: torch.Tensor | None = None,
     local_to_global_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    key_extents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Local-query part of the ViL attention. Shapes as in :func:`vil_kernels.longformer_attention`.
+
+    With ``key_extents``, local keys at or beyond (rows, cols) of an image are masked for all of
+    its queries, exactly as if the map ended there.
 
     Queries go one chunk row (W map rows) at a time, each against the keys of the map rows that
     could possibly be in reach: the chunk rows above and below (every rule reaches at most one
@@ -78,7 +82,9 @@ def longformer_attention_reference(
     num_global = global_keys.shape[-2]
     device = local_queries.device
 
-    def slab(queries, keys, values, global_keys, global_values, table, to_global_bias, first_row, key_first_row):
+    def slab(
+        queries, keys, values, global_keys, global_values, table, to_global_bias, extents, first_row, key_first_row
+    ):
         # queries: (B, H, Lq, M) on map rows first_row...; keys, values: (B, H, Lk, M) from key_first_row
         query_rows = torch.arange(first_row, first_row + queries.shape[-2] // width, device=device)
         key_rows = torch.arange(key_first_row, key_first_row + keys.shape[-2] // width, device=device)
@@ -86,6 +92,9 @@ def longformer_attention_reference(
         scores = queries @ keys.transpose(-1, -2)  # (B, H, Lq, Lk)
         if table is not None:
             scores = scores + _relative_bias(table, query_rows, key_rows, cols, window)
+        if extents is not None:
+            inside = keys_inside(key_rows[:, None], cols[None], extents).flatten(1)  # (B, Lk)
+            scores = scores.masked_fill(~inside[:, None, None], beyond_extent_score(scores.dtype))
         scores = scores.masked_fill(~_allowed(query_rows, cols, key_rows, cols, window, exact, neighbor), float("-inf"))
         global_scores = queries @ global_keys.transpose(-1, -2)  # (B, H, Lq, G)
         if to_global_bias is not None:
@@ -109,6 +118,7 @@ def longformer_attention_reference(
             global_values,
             relative_bias_table,
             local_to_global_bias,
+            key_extents,
             first_row,
             key_first_row,
         )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .geometry import chunk_geometry, num_chunks
+from .geometry import beyond_extent_score, chunk_geometry, keys_inside, num_chunks
 
 
 def _to_chunks(image: torch.Tensor, window: int) -> torch.Tensor:
@@ -42,6 +42,7 @@ def longformer_attention_vectorized(
     relative_bias_table: torch.Tensor | None = None,
     local_to_global_bias: torch.Tensor | None = None,
     dropout_p: float = 0.0,
+    key_extents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, heads, _, head_dim = local_queries.shape
     mx, my = num_chunks(height, width, window)
@@ -64,6 +65,12 @@ def longformer_attention_vectorized(
     if relative_bias_table is not None:
         bias = relative_bias_table[bias_index].permute(2, 0, 1)  # (H, W^2, S)
         scores = scores + bias[None, :, None]
+    if key_extents is not None:
+        # gathered keys' map coordinates from their address in the padded map
+        padded_width = (my + 2) * window
+        key_rows, key_cols = key_address // padded_width - window, key_address % padded_width - window  # (C, S)
+        inside = keys_inside(key_rows, key_cols, key_extents)  # (B, C, S)
+        scores = scores.masked_fill(~inside[:, None, :, None], beyond_extent_score(scores.dtype))
     scores = scores.masked_fill(~valid, float("-inf"))
 
     num_global = global_keys.shape[-2]

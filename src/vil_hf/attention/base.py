@@ -5,7 +5,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from vil_kernels.longformer import keys_inside
+
 from ..configuration_vil import ViLConfig
+
+
+def extent_mask(key_extents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, height, width) boolean: the token lies inside its image's extent (valid rows, cols per image)."""
+    rows = torch.arange(height, device=key_extents.device)[:, None]
+    cols = torch.arange(width, device=key_extents.device)[None]
+    return keys_inside(rows, cols, key_extents)
 
 
 class ViLAttentionBase(nn.Module):
@@ -20,6 +29,12 @@ class ViLAttentionBase(nn.Module):
     # The original gives relative position bias only to its longformer and full attention; its
     # srformer, performer and linformer have none, whatever the stage's letter a says.
     supports_relative_bias = True
+    # Whether forward takes ``key_extents`` (B, 2): the valid (rows, cols) of each image of a padded
+    # batch, keys beyond which it masks, so that each image gets what it would get alone.
+    supports_key_extents = False
+    # Whether an image's output depends on the other images of its batch (the performer's key
+    # stabiliser is a maximum over the whole batch).
+    mixes_batch = False
 
     def __init__(self, config: ViLConfig, stage_index: int):
         super().__init__()

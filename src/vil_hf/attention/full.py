@@ -7,16 +7,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..configuration_vil import ViLConfig
-from .base import ViLAttentionBase
+from .base import ViLAttentionBase, extent_mask
 
 
 def full_relative_bias_index(height: int, width: int, device=None) -> torch.Tensor:
     """(L, L) index into a ((2h-1)(2w-1))-row table for every pair of tokens, query minus key."""
-    tokens = torch.arange(height * width, device=device)
-    rows, cols = tokens // width, tokens % width
-    delta_rows = rows[:, None] - rows[None] + height - 1
-    delta_cols = cols[:, None] - cols[None] + width - 1
-    return delta_rows * (2 * width - 1) + delta_cols
+    rows, cols = torch.arange(height, device=device), torch.arange(width, device=device)
+    delta_rows = rows[:, None] - rows[None] + height - 1  # (h, h), query row minus key row, shifted
+    delta_cols = cols[:, None] - cols[None] + width - 1  # (w, w)
+    # (query row, query col, key row, key col), made from the 1-D offsets rather than from token
+    # numbers by // and %, which torch.compile's dynamic shapes handle badly
+    index = delta_rows[:, None, :, None] * (2 * width - 1) + delta_cols[None, :, None, :]
+    return index.reshape(height * width, height * width)
 
 
 class ViLFullAttention(ViLAttentionBase):
@@ -25,6 +27,10 @@ class ViLFullAttention(ViLAttentionBase):
     The relative bias table is built for the grid of ``config.image_size``; other map sizes get
     the table resized bicubically to their offsets, as Swin resizes its tables (the original
     only ran at the construction size).
+
+    Without that table (letter a1) an image's result does not depend on the map size, and
+    ``key_extents`` (a padded batch) masks the local keys beyond each image's extent; with it, the
+    table fits the map, so a padded batch must run each image size on its own.
     """
 
     def __init__(self, config: ViLConfig, stage_index: int):
@@ -38,11 +44,17 @@ class ViLFullAttention(ViLAttentionBase):
                 torch.zeros((2 * rows - 1) * (2 * cols - 1), self.num_heads)
             )
 
+    @property
+    def supports_key_extents(self) -> bool:
+        return not self.use_relative_bias
+
     def _local_bias_table(self, height: int, width: int) -> torch.Tensor:
         """The table for a height x width map, ((2h-1)(2w-1), H)."""
         rows, cols = self.grid_size
         table = self.relative_position_bias_table
-        if (height, width) == (rows, cols):
+        # Under torch.compile / torch.export the map size may be symbolic: no branch on it there.
+        # Bicubic resizing to the same size weighs each entry by exactly 1 and its neighbours by 0.
+        if not torch.compiler.is_compiling() and (height, width) == (rows, cols):
             return table
         grid = table.t().reshape(1, self.num_heads, 2 * rows - 1, 2 * cols - 1)
         grid = F.interpolate(grid, size=(2 * height - 1, 2 * width - 1), mode="bicubic", align_corners=False)
@@ -61,11 +73,21 @@ class ViLFullAttention(ViLAttentionBase):
         local_rows = torch.cat([self.local_to_global_bias[:, None, :].expand(-1, num_local, -1), local], dim=-1)
         return torch.cat([global_rows, local_rows], dim=1)
 
-    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, key_extents: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         queries, keys, values = qkv[0], qkv[1], qkv[2]  # (B, H, N, M)
         bias = self.relative_bias(height, width) if self.use_relative_bias else None
+        if key_extents is not None:
+            if self.use_relative_bias:
+                raise ValueError(
+                    "Full attention with relative position bias cannot mask keys: run each image size alone."
+                )
+            inside = extent_mask(key_extents, height, width).flatten(1)  # (B, L)
+            globals_seen = inside.new_ones(batch, length - height * width)
+            bias = torch.cat([globals_seen, inside], dim=1)[:, None, None]  # (B, 1, 1, G + L): True = attend
         context = F.scaled_dot_product_attention(
             queries,
             keys,

@@ -25,8 +25,11 @@ class ViLGlobalOnlyAttention(ViLLongformerAttention):
         if self.num_global_tokens < 1:
             raise ValueError(f"Global-only attention needs global tokens; stage {stage_index + 1} has none.")
 
-    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        # hidden_states: (B, G + h*w, d), global tokens first
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, key_extents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # hidden_states: (B, G + h*w, d), global tokens first; local queries see no local key, so
+        # key_extents (a padded batch) only masks the global queries' keys
         batch, length, dim = hidden_states.shape
         num_global = self.num_global_tokens
         # (B, H, G + L, M) each, queries scaled
@@ -40,5 +43,5 @@ class ViLGlobalOnlyAttention(ViLLongformerAttention):
         )  # (B, H, L, M): G keys per query, no bias
         local_output = self.proj(local_context.transpose(1, 2).reshape(batch, length - num_global, dim))
 
-        global_output = self._global_attention(hidden_states, queries, keys, values)
+        global_output = self._global_attention(hidden_states, queries, keys, values, height, width, key_extents)
         return self.proj_dropout(torch.cat([global_output, local_output], dim=1))

@@ -51,6 +51,12 @@ class ViLLinformerAttention(ViLAttentionBase):
 
     def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, length, dim = hidden_states.shape
+        if isinstance(length, torch.SymInt):  # a size that torch.export / torch.compile keeps symbolic
+            raise ValueError(
+                f"linformer stage {self.stage} projects a fixed sequence of {self.sequence_length} tokens (built for "
+                f"image_size={self.image_size!r}), so it cannot be traced for varying image sizes. Export or compile "
+                "it with static shapes (no torch.export.Dim for height/width; torch.compile(..., dynamic=False))."
+            )
         if length != self.sequence_length:
             rows, cols = self.grid_size
             raise ValueError(

@@ -9,7 +9,7 @@ from torch import nn
 from vil_kernels import NEIGHBOR_OFFSETS, longformer_attention, relative_bias_table_size
 
 from ..configuration_vil import ViLConfig
-from .base import ViLAttentionBase
+from .base import ViLAttentionBase, extent_mask
 
 
 class ViLLongformerAttention(ViLAttentionBase):
@@ -18,7 +18,12 @@ class ViLLongformerAttention(ViLAttentionBase):
     Local queries attend to their window (see ``vil_kernels.longformer_attention``) and to every
     global token; global queries attend to all tokens. With relative position bias (letter a0),
     a ((4W-1)^2, H) table indexed by query-minus-key offset biases local-local scores.
+
+    With ``key_extents`` (a padded batch), local keys beyond each image's extent are masked for its
+    local and global queries, so that each image gets what it would get alone.
     """
+
+    supports_key_extents = True
 
     def __init__(self, config: ViLConfig, stage_index: int):
         super().__init__(config, stage_index)
@@ -55,12 +60,20 @@ class ViLLongformerAttention(ViLAttentionBase):
         return tokens.view(batch, length, parts, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
 
     def _global_attention(
-        self, hidden_states: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self,
+        hidden_states: torch.Tensor,
+        queries: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        height: int,
+        width: int,
+        key_extents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Global queries attend to every token (ordinary dense attention over G queries) -> (B, G, d).
 
         queries, keys, values: (B, H, G + L, M) from the local projections (queries scaled); where
-        the global weights differ, the global queries, keys and values come from their own.
+        the global weights differ, the global queries, keys and values come from their own. With
+        ``key_extents``, only the local keys inside each image's extent count.
         """
         batch, _, dim = hidden_states.shape
         num_global = self.num_global_tokens
@@ -72,19 +85,24 @@ class ViLLongformerAttention(ViLAttentionBase):
             global_proj = self.global_proj
         # Plain products over the strided key/value views of the projection: with G = 1 or 2
         # queries, SDPA would take its math path and copy the (scaled) keys of the whole map.
+        beyond = None if key_extents is None else ~extent_mask(key_extents, height, width).flatten(1)  # (B, L)
         contexts = []
         for b in range(batch):
             scores = torch.bmm(global_queries[b], keys[b].transpose(1, 2))  # (H, G, G + L)
             if self.use_relative_bias:
                 scores[..., :num_global] += self.global_to_global_bias
                 scores[..., num_global:] += self.global_to_local_bias[:, :, None]
+            if beyond is not None:
+                scores[..., num_global:].masked_fill_(beyond[b], float("-inf"))
             probs = F.dropout(scores.softmax(dim=-1), p=self.dropout_probability(), training=self.training)
             contexts.append(torch.bmm(probs, values[b]))  # (H, G, M)
         global_context = torch.stack(contexts).transpose(1, 2).reshape(batch, num_global, dim)
         return global_proj(global_context)
 
-    def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        # hidden_states: (B, G + height*width, d), global tokens first
+    def forward(
+        self, hidden_states: torch.Tensor, height: int, width: int, key_extents: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        # hidden_states: (B, G + height*width, d), global tokens first; key_extents: (B, 2) or None
         batch, length, dim = hidden_states.shape
         num_global = self.num_global_tokens
         # (B, H, G + L, M) each, strided views of one projection
@@ -109,10 +127,11 @@ class ViLLongformerAttention(ViLAttentionBase):
             local_to_global_bias=self.local_to_global_bias if self.use_relative_bias and num_global else None,
             dropout_p=self.dropout_probability(),
             implementation=self.implementation,
+            key_extents=key_extents,
         )
         local_output = self.proj(local_context.transpose(1, 2).reshape(batch, length - num_global, dim))
         if num_global == 0:
             return self.proj_dropout(local_output)
 
-        global_output = self._global_attention(hidden_states, queries, keys, values)
+        global_output = self._global_attention(hidden_states, queries, keys, values, height, width, key_extents)
         return self.proj_dropout(torch.cat([global_output, local_output], dim=1))

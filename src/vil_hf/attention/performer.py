@@ -71,6 +71,7 @@ class ViLPerformerAttention(ViLAttentionBase):
     """
 
     supports_relative_bias = False
+    mixes_batch = True  # the key stabiliser is a maximum over the whole batch
 
     def __init__(self, config: ViLConfig, stage_index: int):
         super().__init__(config, stage_index)

@@ -48,7 +48,10 @@ class ViLSRAttention(ViLAttentionBase):
                 f"srformer stage {self.stage}: the {height}x{width} map is smaller than the reduction ratio r={r} "
                 "(letter f), so nothing is left to attend to. Use larger images or a smaller r for this stage."
             )
-        if (height % r or width % r) and (height, width) not in self._warned_sizes:
+        # a note for the user, not part of the computation: left out of traced graphs (torch.compile,
+        # torch.export), where the sizes may be symbolic
+        warn = not torch.compiler.is_compiling() and (height % r or width % r)
+        if warn and (height, width) not in self._warned_sizes:
             self._warned_sizes.add((height, width))
             logger.warning(
                 f"srformer stage {self.stage}: the {height}x{width} map is not a multiple of the reduction ratio r={r}; "
