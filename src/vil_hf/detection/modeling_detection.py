@@ -68,6 +68,18 @@ def _normal_fill(module: nn.Module, std: float, bias: float = 0.0) -> None:
         init.constant_(module.bias, bias)
 
 
+# Modules whose recipe initialisation (in `_init_weights`) sets the parameters of the layers they hold.
+_RECIPE_INIT_MODULES = (
+    FeaturePyramidNetwork,
+    LastLevelP6P7,
+    RPNHead,
+    BoxHead,
+    BoxPredictor,
+    MaskHead,
+    RetinaNetHead,
+)
+
+
 class DetectionPreTrainedModel(PreTrainedModel):
     """Shared loading/initialisation of the detectors; the backbone keeps its own initialisation."""
 
@@ -75,6 +87,17 @@ class DetectionPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     base_model_prefix = "detector"
     supports_gradient_checkpointing = False
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # For code outside its package, transformers marks a module that owns no parameter directly as initialised
+        # without calling `_init_weights`, which would leave the heads at PyTorch's defaults (fresh model) or at
+        # uninitialised memory (heads that `from_pretrained` must create). The recipe modules own no parameter
+        # directly, so run their initialisation here; transformers' init functions skip loaded tensors.
+        if isinstance(module, _RECIPE_INIT_MODULES) and not getattr(module, "_is_hf_initialized", False):
+            self._init_weights(module)
+            module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
 
     def _init_weights(self, module: nn.Module) -> None:
         # detectron2's initialisations, so that training from a fresh head follows the published recipe.
