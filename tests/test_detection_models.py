@@ -228,6 +228,25 @@ def test_eval_outputs_are_clipped_sorted_detections(kind):
         assert outputs.pred_masks is None
 
 
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_eval_forward_with_gradients_enabled_equals_no_grad(kind):
+    """`model.eval()(**inputs)` without torch.no_grad() (the README's snippet) runs and detects the same."""
+    threshold = {"box_score_threshold": 0.0} if kind == "mask_rcnn" else {"score_threshold": 0.0}
+    model = tiny_detector(kind, **threshold).eval()
+    pixel_values, _ = synthetic_batch()
+    with torch.no_grad():
+        expected = model(pixel_values)
+    actual = model(pixel_values)
+    assert len(actual.pred_boxes[0]) > 0
+    for field in ("pred_boxes", "scores", "labels", "pred_masks"):
+        if getattr(expected, field) is not None:
+            for a, e in zip(getattr(actual, field), getattr(expected, field)):
+                assert torch.equal(a, e), field
+    if kind == "mask_rcnn":  # the mask head is differentiable w.r.t. its weights
+        sum(m.sum() for m in actual.pred_masks).backward()
+        assert model.roi_heads.mask_head.predictor.weight.grad is not None
+
+
 @pytest.mark.parametrize(
     "backbone_config",
     [

@@ -46,6 +46,9 @@ def _strict_threshold(iou_threshold: float, dtype: torch.dtype) -> float:
 
 def _prepare(boxes, scores, idxs=None):
     check_boxes(boxes)
+    # NMS selects indices: nothing to differentiate, and the in-place IoU needs tensors outside autograd.
+    boxes = boxes.detach()
+    scores = scores.detach() if isinstance(scores, torch.Tensor) else scores
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"scores must have shape ({boxes.shape[0]},) to match boxes, got {shape}")

@@ -206,6 +206,7 @@ class RoIHeads(nn.Module):
             detections["masks"] = list(probabilities.split([len(b) for b in detections["boxes"]]))
         return detections, losses
 
+    @torch.no_grad()
     def detect(
         self,
         class_logits: torch.Tensor,
