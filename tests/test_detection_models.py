@@ -292,6 +292,50 @@ def test_checkpoint_with_another_class_count_fails_clearly(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_output_hidden_states_and_return_dict_default_to_the_config(kind):
+    model = tiny_detector(kind).eval()
+    pixel_values, _ = synthetic_batch(num_images=1)
+    with torch.no_grad():
+        assert model(pixel_values).feature_maps is None
+        model.config.output_hidden_states = True
+        outputs = model(pixel_values)
+        assert len(outputs.feature_maps) == model.config.num_fpn_levels
+        assert (outputs.proposals is not None) == (kind == "mask_rcnn")
+        assert model(pixel_values, output_hidden_states=False).feature_maps is None  # the keyword wins
+        model.config.return_dict = False
+        assert isinstance(model(pixel_values), tuple)
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_unknown_forward_arguments_fail_clearly(kind):
+    model = tiny_detector(kind).eval()
+    pixel_values = torch.zeros(1, 3, 64, 64)
+    with pytest.raises(TypeError, match=r"'pixel_maks'.*did you mean 'pixel_mask'.*accepts pixel_values, pixel_mask"):
+        model(pixel_values, pixel_maks=torch.ones(1, 64, 64))
+    with pytest.raises(ValueError, match="no attention maps"):
+        model(pixel_values, output_attentions=True)
+    # What transformers' Trainer and pipelines may pass is accepted.
+    with torch.no_grad():
+        model(pixel_values, pixel_mask=torch.ones(1, 64, 64), output_attentions=False, num_items_in_batch=4)
+    assert model.accepts_loss_kwargs is False  # Trainer then divides by the accumulation steps itself
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_base_model_is_the_detector_and_folders_of_the_former_prefix_load(kind, tmp_path, monkeypatch):
+    model = tiny_detector(kind)
+    assert model.base_model is model
+    assert all(name.split(".")[0] != model.base_model_prefix for name, _ in model.named_modules())
+    # A folder saved before the prefix changed (it was "detector", RetinaNet's head attribute) loads unchanged.
+    monkeypatch.setattr(type(model), "base_model_prefix", "detector")
+    model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[name], loaded_state[name]) for name in state)
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
 def test_object_detection_pipeline_runs_our_detector(kind):
     overrides = {"box_score_threshold": 0.0} if kind == "mask_rcnn" else {"score_threshold": 0.0}
     model = tiny_detector(kind, **overrides).eval()

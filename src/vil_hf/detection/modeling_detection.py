@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -85,8 +87,16 @@ class DetectionPreTrainedModel(PreTrainedModel):
 
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    base_model_prefix = "detector"
+    # No submodule is a separate base model (`model.base_model` is the detector itself): the prefix names none.
+    # It must not name one either: RetinaNet's head is `detector`, and a prefix equal to it made `base_model` the head.
+    # Saved keys do not depend on it, so folders saved with the former prefix ("detector") load unchanged.
+    base_model_prefix = "model"
     supports_gradient_checkpointing = False
+    # The losses follow the recipe's own normalisation: Trainer must not pass `num_items_in_batch` nor skip its
+    # division by the gradient-accumulation steps.
+    accepts_loss_kwargs = False
+    # What transformers' Trainer or pipelines may pass to any model, which the detectors accept and ignore.
+    _ignored_forward_kwargs = ("num_items_in_batch",)
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # For code outside its package, transformers marks a module that owns no parameter directly as initialised
@@ -138,6 +148,23 @@ class DetectionPreTrainedModel(PreTrainedModel):
             )
 
     # ------------------------------------------------------------------------------------ shared plumbing
+    def _check_forward_kwargs(self, output_attentions: bool | None, kwargs: dict) -> None:
+        """Rejects keyword arguments the detector does not know (a typo such as `pixel_maks` would silently drop
+        the mask otherwise), naming the accepted ones."""
+        if output_attentions:
+            raise ValueError(f"{type(self).__name__} returns no attention maps; call it without output_attentions.")
+        unknown = [name for name in kwargs if name not in self._ignored_forward_kwargs]
+        if unknown:
+            accepted = [
+                name for name in inspect.signature(self.forward).parameters if name not in ("kwargs", "self")
+            ]
+            hints = [difflib.get_close_matches(name, accepted, n=1) for name in unknown]
+            hint = "".join(f" (did you mean {match[0]!r} for {name!r}?)" for name, match in zip(unknown, hints) if match)
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
+                f"{hint}; it accepts {', '.join(accepted)}."
+            )
+
     def _prepare_inputs(
         self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +285,8 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
 
     With `labels` (a list of per-image dicts: `boxes` (N, 4) absolute x1y1x2y2 in `pixel_values` pixels,
     `class_labels` (N,), `masks` (N, H, W)), returns the losses; in eval mode, returns detections.
+    `output_hidden_states` (default `config.output_hidden_states`) adds the FPN levels and the proposals.
+    Unknown keyword arguments raise a TypeError naming the accepted ones.
     """
 
     config_class = MaskRCNNConfig
@@ -277,8 +306,13 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> DetectionOutput | tuple:
+        self._check_forward_kwargs(output_attentions, kwargs)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         image_sizes, targets, pyramid, strides = self._pyramid_and_targets(
             pixel_values, pixel_mask, labels, needs_masks=self.config.mask_on
@@ -298,7 +332,7 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
 class RetinaNetForObjectDetection(DetectionPreTrainedModel):
     """RetinaNet (Lin et al., 2017) with an FPN (P3-P7) on the configured AutoBackbone.
 
-    Takes `labels` as `MaskRCNNForObjectDetection` does (no masks).
+    Takes `labels` as `MaskRCNNForObjectDetection` does (no masks); `output_hidden_states` adds the FPN levels.
     """
 
     config_class = RetinaNetConfig
@@ -320,8 +354,13 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> DetectionOutput | tuple:
+        self._check_forward_kwargs(output_attentions, kwargs)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         image_sizes, targets, pyramid, strides = self._pyramid_and_targets(
             pixel_values, pixel_mask, labels, needs_masks=False
