@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput
 from .anchors import AnchorGenerator
 from .boxes import clip_boxes, nonempty_boxes
 from .configuration_detection import MaskRCNNConfig, RetinaNetConfig
+from .extents import extent_mask, extents_at_stride, image_extents, zero_beyond_extents
 from .fpn import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 from .retinanet import RetinaNetDetector, RetinaNetHead
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads
@@ -229,13 +230,67 @@ class DetectionPreTrainedModel(PreTrainedModel):
             prepared.append(entry)
         return prepared
 
-    def _backbone_pyramid(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
-        backbone_maps = list(self.backbone(pixel_values).feature_maps)
-        pyramid = self.fpn(backbone_maps)
+    def _batch_extents(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each image's extent (its size padded as it would be alone), for detection that does not depend on the
+        other images of the batch. -> the input cut to the largest extent, and the (B, 2) extents, or None when
+        every image fills the batch: then the batch runs as one, exactly as a single image does."""
+        extents = image_extents(image_sizes, self.config.size_divisibility)
+        height, width = (int(size) for size in extents.max(dim=0).values.tolist())
+        if (height, width) != tuple(pixel_values.shape[-2:]):
+            pixel_values = pixel_values[..., :height, :width]  # padding no image reaches
+        if bool((extents == extents.new_tensor([height, width])).all()):
+            return pixel_values, None
+        return pixel_values, extents
+
+    def _backbone_maps(self, pixel_values: torch.Tensor, extents: torch.Tensor | None) -> list[torch.Tensor]:
+        """The backbone's maps, each image's zero beyond its extent (when extents are given) and as it has alone."""
+        if extents is None:
+            return list(self.backbone(pixel_values).feature_maps)
+        height, width = pixel_values.shape[-2:]
+        if getattr(self.backbone, "supports_pixel_mask", False):
+            # The backbone keeps each image within its extent itself (ViL's attention masks the rest out).
+            pixel_mask = extent_mask(extents, height, width).to(torch.int64)
+            return list(self.backbone(pixel_values, pixel_mask=pixel_mask).feature_maps)
+        # Otherwise: one run per group of images of equal extent, on the input cut to it, zero-padded back.
+        distinct, group_of_image = torch.unique(extents, dim=0, return_inverse=True)
+        maps = None
+        for group, (extent_height, extent_width) in enumerate(distinct.tolist()):
+            members = torch.nonzero(group_of_image == group).squeeze(1)
+            group_maps = self.backbone(pixel_values[members, :, :extent_height, :extent_width]).feature_maps
+            if maps is None:
+                # Map sizes of the whole batch: the strides divide the extents (multiples of size_divisibility).
+                maps = [
+                    group_map.new_zeros(
+                        len(extents),
+                        group_map.shape[1],
+                        height // (extent_height // group_map.shape[-2]),
+                        width // (extent_width // group_map.shape[-1]),
+                    )
+                    for group_map in group_maps
+                ]
+            for batch_map, group_map in zip(maps, group_maps):
+                batch_map[members, :, : group_map.shape[-2], : group_map.shape[-1]] = group_map
+        return maps
+
+    def _backbone_pyramid(
+        self, pixel_values: torch.Tensor, extents: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor] | None]:
+        """-> the FPN levels, their strides, and per level each image's extent (None when every image fills the
+        batch); the levels are then zero beyond the extents."""
+        backbone_maps = self._backbone_maps(pixel_values, extents)
         # Strides from the shapes: exact, since the input is padded to a multiple of the largest stride.
         first_stride = pixel_values.shape[-1] // backbone_maps[0].shape[-1]
+        if extents is None:
+            pyramid = self.fpn(backbone_maps)
+            return pyramid, [first_stride * 2**level for level in range(len(pyramid))], None
+        backbone_extents = [extents_at_stride(extents, first_stride * 2**level) for level in range(len(backbone_maps))]
+        pyramid = self.fpn(backbone_maps, backbone_extents)
         strides = [first_stride * 2**level for level in range(len(pyramid))]
-        return pyramid, strides
+        level_extents = [extents_at_stride(extents, stride) for stride in strides]
+        pyramid = [zero_beyond_extents(level, e) for level, e in zip(pyramid, level_extents)]
+        return pyramid, strides, level_extents
 
     def _pyramid_and_targets(
         self,
@@ -243,14 +298,21 @@ class DetectionPreTrainedModel(PreTrainedModel):
         pixel_mask: torch.Tensor | None,
         labels: list[dict[str, torch.Tensor]] | None,
         needs_masks: bool,
-    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None, list[torch.Tensor], list[int]]:
-        """What both detectors do first: check inputs and targets, then run the backbone and FPN."""
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None, list[torch.Tensor], list[int], list | None]:
+        """What both detectors do first: check inputs and targets, then run the backbone and FPN.
+
+        In eval mode, each image of a batch is detected as it would be alone (see `_batch_extents`); training runs
+        the padded batch as one, as detectron2 trains.
+        """
         if self.training and labels is None:
             raise ValueError(f"{type(self).__name__} needs `labels` in training mode; call model.eval() to detect.")
         pixel_values, image_sizes = self._prepare_inputs(pixel_values, pixel_mask)
         targets = self._prepare_targets(labels, image_sizes, needs_masks)
-        pyramid, strides = self._backbone_pyramid(pixel_values)
-        return image_sizes, targets, pyramid, strides
+        extents = None
+        if not self.training and pixel_mask is not None:
+            pixel_values, extents = self._batch_extents(pixel_values, image_sizes)
+        pyramid, strides, level_extents = self._backbone_pyramid(pixel_values, extents)
+        return image_sizes, targets, pyramid, strides, level_extents
 
     @staticmethod
     def _make_output(
@@ -314,13 +376,19 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        image_sizes, targets, pyramid, strides = self._pyramid_and_targets(
+        image_sizes, targets, pyramid, strides, extents = self._pyramid_and_targets(
             pixel_values, pixel_mask, labels, needs_masks=self.config.mask_on
         )
-        proposals, proposal_logits, losses = self.rpn(pyramid, strides, image_sizes, targets)
+        proposals, proposal_logits, losses = self.rpn(pyramid, strides, image_sizes, targets, extents)
         # The RoI heads pool from P2-P5; P6 serves the RPN only.
         detections, roi_losses = self.roi_heads(
-            pyramid[:-1], strides[:-1], proposals, image_sizes, targets, detect=not self.training
+            pyramid[:-1],
+            strides[:-1],
+            proposals,
+            image_sizes,
+            targets,
+            detect=not self.training,
+            extents=None if extents is None else extents[:-1],
         )
         losses.update(roi_losses)
         output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
@@ -362,9 +430,11 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        image_sizes, targets, pyramid, strides = self._pyramid_and_targets(
+        image_sizes, targets, pyramid, strides, extents = self._pyramid_and_targets(
             pixel_values, pixel_mask, labels, needs_masks=False
         )
-        detections, losses = self.detector(pyramid, strides, image_sizes, targets, detect=not self.training)
+        detections, losses = self.detector(
+            pyramid, strides, image_sizes, targets, detect=not self.training, extents=extents
+        )
         output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
         return output if return_dict else output.to_tuple()
