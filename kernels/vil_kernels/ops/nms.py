@@ -70,6 +70,7 @@ def _prepare(boxes, scores, idxs=None):
     return order, coords, area, sorted_idxs
 
 
+@torch.compiler.disable  # data-dependent loops and output size: runs eagerly inside compiled code
 def nms_greedy(
     boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, idxs: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -90,6 +91,7 @@ def nms_greedy(
     return order[torch.tensor(keep, dtype=torch.long, device=b.device)]
 
 
+@torch.compiler.disable  # data-dependent loops and output size: runs eagerly inside compiled code
 def nms_blocked(
     boxes: torch.Tensor,
     scores: torch.Tensor,

@@ -315,6 +315,7 @@ class DetectionPreTrainedModel(PreTrainedModel):
         return image_sizes, targets, pyramid, strides, level_extents
 
     @staticmethod
+    @torch.compiler.disable  # dropping empty boxes gives data-dependent sizes
     def _make_output(
         losses: dict[str, torch.Tensor],
         detections: dict[str, list[torch.Tensor]] | None,

@@ -43,6 +43,7 @@ class MultiScaleRoIAlign(nn.Module):
         self.canonical_level = canonical_level
         self.aligned = aligned
 
+    @torch.compiler.disable  # boxes per level and per extent are data-dependent: runs eagerly inside compiled code
     def forward(
         self,
         features: list[torch.Tensor],

@@ -139,6 +139,7 @@ class RetinaNetDetector(nn.Module):
         loss_box = smooth_l1_loss(all_deltas[positive], target_deltas[positive], config.box_loss_beta, "sum")
         return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box / normalizer}
 
+    @torch.compiler.disable  # thresholds and NMS give data-dependent sizes: runs eagerly inside compiled code
     @torch.no_grad()
     def detect(self, anchors, logits, deltas) -> dict[str, list[torch.Tensor]]:
         """Per image: score threshold and top-k candidates per level, decoding, class-wise NMS, top detections."""

@@ -212,6 +212,7 @@ class RoIHeads(nn.Module):
             detections["masks"] = list(probabilities.split([len(b) for b in detections["boxes"]]))
         return detections, losses
 
+    @torch.compiler.disable  # thresholds and NMS give data-dependent sizes: runs eagerly inside compiled code
     @torch.no_grad()
     def detect(
         self,

@@ -97,6 +97,7 @@ class RegionProposalNetwork(nn.Module):
             level_ids.append(torch.full((num_keep,), level, dtype=torch.int64, device=top_scores.device))
         return torch.cat(level_boxes, 1), torch.cat(level_scores, 1), torch.cat(level_ids)
 
+    @torch.compiler.disable  # per-image crops of data-dependent size
     @torch.no_grad()
     def top_candidates_per_extent(
         self,
@@ -117,6 +118,7 @@ class RegionProposalNetwork(nn.Module):
                 collected.append(value)
         return per_image
 
+    @torch.compiler.disable  # filtering and NMS give data-dependent sizes: runs eagerly inside compiled code
     @torch.no_grad()
     def propose(
         self,
