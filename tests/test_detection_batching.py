@@ -10,6 +10,7 @@ from transformers.modeling_outputs import BackboneOutput
 
 from vil_hf import ViLConfig
 from vil_hf.detection.extents import crop_anchor_rows, extent_mask, extents_at_stride, image_extents
+
 from .test_detection_models import TINY_ARCH, tiny_detector
 
 RESNET = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic")
@@ -134,7 +135,9 @@ class MaskAwareBackbone(nn.Module):
             height = max(image_maps[level].shape[-2] for image_maps in per_image)
             width = max(image_maps[level].shape[-1] for image_maps in per_image)
             padded = [
-                F.pad(image_maps[level], (0, width - image_maps[level].shape[-1], 0, height - image_maps[level].shape[-2]))
+                F.pad(
+                    image_maps[level], (0, width - image_maps[level].shape[-1], 0, height - image_maps[level].shape[-2])
+                )
                 for image_maps in per_image
             ]
             maps.append(torch.cat(padded))
@@ -174,7 +177,9 @@ def test_images_that_fill_the_batch_run_as_one_padded_batch(monkeypatch):
     _, pixel_values, pixel_mask = images_and_batch(sizes=[(90, 120), (96, 100)])  # both padded to 96 x 128 alone
     calls = []
     backbone_forward = model.backbone.forward
-    monkeypatch.setattr(model.backbone, "forward", lambda *a, **k: calls.append(a[0].shape) or backbone_forward(*a, **k))
+    monkeypatch.setattr(
+        model.backbone, "forward", lambda *a, **k: calls.append(a[0].shape) or backbone_forward(*a, **k)
+    )
     with torch.no_grad():
         expected = model(pixel_values, output_hidden_states=True).feature_maps
         actual = model(pixel_values, pixel_mask=pixel_mask, output_hidden_states=True).feature_maps

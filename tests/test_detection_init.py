@@ -58,9 +58,11 @@ def recipe(model) -> dict[str, list[tuple[str, torch.Tensor]]]:
 def assert_follows_recipe(model, only: set[str] | None = None):
     """Checks the head tensors (those named in `only`, or all) against their scheme: exact constants, bounds, and
     the standard deviation of each scheme's pooled, standardised values within 4 standard errors of 1."""
-    prior = -math.log((1 - model.config.prior_probability) / model.config.prior_probability) if hasattr(
-        model.config, "prior_probability"
-    ) else None
+    prior = (
+        -math.log((1 - model.config.prior_probability) / model.config.prior_probability)
+        if hasattr(model.config, "prior_probability")
+        else None
+    )
     for scheme, tensors in recipe(model).items():
         tensors = [(name, t.detach()) for name, t in tensors if only is None or name in only]
         if not tensors:
@@ -135,8 +137,11 @@ def test_heads_created_by_from_pretrained_follow_the_recipe_and_train(kind, back
     saved_state, state = saved.state_dict(), model.state_dict()
     recreated = {name for name in state if saved_state[name].shape != state[name].shape}
     expected = (
-        {f"roi_heads.{p}.{t}" for p in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_head.predictor")
-         for t in ("weight", "bias")}
+        {
+            f"roi_heads.{p}.{t}"
+            for p in ("box_predictor.cls_score", "box_predictor.bbox_pred", "mask_head.predictor")
+            for t in ("weight", "bias")
+        }
         if kind == "mask_rcnn"
         else {"detector.head.cls_score.weight", "detector.head.cls_score.bias"}
     )

@@ -156,11 +156,11 @@ class DetectionPreTrainedModel(PreTrainedModel):
             raise ValueError(f"{type(self).__name__} returns no attention maps; call it without output_attentions.")
         unknown = [name for name in kwargs if name not in self._ignored_forward_kwargs]
         if unknown:
-            accepted = [
-                name for name in inspect.signature(self.forward).parameters if name not in ("kwargs", "self")
-            ]
+            accepted = [name for name in inspect.signature(self.forward).parameters if name not in ("kwargs", "self")]
             hints = [difflib.get_close_matches(name, accepted, n=1) for name in unknown]
-            hint = "".join(f" (did you mean {match[0]!r} for {name!r}?)" for name, match in zip(unknown, hints) if match)
+            hint = "".join(
+                f" (did you mean {match[0]!r} for {name!r}?)" for name, match in zip(unknown, hints) if match
+            )
             raise TypeError(
                 f"{type(self).__name__}.forward() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
                 f"{hint}; it accepts {', '.join(accepted)}."

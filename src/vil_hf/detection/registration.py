@@ -19,7 +19,10 @@ from .modeling_detection import MaskRCNNForObjectDetection, RetinaNetForObjectDe
 def register_detectors() -> None:
     """Makes the detectors loadable by the Auto classes and usable by the object-detection and (Mask R-CNN)
     image-segmentation pipelines."""
-    for config, detector in ((MaskRCNNConfig, MaskRCNNForObjectDetection), (RetinaNetConfig, RetinaNetForObjectDetection)):
+    for config, detector in (
+        (MaskRCNNConfig, MaskRCNNForObjectDetection),
+        (RetinaNetConfig, RetinaNetForObjectDetection),
+    ):
         AutoConfig.register(config.model_type, config, exist_ok=True)
         AutoModelForObjectDetection.register(config, detector, exist_ok=True)
         AutoImageProcessor.register(config, image_processor_classes={"pil": DetectionImageProcessorPil}, exist_ok=True)
