@@ -19,13 +19,13 @@ BACKBONES = {"vil": lambda: ViLConfig(arch=TINY_ARCH, image_size=128), "resnet":
 SIZES = [(100, 120), (256, 128), (150, 250)]
 
 
-def low_threshold_detector(kind, backbone):
+def low_threshold_detector(kind, backbone, **config):
     # Random weights: a zero score threshold keeps the full 100 detections per image to compare. Fewer RPN
     # candidates than the recipe's (300 of each level's 48 to 12288 anchors, 200 proposals) only save time.
     overrides = {"box_score_threshold": 0.0, "rpn_pre_nms_topk_test": 300, "rpn_post_nms_topk_test": 200}
     overrides = overrides if kind == "mask_rcnn" else {}
     overrides = overrides or {"score_threshold": 0.0}
-    model = tiny_detector(kind, backbone_config=BACKBONES[backbone](), **overrides).eval()
+    model = tiny_detector(kind, backbone_config=BACKBONES[backbone](), **overrides, **config).eval()
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         # Biases as a trained model has them: with the recipe's zero biases, a convolution of zeros gives zeros,
@@ -200,6 +200,36 @@ def test_padding_beyond_every_extent_is_cut_off():
         assert torch.equal(a, e)
     for field in ("pred_boxes", "scores", "labels", "pred_masks"):
         assert torch.equal(getattr(on_canvas, field)[0], getattr(alone, field)[0]), field
+
+
+def test_coco_predictions_do_not_depend_on_the_evaluation_batch_size(tmp_path):
+    """The evaluation loop's results (what COCO AP is computed from) at batch 1 and at batch 4."""
+    from accelerate import Accelerator
+
+    from vil_hf import DetectionImageProcessorPil
+    from vil_hf.data import load_coco_detection
+    from vil_hf.evaluation.loop import predict_coco
+
+    from .test_data import _make_set
+
+    data = load_coco_detection(*_make_set(tmp_path))  # four images of different aspect ratios, two classes
+    model = low_threshold_detector("mask_rcnn", "resnet", num_labels=2)
+    processor = DetectionImageProcessorPil(shortest_edge=64, longest_edge=128)
+    accelerator = Accelerator(cpu=True)
+    one, four = (predict_coco(model, data, processor, accelerator, batch_size=size) for size in (1, 4))
+    assert {d["image_id"] for d in one} == {d["image_id"] for d in four} and len(one) > 200
+    for image_id in {d["image_id"] for d in one}:
+        alone, batched = ([d for d in results if d["image_id"] == image_id] for results in (one, four))
+        assert len(alone) == len(batched)
+        boxes, other_boxes = (torch.tensor([d["bbox"] for d in found]) for found in (alone, batched))
+        scores, other_scores = (torch.tensor([d["score"] for d in found]) for found in (alone, batched))
+        classes, other_classes = (torch.tensor([d["category_id"] for d in found]) for found in (alone, batched))
+        close = (
+            ((boxes[:, None] - other_boxes[None]).abs().amax(-1) <= 0.01)
+            & ((scores[:, None] - other_scores[None]).abs() <= 1e-4)
+            & (classes[:, None] == other_classes[None])
+        )
+        assert close.any(1).all() and close.any(0).all(), f"image {image_id}"
 
 
 def _pyramid_with_a_smaller_image(strides, channels=8, canvas=(64, 128), extent=(32, 96), seed=0):
