@@ -199,6 +199,8 @@ def test_empty_batch_and_missing_labels_fail_clearly():
     model = tiny_detector("mask_rcnn").eval()
     with pytest.raises(ValueError, match="non-empty"):
         model(torch.zeros(0, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"pixel_mask marks no pixel of image\(s\) \[1\]"):
+        model(torch.zeros(2, 3, 64, 64), pixel_mask=torch.ones(2, 64, 64).index_fill_(0, torch.tensor([1]), 0))
     with pytest.raises(ValueError, match="needs `labels` in training mode"):
         model.train()(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="masks"):

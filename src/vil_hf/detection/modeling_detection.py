@@ -41,7 +41,9 @@ class DetectionOutput(ModelOutput):
         pred_masks: per image, (N_i, M, M) mask probabilities in each box's frame (Mask R-CNN); paste them with
             the image processor's post-processing.
         image_sizes: (B, 2) height and width of each image's valid region in `pixel_values`.
-        feature_maps: the FPN levels (with `output_hidden_states=True`).
+        feature_maps: the FPN levels (with `output_hidden_states=True`); in eval mode with a `pixel_mask` of images
+            of different sizes, each image's levels are zero beyond its extent (its size padded to
+            `size_divisibility`), and the batch is cut to the largest extent.
         proposals: per image, the RPN's proposal boxes (Mask R-CNN, with `output_hidden_states=True`).
         proposal_logits: per image, their objectness logits.
     """
@@ -183,6 +185,12 @@ class DetectionPreTrainedModel(PreTrainedModel):
                 raise ValueError(f"pixel_mask must have shape {(batch, height, width)}, got {tuple(pixel_mask.shape)}")
             mask = pixel_mask.bool()
             image_sizes = torch.stack((mask.any(dim=2).sum(dim=1), mask.any(dim=1).sum(dim=1)), dim=1)
+            empty = torch.nonzero(image_sizes.amin(dim=1) == 0).flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"pixel_mask marks no pixel of image(s) {empty}; it must be 1 on each image's pixels (as the "
+                    "image processor returns it), or pass no pixel_mask when every image fills pixel_values."
+                )
         divisor = self.config.size_divisibility
         pad_h, pad_w = (-height) % divisor, (-width) % divisor
         if pad_h or pad_w:
