@@ -172,3 +172,22 @@ def test_heads_created_by_from_pretrained_follow_the_recipe_and_train(kind, back
         # ~1e-6 each; the sum is normalised by ~90 + 0.1 x positives (the running normaliser starts at 100), so the
         # loss stays near 1.13 x positives / 100 (about 1 here); garbage weights give 1e5 and more.
         assert 0 < losses["loss_cls"].item() < 3.0, losses
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_every_head_missing_from_a_folder_follows_the_recipe(kind, tmp_path):
+    """A folder with the backbone's weights only (as from a classification checkpoint): from_pretrained creates
+    every head and FPN layer, and none keeps uninitialised memory or torch's defaults."""
+    from safetensors.torch import load_file, save_file
+
+    saved = tiny_detector(kind)
+    saved.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if k.startswith("backbone.")}, tmp_path / "model.safetensors")
+    model = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    state, saved_state = model.state_dict(), saved.state_dict()
+    assert all(torch.equal(state[k], saved_state[k]) for k in state if k.startswith("backbone."))
+    assert_follows_recipe(model)
+    anchors = model.rpn.anchor_generator if kind == "mask_rcnn" else model.detector.anchor_generator
+    for level in range(len(anchors.sizes)):  # non-persistent buffers are rebuilt too
+        assert torch.equal(getattr(anchors, f"cell_anchors_{level}"), anchors.cell_anchors(level))
