@@ -290,12 +290,15 @@ class DetectionPreTrainedModel(PreTrainedModel):
         backbone_maps = self._backbone_maps(pixel_values, extents)
         # Strides from the shapes: exact, since the input is padded to a multiple of the largest stride.
         first_stride = pixel_values.shape[-1] // backbone_maps[0].shape[-1]
-        if extents is None:
-            pyramid = self.fpn(backbone_maps)
-            return pyramid, [first_stride * 2**level for level in range(len(pyramid))], None
-        backbone_extents = [extents_at_stride(extents, first_stride * 2**level) for level in range(len(backbone_maps))]
+        backbone_extents = None
+        if extents is not None:
+            backbone_extents = [
+                extents_at_stride(extents, first_stride * 2**level) for level in range(len(backbone_maps))
+            ]
         pyramid = self.fpn(backbone_maps, backbone_extents)
         strides = [first_stride * 2**level for level in range(len(pyramid))]
+        if extents is None:
+            return pyramid, strides, None
         level_extents = [extents_at_stride(extents, stride) for stride in strides]
         pyramid = [zero_beyond_extents(level, e) for level, e in zip(pyramid, level_extents)]
         return pyramid, strides, level_extents
