@@ -49,6 +49,9 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "layer_vectorized_over_blocked_forward_backward",
         "kernel_vectorized_over_blocked_forward_backward",
     } <= set(results["ratios"])
+    assert set(results["detection_batch"]) == {"padded_batch", "each_image_as_alone"}
+    assert results["ratios"]["detection_each_image_as_alone_over_padded_batch"] > 0
+    assert "| Mask R-CNN eval, batch of 64x96 and ~3/4 of it" in results["markdown"]
     assert "| backbone forward 64x96 (no_grad) |" in results["markdown"]
     assert "| reference (own group, interleaved with blocked: " in results["markdown"]
     assert results["markdown"] in result.stdout

@@ -1,6 +1,9 @@
 """The detectors as transformers models: parameter counts, training, inference, other backbones, saving,
 pipelines and bad input."""
 
+import logging
+
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -196,6 +199,8 @@ def test_empty_batch_and_missing_labels_fail_clearly():
     model = tiny_detector("mask_rcnn").eval()
     with pytest.raises(ValueError, match="non-empty"):
         model(torch.zeros(0, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"pixel_mask marks no pixel of image\(s\) \[1\]"):
+        model(torch.zeros(2, 3, 64, 64), pixel_mask=torch.ones(2, 64, 64).index_fill_(0, torch.tensor([1]), 0))
     with pytest.raises(ValueError, match="needs `labels` in training mode"):
         model.train()(torch.zeros(1, 3, 64, 64))
     with pytest.raises(ValueError, match="masks"):
@@ -205,8 +210,9 @@ def test_empty_batch_and_missing_labels_fail_clearly():
 # --------------------------------------------------------------------------------------------------- inference
 @pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
 def test_eval_outputs_are_clipped_sorted_detections(kind):
-    model = tiny_detector(kind, box_score_threshold=0.0) if kind == "mask_rcnn" else tiny_detector(kind)
-    model.eval()
+    # An untrained RetinaNet scores every anchor near its prior 0.01, below the default threshold 0.05.
+    threshold = {"box_score_threshold": 0.0} if kind == "mask_rcnn" else {"score_threshold": 0.0}
+    model = tiny_detector(kind, **threshold).eval()
     pixel_values, _ = synthetic_batch(size=(90, 120))  # not a multiple of 32: padded inside
     pixel_mask = torch.ones(2, 90, 120, dtype=torch.int64)
     pixel_mask[1, 70:] = 0  # the second image is only 70 rows tall
@@ -225,6 +231,25 @@ def test_eval_outputs_are_clipped_sorted_detections(kind):
         assert all(((m >= 0) & (m <= 1)).all() for m in outputs.pred_masks)
     else:
         assert outputs.pred_masks is None
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_eval_forward_with_gradients_enabled_equals_no_grad(kind):
+    """`model.eval()(**inputs)` without torch.no_grad() (the README's snippet) runs and detects the same."""
+    threshold = {"box_score_threshold": 0.0} if kind == "mask_rcnn" else {"score_threshold": 0.0}
+    model = tiny_detector(kind, **threshold).eval()
+    pixel_values, _ = synthetic_batch()
+    with torch.no_grad():
+        expected = model(pixel_values)
+    actual = model(pixel_values)
+    assert len(actual.pred_boxes[0]) > 0
+    for field in ("pred_boxes", "scores", "labels", "pred_masks"):
+        if getattr(expected, field) is not None:
+            for a, e in zip(getattr(actual, field), getattr(expected, field)):
+                assert torch.equal(a, e), field
+    if kind == "mask_rcnn":  # the mask head is differentiable w.r.t. its weights
+        sum(m.sum() for m in actual.pred_masks).backward()
+        assert model.roi_heads.mask_head.predictor.weight.grad is not None
 
 
 @pytest.mark.parametrize(
@@ -272,19 +297,106 @@ def test_checkpoint_with_another_class_count_fails_clearly(tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
-def test_object_detection_pipeline_runs_our_detector(kind):
+def test_output_hidden_states_and_return_dict_default_to_the_config(kind):
+    model = tiny_detector(kind).eval()
+    pixel_values, _ = synthetic_batch(num_images=1)
+    with torch.no_grad():
+        assert model(pixel_values).feature_maps is None
+        model.config.output_hidden_states = True
+        outputs = model(pixel_values)
+        assert len(outputs.feature_maps) == model.config.num_fpn_levels
+        assert (outputs.proposals is not None) == (kind == "mask_rcnn")
+        assert model(pixel_values, output_hidden_states=False).feature_maps is None  # the keyword wins
+        model.config.return_dict = False
+        assert isinstance(model(pixel_values), tuple)
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_unknown_forward_arguments_fail_clearly(kind):
+    model = tiny_detector(kind).eval()
+    pixel_values = torch.zeros(1, 3, 64, 64)
+    with pytest.raises(TypeError, match=r"'pixel_maks'.*did you mean 'pixel_mask'.*accepts pixel_values, pixel_mask"):
+        model(pixel_values, pixel_maks=torch.ones(1, 64, 64))
+    with pytest.raises(ValueError, match="no attention maps"):
+        model(pixel_values, output_attentions=True)
+    # What transformers' Trainer and pipelines may pass is accepted.
+    with torch.no_grad():
+        model(pixel_values, pixel_mask=torch.ones(1, 64, 64), output_attentions=False, num_items_in_batch=4)
+    assert model.accepts_loss_kwargs is False  # Trainer then divides by the accumulation steps itself
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_base_model_is_the_detector_and_folders_of_the_former_prefix_load(kind, tmp_path, monkeypatch):
+    model = tiny_detector(kind)
+    assert model.base_model is model
+    assert all(name.split(".")[0] != model.base_model_prefix for name, _ in model.named_modules())
+    # A folder saved before the prefix changed (it was "detector", RetinaNet's head attribute) loads unchanged.
+    monkeypatch.setattr(type(model), "base_model_prefix", "detector")
+    model.save_pretrained(tmp_path)
+    monkeypatch.undo()
+    loaded = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    state, loaded_state = model.state_dict(), loaded.state_dict()
+    assert state.keys() == loaded_state.keys()
+    assert all(torch.equal(state[name], loaded_state[name]) for name in state)
+
+
+@pytest.fixture
+def transformers_errors():
+    """Records what transformers logs at ERROR level (its logger does not propagate to pytest's caplog)."""
+    records = []
+    handler = logging.Handler(level=logging.ERROR)
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    yield records
+    transformers_logger.removeHandler(handler)
+
+
+def saved_detector(kind, folder):
     overrides = {"box_score_threshold": 0.0} if kind == "mask_rcnn" else {"score_threshold": 0.0}
     model = tiny_detector(kind, **overrides).eval()
     model.config.id2label = {0: "square", 1: "circle", 2: "triangle"}
     model.config.label2id = {v: k for k, v in model.config.id2label.items()}
+    model.save_pretrained(folder)
     processor = DetectionImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 96})
-    detector = pipeline("object-detection", model=model, image_processor=processor)
+    processor.save_pretrained(folder)
+    return model, processor
+
+
+@pytest.mark.parametrize("kind", ["mask_rcnn", "retinanet"])
+def test_object_detection_pipeline_runs_our_detector_without_errors(kind, tmp_path, transformers_errors):
+    model, processor = saved_detector(kind, tmp_path)
     image = Image.new("RGB", (120, 80), (30, 30, 30))
-    results = detector(image, threshold=0.0)
-    assert results and {"score", "label", "box"} <= set(results[0])
-    assert results[0]["label"] in {"square", "circle", "triangle"}
-    assert 0 <= results[0]["box"]["xmin"] <= results[0]["box"]["xmax"] <= 120
-    assert 0 <= results[0]["box"]["ymin"] <= results[0]["box"]["ymax"] <= 80
+    for detector in (
+        pipeline("object-detection", model=model, image_processor=processor),
+        pipeline("object-detection", model=str(tmp_path)),
+    ):
+        results = detector(image, threshold=0.0)
+        assert results and {"score", "label", "box"} <= set(results[0])
+        assert results[0]["label"] in {"square", "circle", "triangle"}
+        assert 0 <= results[0]["box"]["xmin"] <= results[0]["box"]["xmax"] <= 120
+        assert 0 <= results[0]["box"]["ymin"] <= results[0]["box"]["ymax"] <= 80
+    assert [record.getMessage()[:200] for record in transformers_errors] == []
+
+
+def test_image_segmentation_pipeline_loads_a_mask_rcnn_folder(tmp_path, transformers_errors):
+    saved_detector("mask_rcnn", tmp_path)
+    segmenter = pipeline("image-segmentation", model=str(tmp_path))
+    assert isinstance(segmenter.model, MaskRCNNForObjectDetection)
+    results = segmenter(Image.new("RGB", (120, 80), (30, 30, 30)), threshold=0.0)
+    assert results and all({"score", "label", "mask"} == set(result) for result in results)
+    assert all(result["label"] in {"square", "circle", "triangle"} for result in results)
+    assert all(0 <= result["score"] <= 1 for result in results)
+    masks = [np.asarray(result["mask"]) for result in results]
+    assert all(mask.shape == (80, 120) and set(np.unique(mask)) <= {0, 255} for mask in masks)
+    assert any(mask.any() for mask in masks)
+    assert [record.getMessage()[:200] for record in transformers_errors] == []
+    # The table entries that silence the pipelines' check leave transformers' own Auto mappings working.
+    from transformers.models.auto.modeling_auto import MODEL_FOR_OBJECT_DETECTION_MAPPING
+
+    assert MODEL_FOR_OBJECT_DETECTION_MAPPING[RetinaNetConfig] is RetinaNetForObjectDetection
+    assert RetinaNetConfig in MODEL_FOR_OBJECT_DETECTION_MAPPING.keys()
+    assert ConvNextConfig not in MODEL_FOR_OBJECT_DETECTION_MAPPING
 
 
 def test_registered_with_auto_classes(tmp_path):

@@ -269,6 +269,24 @@ def test_box_iou_and_area():
     assert iou.dtype == torch.float32 and iou.item() == pytest.approx(1 / 7)
 
 
+def test_box_iou_and_nms_take_tensors_that_require_grad():
+    """Boxes decoded by a head carry gradients: the IoU must differentiate (out of place) and give the same values
+    as the in-place path, and NMS (indices only) must accept them."""
+    generator = torch.Generator().manual_seed(6)
+    a, b = _random_boxes(9, generator, dtype=torch.float64), _random_boxes(6, generator, dtype=torch.float64)
+    expected = box_iou(a, b)
+    a.requires_grad_(True)
+    iou = box_iou(a, b)
+    assert iou.requires_grad
+    torch.testing.assert_close(iou, expected, rtol=0, atol=1e-15)
+    shifted = a.detach() + 0.25
+    torch.autograd.gradcheck(lambda boxes: box_iou(boxes, shifted), (a,))
+    scores = torch.rand(9, generator=generator, dtype=torch.float64).requires_grad_(True)
+    assert torch.equal(nms(a, scores, 0.3), nms(a.detach(), scores.detach(), 0.3))
+    with torch.no_grad():
+        assert torch.equal(box_iou(a, b), expected)
+
+
 # --- RoIAlign against the plain loop ---------------------------------------------------------------------
 
 

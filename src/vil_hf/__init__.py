@@ -9,8 +9,6 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
-    AutoModelForInstanceSegmentation,
-    AutoModelForObjectDetection,
 )
 
 from .configuration_vil import PUBLISHED_MODELS, ViLConfig, parse_arch, published_arch
@@ -21,6 +19,7 @@ from .detection import (
     RetinaNetConfig,
     RetinaNetForObjectDetection,
 )
+from .detection.registration import register_detectors
 from .evaluation.visualize import draw_detections
 from .image_processing_vil import ViLImageProcessorPil
 from .modeling_vil import ViLBackbone, ViLForImageClassification, ViLModel, ViLPreTrainedModel
@@ -32,12 +31,7 @@ AutoModel.register(ViLConfig, ViLModel, exist_ok=True)
 AutoModelForImageClassification.register(ViLConfig, ViLForImageClassification, exist_ok=True)
 AutoBackbone.register(ViLConfig, ViLBackbone, exist_ok=True)
 AutoImageProcessor.register(ViLConfig, image_processor_classes={"pil": ViLImageProcessorPil}, exist_ok=True)
-for _config, _detector in ((MaskRCNNConfig, MaskRCNNForObjectDetection), (RetinaNetConfig, RetinaNetForObjectDetection)):
-    AutoConfig.register(_config.model_type, _config, exist_ok=True)
-    AutoModelForObjectDetection.register(_config, _detector, exist_ok=True)
-    AutoImageProcessor.register(_config, image_processor_classes={"pil": DetectionImageProcessorPil}, exist_ok=True)
-# Mask R-CNN also answers instance segmentation.
-AutoModelForInstanceSegmentation.register(MaskRCNNConfig, MaskRCNNForObjectDetection, exist_ok=True)
+register_detectors()
 
 __all__ = [
     "DetectionImageProcessorPil",

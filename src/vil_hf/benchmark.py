@@ -1,4 +1,5 @@
-"""Speed and memory of ViL-Small's detection backbone against Swin-T, and of the longformer kernels.
+"""Speed and memory of ViL-Small's detection backbone against Swin-T, and of the longformer kernels; the cost of
+batch-invariant detection.
 
 Everything runs in one process, interleaved (each timed run goes round all contenders in turn, so a
 change in machine load hits them alike), with warm-up runs first and medians reported. Peak memory
@@ -73,6 +74,29 @@ def build_layer(implementation: str, device: str = "cpu") -> torch.nn.Module:
     with torch.no_grad():  # a random table rather than zeros, as after training
         layer.relative_position_bias_table.normal_(std=0.02)
     return layer
+
+
+def detection_batch_steps(sizes: Sizes, device: str = "cpu") -> dict[str, Callable[[], None]]:
+    """A ViL-Small Mask R-CNN (80 classes, eval, no_grad) on two images, the second about 3/4 the size of the first:
+    detected each as it would be alone (pixel_mask given) and as one padded batch (no pixel_mask: the behaviour
+    before detection became batch-invariant)."""
+    from .configuration_vil import ViLConfig, published_arch
+    from .detection import MaskRCNNConfig, MaskRCNNForObjectDetection
+
+    backbone_config = ViLConfig(arch=published_arch(VIL_MODEL, sparse=True))
+    model = MaskRCNNForObjectDetection(MaskRCNNConfig(backbone_config=backbone_config, num_labels=80)).to(device).eval()
+    height, width = sizes.image
+    small_height, small_width = (max(32, size * 3 // 4 // 32 * 32) for size in (height, width))
+    pixel_mask = torch.zeros(2, height, width, dtype=torch.int64, device=device)
+    pixel_mask[0] = 1
+    pixel_mask[1, :small_height, :small_width] = 1
+    pixel_values = torch.randn(2, 3, height, width, device=device) * pixel_mask[:, None]
+
+    def step(mask):
+        with torch.no_grad():
+            model(pixel_values, pixel_mask=mask)
+
+    return {"padded_batch": lambda: step(None), "each_image_as_alone": lambda: step(pixel_mask)}
 
 
 def _synchronize(device: str) -> None:
@@ -271,6 +295,11 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     )
     results["backbone"] = backbone
 
+    log("Mask R-CNN on two image sizes: each image as alone (pixel_mask) against one padded batch, interleaved")
+    results["detection_batch"] = time_interleaved(
+        detection_batch_steps(sizes, device), sizes.repeats, sizes.warmup, device
+    )
+
     height, width = sizes.layer_map
     log(f"stage-1 attention layer at {height}x{width}, every implementation")
     hidden_states = torch.randn(1, 1 + height * width, 96, device=device)
@@ -325,6 +354,9 @@ def ratios(results: dict) -> dict:
         "vil_scaling_4x_pixels": med(s, "vil_forward_4x_pixels") / med(s, "vil_forward_base"),
         "swin_scaling_4x_pixels": med(s, "swin_forward_4x_pixels") / med(s, "swin_forward_base"),
     }
+    if "detection_batch" in results:
+        d = results["detection_batch"]
+        out["detection_each_image_as_alone_over_padded_batch"] = med(d, "each_image_as_alone") / med(d, "padded_batch")
     parts = (("layer", lay), ("layer", results.get("layer_reference", {})), ("kernel", results.get("kernel", {})))
     for (part, table), fast in itertools.product(parts, ("blocked", "flex")):
         for baseline in ("reference", "vectorized"):
@@ -374,6 +406,13 @@ def markdown(results: dict) -> str:
         f"({s['vil_forward_4x_pixels']['median_s']:.2f} s) | {r['swin_scaling_4x_pixels']:.2f} "
         f"({s['swin_forward_4x_pixels']['median_s']:.2f} s) | | ViL <= 4.4 |"
     )
+    if "detection_batch" in results:
+        d = results["detection_batch"]
+        lines.append(
+            f"| Mask R-CNN eval, batch of {h}x{w} and ~3/4 of it: each image as alone / one padded batch | "
+            f"{d['each_image_as_alone']['median_s']:.2f} s / {d['padded_batch']['median_s']:.2f} s | | "
+            f"{r['detection_each_image_as_alone_over_padded_batch']:.2f} | |"
+        )
     lh, lw = setup["layer_map"]
     lines += [
         "",

@@ -38,7 +38,13 @@ def pairwise_iou(
 
     Boxes come coordinate-major, rows (4, R) and cols (4, C), with areas (R,) and (C,): broadcasting
     contiguous coordinate vectors, in place, runs several times faster than (R, C, 2) views of (N, 4) boxes.
+    Inputs that need gradients take the same operations out of place (autograd refuses ``out=``).
     """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (rows, row_area, cols, col_area)):
+        w = torch.minimum(rows[2][:, None], cols[2][None, :]) - torch.maximum(rows[0][:, None], cols[0][None, :])
+        h = torch.minimum(rows[3][:, None], cols[3][None, :]) - torch.maximum(rows[1][:, None], cols[1][None, :])
+        inter = w.clamp(min=0) * h.clamp(min=0)
+        return inter / (row_area[:, None] + col_area[None, :] - inter)
     xx1 = torch.maximum(rows[0][:, None], cols[0][None, :])  # (R, C)
     w = torch.minimum(rows[2][:, None], cols[2][None, :]).sub_(xx1).clamp_(min=0)
     yy1 = torch.maximum(rows[1][:, None], cols[1][None, :], out=xx1)

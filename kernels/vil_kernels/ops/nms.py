@@ -46,6 +46,9 @@ def _strict_threshold(iou_threshold: float, dtype: torch.dtype) -> float:
 
 def _prepare(boxes, scores, idxs=None):
     check_boxes(boxes)
+    # NMS selects indices: nothing to differentiate, and the in-place IoU needs tensors outside autograd.
+    boxes = boxes.detach()
+    scores = scores.detach() if isinstance(scores, torch.Tensor) else scores
     if not isinstance(scores, torch.Tensor) or scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
         shape = tuple(scores.shape) if isinstance(scores, torch.Tensor) else type(scores).__name__
         raise ValueError(f"scores must have shape ({boxes.shape[0]},) to match boxes, got {shape}")
@@ -67,6 +70,7 @@ def _prepare(boxes, scores, idxs=None):
     return order, coords, area, sorted_idxs
 
 
+@torch.compiler.disable  # data-dependent loops and output size: runs eagerly inside compiled code
 def nms_greedy(
     boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, idxs: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -87,6 +91,7 @@ def nms_greedy(
     return order[torch.tensor(keep, dtype=torch.long, device=b.device)]
 
 
+@torch.compiler.disable  # data-dependent loops and output size: runs eagerly inside compiled code
 def nms_blocked(
     boxes: torch.Tensor,
     scores: torch.Tensor,

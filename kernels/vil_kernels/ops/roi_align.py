@@ -176,6 +176,8 @@ def _groups(grid_h, grid_w, bucketed: bool):
     return groups
 
 
+# The grouping by sampling grid reads box sizes (data) to choose shapes: runs eagerly inside compiled code.
+@torch.compiler.disable
 def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, tap_budget, bucketed):
     _check_input(input)
     ph, pw = _pair(output_size)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .extents import zero_beyond_extents
+
 
 class LastLevelMaxPool(nn.Module):
     """Mask R-CNN's extra level: P6 is P5 subsampled by 2 (a 1x1 max-pool with stride 2)."""
@@ -13,7 +15,8 @@ class LastLevelMaxPool(nn.Module):
     num_levels = 1
     uses_backbone_feature = False
 
-    def forward(self, top_pyramid_level: torch.Tensor) -> list[torch.Tensor]:
+    def forward(self, top_pyramid_level: torch.Tensor, extents: torch.Tensor | None = None) -> list[torch.Tensor]:
+        # A 1x1 window reads no neighbour: nothing beyond an extent reaches the cells inside it.
         return [F.max_pool2d(top_pyramid_level, kernel_size=1, stride=2, padding=0)]
 
 
@@ -28,9 +31,11 @@ class LastLevelP6P7(nn.Module):
         self.p6 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=2, padding=1)
         self.p7 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=2, padding=1)
 
-    def forward(self, last_backbone_feature: torch.Tensor) -> list[torch.Tensor]:
-        p6 = self.p6(last_backbone_feature)
-        return [p6, self.p7(F.relu(p6))]
+    def forward(self, last_backbone_feature: torch.Tensor, extents: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """`extents`: (B, 2) each image's extent on the input map, or None when every image fills the batch."""
+        p6 = self.p6(zero_beyond_extents(last_backbone_feature, extents))
+        p6_extents = None if extents is None else (extents + 1) // 2  # the stride-2 conv's output size alone
+        return [p6, self.p7(zero_beyond_extents(F.relu(p6), p6_extents))]
 
 
 class FeaturePyramidNetwork(nn.Module):
@@ -47,19 +52,24 @@ class FeaturePyramidNetwork(nn.Module):
         )
         self.top_block = top_block
 
-    def forward(self, backbone_features: list[torch.Tensor]) -> list[torch.Tensor]:
+    def forward(
+        self, backbone_features: list[torch.Tensor], extents: list[torch.Tensor] | None = None
+    ) -> list[torch.Tensor]:
+        """`extents`: per backbone map, (B, 2) each image's extent on it, or None when every image fills the batch;
+        the 3x3 convolutions then see zeros beyond each extent, as they would pad the image alone."""
         if len(backbone_features) != len(self.lateral_convs):
             raise ValueError(f"FPN expects {len(self.lateral_convs)} backbone maps, got {len(backbone_features)}")
+        extents = extents or [None] * len(backbone_features)
         top_down = self.lateral_convs[-1](backbone_features[-1])
-        pyramid = [self.output_convs[-1](top_down)]
-        for feature, lateral_conv, output_conv in zip(
-            backbone_features[-2::-1], self.lateral_convs[-2::-1], self.output_convs[-2::-1]
+        pyramid = [self.output_convs[-1](zero_beyond_extents(top_down, extents[-1]))]
+        for feature, level_extents, lateral_conv, output_conv in zip(
+            backbone_features[-2::-1], extents[-2::-1], self.lateral_convs[-2::-1], self.output_convs[-2::-1]
         ):
             lateral = lateral_conv(feature)
             # Sizes are exactly 2x for inputs padded to the largest stride; naming the size keeps odd ones working.
             top_down = lateral + F.interpolate(top_down, size=lateral.shape[-2:], mode="nearest")
-            pyramid.insert(0, output_conv(top_down))
+            pyramid.insert(0, output_conv(zero_beyond_extents(top_down, level_extents)))
         if self.top_block is not None:
             source = backbone_features[-1] if self.top_block.uses_backbone_feature else pyramid[-1]
-            pyramid.extend(self.top_block(source))
+            pyramid.extend(self.top_block(source, extents[-1]))
         return pyramid

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,7 @@ from transformers.utils import ModelOutput
 from .anchors import AnchorGenerator
 from .boxes import clip_boxes, nonempty_boxes
 from .configuration_detection import MaskRCNNConfig, RetinaNetConfig
+from .extents import extent_mask, extents_at_stride, image_extents, zero_beyond_extents
 from .fpn import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 from .retinanet import RetinaNetDetector, RetinaNetHead
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads
@@ -38,7 +41,9 @@ class DetectionOutput(ModelOutput):
         pred_masks: per image, (N_i, M, M) mask probabilities in each box's frame (Mask R-CNN); paste them with
             the image processor's post-processing.
         image_sizes: (B, 2) height and width of each image's valid region in `pixel_values`.
-        feature_maps: the FPN levels (with `output_hidden_states=True`).
+        feature_maps: the FPN levels (with `output_hidden_states=True`); in eval mode with a `pixel_mask` of images
+            of different sizes, each image's levels are zero beyond its extent (its size padded to
+            `size_divisibility`), and the batch is cut to the largest extent.
         proposals: per image, the RPN's proposal boxes (Mask R-CNN, with `output_hidden_states=True`).
         proposal_logits: per image, their objectness logits.
     """
@@ -68,13 +73,44 @@ def _normal_fill(module: nn.Module, std: float, bias: float = 0.0) -> None:
         init.constant_(module.bias, bias)
 
 
+# Modules whose recipe initialisation (in `_init_weights`) sets the parameters of the layers they hold.
+_RECIPE_INIT_MODULES = (
+    FeaturePyramidNetwork,
+    LastLevelP6P7,
+    RPNHead,
+    BoxHead,
+    BoxPredictor,
+    MaskHead,
+    RetinaNetHead,
+)
+
+
 class DetectionPreTrainedModel(PreTrainedModel):
     """Shared loading/initialisation of the detectors; the backbone keeps its own initialisation."""
 
     main_input_name = "pixel_values"
     input_modalities = ("image",)
-    base_model_prefix = "detector"
+    # No submodule is a separate base model (`model.base_model` is the detector itself): the prefix names none.
+    # It must not name one either: RetinaNet's head is `detector`, and a prefix equal to it made `base_model` the head.
+    # Saved keys do not depend on it, so folders saved with the former prefix ("detector") load unchanged.
+    base_model_prefix = "model"
     supports_gradient_checkpointing = False
+    # The losses follow the recipe's own normalisation: Trainer must not pass `num_items_in_batch` nor skip its
+    # division by the gradient-accumulation steps.
+    accepts_loss_kwargs = False
+    # What transformers' Trainer or pipelines may pass to any model, which the detectors accept and ignore.
+    _ignored_forward_kwargs = ("num_items_in_batch",)
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # For code outside its package, transformers marks a module that owns no parameter directly as initialised
+        # without calling `_init_weights`, which would leave the heads at PyTorch's defaults (fresh model) or at
+        # uninitialised memory (heads that `from_pretrained` must create). The recipe modules own no parameter
+        # directly, so run their initialisation here; transformers' init functions skip loaded tensors.
+        if isinstance(module, _RECIPE_INIT_MODULES) and not getattr(module, "_is_hf_initialized", False):
+            self._init_weights(module)
+            module._is_hf_initialized = True
+            return
+        super()._initialize_weights(module, is_custom_code)
 
     def _init_weights(self, module: nn.Module) -> None:
         # detectron2's initialisations, so that training from a fresh head follows the published recipe.
@@ -115,6 +151,23 @@ class DetectionPreTrainedModel(PreTrainedModel):
             )
 
     # ------------------------------------------------------------------------------------ shared plumbing
+    def _check_forward_kwargs(self, output_attentions: bool | None, kwargs: dict) -> None:
+        """Rejects keyword arguments the detector does not know (a typo such as `pixel_maks` would silently drop
+        the mask otherwise), naming the accepted ones."""
+        if output_attentions:
+            raise ValueError(f"{type(self).__name__} returns no attention maps; call it without output_attentions.")
+        unknown = [name for name in kwargs if name not in self._ignored_forward_kwargs]
+        if unknown:
+            accepted = [name for name in inspect.signature(self.forward).parameters if name not in ("kwargs", "self")]
+            hints = [difflib.get_close_matches(name, accepted, n=1) for name in unknown]
+            hint = "".join(
+                f" (did you mean {match[0]!r} for {name!r}?)" for name, match in zip(unknown, hints) if match
+            )
+            raise TypeError(
+                f"{type(self).__name__}.forward() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}"
+                f"{hint}; it accepts {', '.join(accepted)}."
+            )
+
     def _prepare_inputs(
         self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -132,6 +185,12 @@ class DetectionPreTrainedModel(PreTrainedModel):
                 raise ValueError(f"pixel_mask must have shape {(batch, height, width)}, got {tuple(pixel_mask.shape)}")
             mask = pixel_mask.bool()
             image_sizes = torch.stack((mask.any(dim=2).sum(dim=1), mask.any(dim=1).sum(dim=1)), dim=1)
+            empty = torch.nonzero(image_sizes.amin(dim=1) == 0).flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"pixel_mask marks no pixel of image(s) {empty}; it must be 1 on each image's pixels (as the "
+                    "image processor returns it), or pass no pixel_mask when every image fills pixel_values."
+                )
         divisor = self.config.size_divisibility
         pad_h, pad_w = (-height) % divisor, (-width) % divisor
         if pad_h or pad_w:
@@ -179,13 +238,70 @@ class DetectionPreTrainedModel(PreTrainedModel):
             prepared.append(entry)
         return prepared
 
-    def _backbone_pyramid(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
-        backbone_maps = list(self.backbone(pixel_values).feature_maps)
-        pyramid = self.fpn(backbone_maps)
+    def _batch_extents(
+        self, pixel_values: torch.Tensor, image_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Each image's extent (its size padded as it would be alone), for detection that does not depend on the
+        other images of the batch. -> the input cut to the largest extent, and the (B, 2) extents, or None when
+        every image fills the batch: then the batch runs as one, exactly as a single image does."""
+        extents = image_extents(image_sizes, self.config.size_divisibility)
+        height, width = (int(size) for size in extents.max(dim=0).values.tolist())
+        if (height, width) != tuple(pixel_values.shape[-2:]):
+            pixel_values = pixel_values[..., :height, :width]  # padding no image reaches
+        if bool((extents == extents.new_tensor([height, width])).all()):
+            return pixel_values, None
+        return pixel_values, extents
+
+    def _backbone_maps(self, pixel_values: torch.Tensor, extents: torch.Tensor | None) -> list[torch.Tensor]:
+        """The backbone's maps, each image's zero beyond its extent (when extents are given) and as it has alone."""
+        if extents is None:
+            return list(self.backbone(pixel_values).feature_maps)
+        height, width = pixel_values.shape[-2:]
+        if getattr(self.backbone, "supports_pixel_mask", False):
+            # The backbone keeps each image within its extent itself (ViL's attention masks the rest out).
+            pixel_mask = extent_mask(extents, height, width).to(torch.int64)
+            return list(self.backbone(pixel_values, pixel_mask=pixel_mask).feature_maps)
+        # Otherwise: one run per group of images of equal extent, on the input cut to it, zero-padded back.
+        distinct, group_of_image = torch.unique(extents, dim=0, return_inverse=True)
+        maps = None
+        for group, (extent_height, extent_width) in enumerate(distinct.tolist()):
+            members = torch.nonzero(group_of_image == group).squeeze(1)
+            group_maps = self.backbone(pixel_values[members, :, :extent_height, :extent_width]).feature_maps
+            if maps is None:
+                # Map sizes of the whole batch: the strides divide the extents (multiples of size_divisibility).
+                maps = [
+                    group_map.new_zeros(
+                        len(extents),
+                        group_map.shape[1],
+                        height // (extent_height // group_map.shape[-2]),
+                        width // (extent_width // group_map.shape[-1]),
+                    )
+                    for group_map in group_maps
+                ]
+            for batch_map, group_map in zip(maps, group_maps):
+                batch_map[members, :, : group_map.shape[-2], : group_map.shape[-1]] = group_map
+        return maps
+
+    def _backbone_pyramid(
+        self, pixel_values: torch.Tensor, extents: torch.Tensor | None = None
+    ) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor] | None]:
+        """-> the FPN levels, their strides, and per level each image's extent (None when every image fills the
+        batch); the levels are then zero beyond the extents."""
+        backbone_maps = self._backbone_maps(pixel_values, extents)
         # Strides from the shapes: exact, since the input is padded to a multiple of the largest stride.
         first_stride = pixel_values.shape[-1] // backbone_maps[0].shape[-1]
+        backbone_extents = None
+        if extents is not None:
+            backbone_extents = [
+                extents_at_stride(extents, first_stride * 2**level) for level in range(len(backbone_maps))
+            ]
+        pyramid = self.fpn(backbone_maps, backbone_extents)
         strides = [first_stride * 2**level for level in range(len(pyramid))]
-        return pyramid, strides
+        if extents is None:
+            return pyramid, strides, None
+        level_extents = [extents_at_stride(extents, stride) for stride in strides]
+        pyramid = [zero_beyond_extents(level, e) for level, e in zip(pyramid, level_extents)]
+        return pyramid, strides, level_extents
 
     def _pyramid_and_targets(
         self,
@@ -193,16 +309,24 @@ class DetectionPreTrainedModel(PreTrainedModel):
         pixel_mask: torch.Tensor | None,
         labels: list[dict[str, torch.Tensor]] | None,
         needs_masks: bool,
-    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None, list[torch.Tensor], list[int]]:
-        """What both detectors do first: check inputs and targets, then run the backbone and FPN."""
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None, list[torch.Tensor], list[int], list | None]:
+        """What both detectors do first: check inputs and targets, then run the backbone and FPN.
+
+        In eval mode, each image of a batch is detected as it would be alone (see `_batch_extents`); training runs
+        the padded batch as one, as detectron2 trains.
+        """
         if self.training and labels is None:
             raise ValueError(f"{type(self).__name__} needs `labels` in training mode; call model.eval() to detect.")
         pixel_values, image_sizes = self._prepare_inputs(pixel_values, pixel_mask)
         targets = self._prepare_targets(labels, image_sizes, needs_masks)
-        pyramid, strides = self._backbone_pyramid(pixel_values)
-        return image_sizes, targets, pyramid, strides
+        extents = None
+        if not self.training and pixel_mask is not None:
+            pixel_values, extents = self._batch_extents(pixel_values, image_sizes)
+        pyramid, strides, level_extents = self._backbone_pyramid(pixel_values, extents)
+        return image_sizes, targets, pyramid, strides, level_extents
 
     @staticmethod
+    @torch.compiler.disable  # dropping empty boxes gives data-dependent sizes
     def _make_output(
         losses: dict[str, torch.Tensor],
         detections: dict[str, list[torch.Tensor]] | None,
@@ -235,6 +359,8 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
 
     With `labels` (a list of per-image dicts: `boxes` (N, 4) absolute x1y1x2y2 in `pixel_values` pixels,
     `class_labels` (N,), `masks` (N, H, W)), returns the losses; in eval mode, returns detections.
+    `output_hidden_states` (default `config.output_hidden_states`) adds the FPN levels and the proposals.
+    Unknown keyword arguments raise a TypeError naming the accepted ones.
     """
 
     config_class = MaskRCNNConfig
@@ -254,16 +380,27 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> DetectionOutput | tuple:
+        self._check_forward_kwargs(output_attentions, kwargs)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        image_sizes, targets, pyramid, strides = self._pyramid_and_targets(
+        image_sizes, targets, pyramid, strides, extents = self._pyramid_and_targets(
             pixel_values, pixel_mask, labels, needs_masks=self.config.mask_on
         )
-        proposals, proposal_logits, losses = self.rpn(pyramid, strides, image_sizes, targets)
+        proposals, proposal_logits, losses = self.rpn(pyramid, strides, image_sizes, targets, extents)
         # The RoI heads pool from P2-P5; P6 serves the RPN only.
         detections, roi_losses = self.roi_heads(
-            pyramid[:-1], strides[:-1], proposals, image_sizes, targets, detect=not self.training
+            pyramid[:-1],
+            strides[:-1],
+            proposals,
+            image_sizes,
+            targets,
+            detect=not self.training,
+            extents=None if extents is None else extents[:-1],
         )
         losses.update(roi_losses)
         output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
@@ -275,7 +412,7 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
 class RetinaNetForObjectDetection(DetectionPreTrainedModel):
     """RetinaNet (Lin et al., 2017) with an FPN (P3-P7) on the configured AutoBackbone.
 
-    Takes `labels` as `MaskRCNNForObjectDetection` does (no masks).
+    Takes `labels` as `MaskRCNNForObjectDetection` does (no masks); `output_hidden_states` adds the FPN levels.
     """
 
     config_class = RetinaNetConfig
@@ -297,12 +434,19 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> DetectionOutput | tuple:
+        self._check_forward_kwargs(output_attentions, kwargs)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        image_sizes, targets, pyramid, strides = self._pyramid_and_targets(
+        image_sizes, targets, pyramid, strides, extents = self._pyramid_and_targets(
             pixel_values, pixel_mask, labels, needs_masks=False
         )
-        detections, losses = self.detector(pyramid, strides, image_sizes, targets, detect=not self.training)
+        detections, losses = self.detector(
+            pyramid, strides, image_sizes, targets, detect=not self.training, extents=extents
+        )
         output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
         return output if return_dict else output.to_tuple()

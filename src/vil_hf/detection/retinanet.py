@@ -12,6 +12,7 @@ from vil_kernels.ops import batched_nms, box_iou
 
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
+from .extents import anchors_and_outputs_of_image, zero_beyond_extents
 from .losses import sigmoid_focal_loss, smooth_l1_loss
 from .matcher import Matcher
 
@@ -34,13 +35,18 @@ class RetinaNetHead(nn.Module):
         prediction = prediction.view(batch, -1, columns, height, width).permute(0, 3, 4, 1, 2)
         return prediction.reshape(batch, -1, columns)
 
-    def forward(self, features: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def forward(
+        self, features: list[torch.Tensor], extents: list[torch.Tensor] | None = None
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """`extents`: per level, (B, 2) each image's extent (None: every image fills the batch), beyond which the
+        features are zero; each tower's 3x3 convolutions then see zeros there too, as they would pad alone."""
+        extents = extents or [None] * len(features)
         logits, deltas = [], []
-        for feature in features:
+        for feature, level_extents in zip(features, extents):
             cls_hidden, bbox_hidden = feature, feature
             for cls_conv, bbox_conv in zip(self.cls_convs, self.bbox_convs):
-                cls_hidden = F.relu(cls_conv(cls_hidden))
-                bbox_hidden = F.relu(bbox_conv(bbox_hidden))
+                cls_hidden = zero_beyond_extents(F.relu(cls_conv(cls_hidden)), level_extents)
+                bbox_hidden = zero_beyond_extents(F.relu(bbox_conv(bbox_hidden)), level_extents)
             logits.append(self._to_anchor_rows(self.cls_score(cls_hidden), self.num_labels))
             deltas.append(self._to_anchor_rows(self.bbox_pred(bbox_hidden), 4))
         return logits, deltas
@@ -75,11 +81,25 @@ class RetinaNetDetector(nn.Module):
         image_sizes: torch.Tensor,
         targets: list[dict[str, torch.Tensor]] | None = None,
         detect: bool = True,
+        extents: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, list[torch.Tensor]] | None, dict[str, torch.Tensor]]:
+        """`extents`: per level, (B, 2) each image's extent on that map (None: every image fills the batch); the
+        features must be zero beyond them. Each image's detections then come from the anchors inside its extent."""
         anchors = self.anchor_generator(features, strides)
-        logits, deltas = self.head(features)
+        logits, deltas = self.head(features, extents)
         losses = self.losses(anchors, logits, deltas, targets) if targets is not None else {}
-        detections = self.detect(anchors, logits, deltas) if detect else None
+        detections = None
+        if detect and extents is None:
+            detections = self.detect(anchors, logits, deltas)
+        elif detect:
+            map_sizes = [feature.shape[-2:] for feature in features]
+            detections = {"boxes": [], "scores": [], "labels": []}
+            for image in range(features[0].shape[0]):
+                image_anchors, (image_logits, image_deltas) = anchors_and_outputs_of_image(
+                    image, anchors, [logits, deltas], map_sizes, extents
+                )
+                for key, values in self.detect(image_anchors, image_logits, image_deltas).items():
+                    detections[key].extend(values)
         return detections, losses
 
     def losses(self, anchors, logits, deltas, targets) -> dict[str, torch.Tensor]:
@@ -119,8 +139,10 @@ class RetinaNetDetector(nn.Module):
         loss_box = smooth_l1_loss(all_deltas[positive], target_deltas[positive], config.box_loss_beta, "sum")
         return {"loss_cls": loss_cls / normalizer, "loss_box_reg": loss_box / normalizer}
 
+    @torch.compiler.disable  # thresholds and NMS give data-dependent sizes: runs eagerly inside compiled code
     @torch.no_grad()
     def detect(self, anchors, logits, deltas) -> dict[str, list[torch.Tensor]]:
+        """Per image: score threshold and top-k candidates per level, decoding, class-wise NMS, top detections."""
         config = self.config
         num_labels = config.num_labels
         result = {"boxes": [], "scores": [], "labels": []}

@@ -180,8 +180,13 @@ class RoIHeads(nn.Module):
         image_sizes: torch.Tensor,
         targets: list[dict[str, torch.Tensor]] | None = None,
         detect: bool = True,
+        extents: list[torch.Tensor] | None = None,
     ) -> tuple[dict[str, list[torch.Tensor]] | None, dict[str, torch.Tensor]]:
-        """features: the pooled FPN levels (P2-P5). -> detections (when `detect`) and losses (when targets)."""
+        """features: the pooled FPN levels (P2-P5). -> detections (when `detect`) and losses (when targets).
+
+        extents: per level, (B, 2) each image's extent on that map (None: every image fills the batch); the
+        detections then pool each image's features within its extent only.
+        """
         losses = {}
         if targets is not None:
             boxes, classes, gt_boxes, gt_index = self.sample_proposals(proposals, targets)
@@ -197,15 +202,18 @@ class RoIHeads(nn.Module):
                 losses["loss_mask"] = self.mask_loss(mask_logits, fg_boxes, fg_classes, fg_index, targets)
         if not detect:
             return None, losses
-        class_logits, box_deltas = self.box_predictor(self.box_head(self.box_pooler(features, strides, proposals)))
+        pooled = self.box_pooler(features, strides, proposals, extents)
+        class_logits, box_deltas = self.box_predictor(self.box_head(pooled))
         detections = self.detect(class_logits, box_deltas, proposals, image_sizes)
         if self.config.mask_on:
-            mask_logits = self.mask_head(self.mask_pooler(features, strides, detections["boxes"]))
+            mask_logits = self.mask_head(self.mask_pooler(features, strides, detections["boxes"], extents))
             labels = torch.cat(detections["labels"])
             probabilities = mask_logits[torch.arange(labels.shape[0], device=labels.device), labels].sigmoid()
             detections["masks"] = list(probabilities.split([len(b) for b in detections["boxes"]]))
         return detections, losses
 
+    @torch.compiler.disable  # thresholds and NMS give data-dependent sizes: runs eagerly inside compiled code
+    @torch.no_grad()
     def detect(
         self,
         class_logits: torch.Tensor,

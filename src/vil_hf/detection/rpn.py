@@ -11,6 +11,7 @@ from vil_kernels.ops import batched_nms, box_iou
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .boxes import clip_boxes, nonempty_boxes
+from .extents import anchors_and_outputs_of_image
 from .losses import smooth_l1_loss
 from .matcher import Matcher, sample_labels
 
@@ -56,27 +57,32 @@ class RegionProposalNetwork(nn.Module):
         strides: list[int],
         image_sizes: torch.Tensor,
         targets: list[dict[str, torch.Tensor]] | None = None,
+        extents: list[torch.Tensor] | None = None,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor], dict[str, torch.Tensor]]:
-        """-> per-image proposal boxes (P_i, 4) and objectness logits (P_i,), and the losses when targets are given."""
+        """-> per-image proposal boxes (P_i, 4) and objectness logits (P_i,), and the losses when targets are given.
+
+        `extents`: per level, (B, 2) each image's extent on that map (None: every image fills the batch); the
+        features must be zero beyond them. Each image's proposals then come from the anchors inside its extent.
+        """
         anchors = self.anchor_generator(features, strides)
         logits, deltas = self.head(features)
         losses = {}
         if targets is not None:
             losses = self.losses(anchors, logits, deltas, [target["boxes"] for target in targets])
-        proposals, scores = self.propose(anchors, logits, deltas, image_sizes)
+        if extents is None:
+            candidates = self.top_candidates(anchors, logits, deltas)
+        else:
+            map_sizes = [feature.shape[-2:] for feature in features]
+            candidates = self.top_candidates_per_extent(anchors, logits, deltas, map_sizes, extents)
+        proposals, scores = self.propose(*candidates, image_sizes)
         return proposals, scores, losses
 
     @torch.no_grad()
-    def propose(
-        self,
-        anchors: list[torch.Tensor],
-        logits: list[torch.Tensor],
-        deltas: list[torch.Tensor],
-        image_sizes: torch.Tensor,
-    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        config = self.config
-        pre_nms_topk = config.rpn_pre_nms_topk_train if self.training else config.rpn_pre_nms_topk_test
-        post_nms_topk = config.rpn_post_nms_topk_train if self.training else config.rpn_post_nms_topk_test
+    def top_candidates(
+        self, anchors: list[torch.Tensor], logits: list[torch.Tensor], deltas: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The top-scoring anchors of each level, decoded: boxes (N, K, 4), logits (N, K) and levels (K,)."""
+        pre_nms_topk = self.config.rpn_pre_nms_topk_train if self.training else self.config.rpn_pre_nms_topk_test
         batch = logits[0].shape[0]
         batch_index = torch.arange(batch, device=logits[0].device)[:, None]
         level_boxes, level_scores, level_ids = [], [], []
@@ -89,10 +95,46 @@ class RegionProposalNetwork(nn.Module):
             level_boxes.append(boxes.view(batch, num_keep, 4))
             level_scores.append(top_scores)
             level_ids.append(torch.full((num_keep,), level, dtype=torch.int64, device=top_scores.device))
-        all_boxes, all_scores, all_levels = torch.cat(level_boxes, 1), torch.cat(level_scores, 1), torch.cat(level_ids)
+        return torch.cat(level_boxes, 1), torch.cat(level_scores, 1), torch.cat(level_ids)
+
+    @torch.compiler.disable  # per-image crops of data-dependent size
+    @torch.no_grad()
+    def top_candidates_per_extent(
+        self,
+        anchors: list[torch.Tensor],
+        logits: list[torch.Tensor],
+        deltas: list[torch.Tensor],
+        map_sizes: list[tuple[int, int]],
+        extents: list[torch.Tensor],
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+        """`top_candidates` of each image alone: per-level top-k over the anchors inside its extent."""
+        per_image = ([], [], [])
+        for image in range(logits[0].shape[0]):
+            image_anchors, (image_logits, image_deltas) = anchors_and_outputs_of_image(
+                image, anchors, [logits, deltas], map_sizes, extents
+            )
+            boxes, scores, levels = self.top_candidates(image_anchors, image_logits, image_deltas)
+            for collected, value in zip(per_image, (boxes[0], scores[0], levels)):
+                collected.append(value)
+        return per_image
+
+    @torch.compiler.disable  # filtering and NMS give data-dependent sizes: runs eagerly inside compiled code
+    @torch.no_grad()
+    def propose(
+        self,
+        all_boxes: torch.Tensor | list[torch.Tensor],
+        all_scores: torch.Tensor | list[torch.Tensor],
+        all_levels: torch.Tensor | list[torch.Tensor],
+        image_sizes: torch.Tensor,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per image, the candidates' boxes (K, 4), logits (K,) and levels (K, or one tensor for all images) ->
+        proposals after clipping, per-level NMS and the post-NMS top-k."""
+        config = self.config
+        post_nms_topk = config.rpn_post_nms_topk_train if self.training else config.rpn_post_nms_topk_test
+        if isinstance(all_levels, torch.Tensor):
+            all_levels = [all_levels] * len(image_sizes)
         proposals, proposal_scores = [], []
-        for boxes, scores, (height, width) in zip(all_boxes, all_scores, image_sizes.tolist()):
-            levels = all_levels
+        for boxes, scores, levels, (height, width) in zip(all_boxes, all_scores, all_levels, image_sizes.tolist()):
             finite = torch.isfinite(boxes).all(dim=1) & torch.isfinite(scores)
             if not bool(finite.all()):
                 if self.training:
