@@ -55,7 +55,8 @@ class DetectorTester:
             heads.update(box_head_fc_dim=32, mask_head_conv_dim=16, rpn_batch_size_per_image=32,
                          roi_batch_size_per_image=32, rpn_post_nms_topk_test=50, rpn_post_nms_topk_train=50)
         else:
-            heads.update(head_conv_layers=1)
+            # at the prior every score is about 0.01: keep them all, so that there are detections to compare
+            heads.update(head_conv_layers=1, score_threshold=0.0)
         return self.config_class(
             backbone_config=ViLConfig(arch=BACKBONE_ARCH, image_size=96), num_labels=self.num_labels, **heads
         )
@@ -131,22 +132,6 @@ class DetectorModelTestMixin(ModelTesterMixin):
         config, inputs_dict = self.model_tester.prepare_config_and_inputs_for_common()
         return config, {**inputs_dict, "labels": self.model_tester.labels()}
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="fixed on branch detection: output_hidden_states in the config is ignored, and DetectionOutput has "
-        "no `hidden_states` (its FPN levels are `feature_maps`)",
-    )
-    def test_retain_grad_hidden_states_attentions(self):
-        super().test_retain_grad_hidden_states_attentions()
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="fixed on branch detection: _init_weights of the heads (containers of convs) never runs for a model "
-        "outside transformers, so weights that from_pretrained creates keep the memory they got",
-    )
-    def test_can_init_all_missing_weights(self):
-        super().test_can_init_all_missing_weights()
-
     def check_feature_maps(self, outputs, config):
         strides = [4, 8, 16, 32, 64] if self.config_class is MaskRCNNConfig else [8, 16, 32, 64, 128]
         height, width = 64, 96  # the input padded to a multiple of 32
@@ -157,7 +142,6 @@ class DetectorModelTestMixin(ModelTesterMixin):
                 [self.model_tester.batch_size, config.fpn_channels, math.ceil(height / stride), math.ceil(width / stride)],
             )
 
-    @pytest.mark.xfail(strict=True, reason="fixed on branch detection: output_hidden_states in the config is ignored")
     def test_hidden_states_output(self):
         """As transformers' Swin and ConvNeXt tests override it for maps: the FPN levels, asked for by argument
         or by the config."""
@@ -197,27 +181,11 @@ class MaskRCNNModelTest(DetectorModelTestMixin, unittest.TestCase):
         with mock.patch.object(self.detector_class, "forward", seeded_forward):
             super().test_model_outputs_equivalence()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="fixed on branch detection: box IoU and NMS fail on boxes that require grad (an eval forward "
-        "outside torch.no_grad)",
-    )
-    def test_feed_forward_chunking(self):
-        super().test_feed_forward_chunking()
-
 
 class RetinaNetModelTest(DetectorModelTestMixin, unittest.TestCase):
     all_model_classes = (RetinaNetForObjectDetection,)
     detector_class = RetinaNetForObjectDetection
     config_class = RetinaNetConfig
-
-    @pytest.mark.xfail(
-        strict=True,
-        reason="fixed on branch detection: base_model_prefix 'detector' names RetinaNet's head module "
-        "(RetinaNetDetector), which transformers then takes for the base model",
-    )
-    def test_correct_missing_keys(self):
-        super().test_correct_missing_keys()
 
 
 class DetectionImageProcessingTester(ImageProcessingTester):

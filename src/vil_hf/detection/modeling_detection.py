@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,26 +36,29 @@ class DetectionOutput(ModelOutput):
         loss: total of the losses (when `labels` are given).
         loss_dict: each loss by name (`loss_rpn_cls`, `loss_rpn_loc`, `loss_cls`, `loss_box_reg`, `loss_mask`
             for Mask R-CNN; `loss_cls`, `loss_box_reg` for RetinaNet).
+        image_sizes: (B, 2) height and width of each image's valid region in `pixel_values`.
         pred_boxes: per image, (N_i, 4) absolute (x1, y1, x2, y2) in the pixels of the unpadded input image.
         scores: per image, (N_i,) detection scores, decreasing.
         labels: per image, (N_i,) class indices in 0..num_labels-1.
         pred_masks: per image, (N_i, M, M) mask probabilities in each box's frame (Mask R-CNN); paste them with
             the image processor's post-processing.
-        image_sizes: (B, 2) height and width of each image's valid region in `pixel_values`.
+        hidden_states: the backbone's maps that feed the FPN (with `output_hidden_states=True`).
         feature_maps: the FPN levels (with `output_hidden_states=True`); in eval mode with a `pixel_mask` of images
-            of different sizes, each image's levels are zero beyond its extent (its size padded to
-            `size_divisibility`), and the batch is cut to the largest extent.
+            of different sizes, each image's levels (and backbone maps) are zero beyond its extent (its size
+            padded to `size_divisibility`), and the batch is cut to the largest extent.
         proposals: per image, the RPN's proposal boxes (Mask R-CNN, with `output_hidden_states=True`).
         proposal_logits: per image, their objectness logits.
     """
 
     loss: torch.Tensor | None = None
     loss_dict: dict[str, torch.Tensor] | None = None
+    # first in eval mode: a tensor, as transformers' tests and tools expect of `outputs[0]`
+    image_sizes: torch.Tensor | None = None
     pred_boxes: list[torch.Tensor] | None = None
     scores: list[torch.Tensor] | None = None
     labels: list[torch.Tensor] | None = None
     pred_masks: list[torch.Tensor] | None = None
-    image_sizes: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
     feature_maps: tuple[torch.Tensor, ...] | None = None
     proposals: list[torch.Tensor] | None = None
     proposal_logits: list[torch.Tensor] | None = None
@@ -284,9 +288,9 @@ class DetectionPreTrainedModel(PreTrainedModel):
 
     def _backbone_pyramid(
         self, pixel_values: torch.Tensor, extents: torch.Tensor | None = None
-    ) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor] | None]:
-        """-> the FPN levels, their strides, and per level each image's extent (None when every image fills the
-        batch); the levels are then zero beyond the extents."""
+    ) -> tuple[list[torch.Tensor], list[int], list[torch.Tensor] | None, list[torch.Tensor]]:
+        """-> the FPN levels, their strides, per level each image's extent (None when every image fills the
+        batch; the levels are then zero beyond the extents), and the backbone's maps."""
         backbone_maps = self._backbone_maps(pixel_values, extents)
         # Strides from the shapes: exact, since the input is padded to a multiple of the largest stride.
         first_stride = pixel_values.shape[-1] // backbone_maps[0].shape[-1]
@@ -298,10 +302,10 @@ class DetectionPreTrainedModel(PreTrainedModel):
         pyramid = self.fpn(backbone_maps, backbone_extents)
         strides = [first_stride * 2**level for level in range(len(pyramid))]
         if extents is None:
-            return pyramid, strides, None
+            return pyramid, strides, None, backbone_maps
         level_extents = [extents_at_stride(extents, stride) for stride in strides]
         pyramid = [zero_beyond_extents(level, e) for level, e in zip(pyramid, level_extents)]
-        return pyramid, strides, level_extents
+        return pyramid, strides, level_extents, backbone_maps
 
     def _pyramid_and_targets(
         self,
@@ -309,8 +313,11 @@ class DetectionPreTrainedModel(PreTrainedModel):
         pixel_mask: torch.Tensor | None,
         labels: list[dict[str, torch.Tensor]] | None,
         needs_masks: bool,
-    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None, list[torch.Tensor], list[int], list | None]:
-        """What both detectors do first: check inputs and targets, then run the backbone and FPN.
+    ) -> tuple[
+        torch.Tensor, list[dict[str, torch.Tensor]] | None, list[torch.Tensor], list[int], list | None, list[torch.Tensor]
+    ]:
+        """What both detectors do first: check inputs and targets, then run the backbone and FPN. -> image sizes,
+        targets, FPN levels, their strides and extents (see `_backbone_pyramid`), and the backbone's maps.
 
         In eval mode, each image of a batch is detected as it would be alone (see `_batch_extents`); training runs
         the padded batch as one, as detectron2 trains.
@@ -322,8 +329,8 @@ class DetectionPreTrainedModel(PreTrainedModel):
         extents = None
         if not self.training and pixel_mask is not None:
             pixel_values, extents = self._batch_extents(pixel_values, image_sizes)
-        pyramid, strides, level_extents = self._backbone_pyramid(pixel_values, extents)
-        return image_sizes, targets, pyramid, strides, level_extents
+        pyramid, strides, level_extents, backbone_maps = self._backbone_pyramid(pixel_values, extents)
+        return image_sizes, targets, pyramid, strides, level_extents, backbone_maps
 
     @staticmethod
     @torch.compiler.disable  # dropping empty boxes gives data-dependent sizes
@@ -331,12 +338,14 @@ class DetectionPreTrainedModel(PreTrainedModel):
         losses: dict[str, torch.Tensor],
         detections: dict[str, list[torch.Tensor]] | None,
         image_sizes: torch.Tensor,
-        pyramid: list[torch.Tensor] | None,
+        hidden: dict[str, Any] | None = None,
     ) -> DetectionOutput:
-        output = DetectionOutput(image_sizes=image_sizes, feature_maps=tuple(pyramid) if pyramid else None)
+        """The output, built in one call so that its fields (and `to_tuple()`) keep their declared order, loss
+        first. `hidden`: what `output_hidden_states` adds (backbone maps, FPN levels, proposals)."""
+        fields: dict[str, Any] = {"image_sizes": image_sizes, **(hidden or {})}
         if losses:
-            output.loss_dict = losses
-            output.loss = sum(losses.values())
+            fields["loss"] = sum(losses.values())
+            fields["loss_dict"] = losses
         if detections is not None:
             # detectron2 clips the final boxes to the image and drops empty ones after the top-k cut.
             finalized = {key: [] for key in detections}
@@ -345,13 +354,13 @@ class DetectionPreTrainedModel(PreTrainedModel):
                 keep = nonempty_boxes(boxes)
                 for key, values in detections.items():
                     finalized[key].append(boxes[keep] if key == "boxes" else values[index][keep])
-            output.pred_boxes, output.scores, output.labels = (
-                finalized["boxes"],
-                finalized["scores"],
-                finalized["labels"],
+            fields.update(
+                pred_boxes=finalized["boxes"],
+                scores=finalized["scores"],
+                labels=finalized["labels"],
+                pred_masks=finalized.get("masks"),
             )
-            output.pred_masks = finalized.get("masks")
-        return output
+        return DetectionOutput(**{name: fields.get(name) for name in DetectionOutput.__dataclass_fields__})
 
 
 class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
@@ -359,7 +368,8 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
 
     With `labels` (a list of per-image dicts: `boxes` (N, 4) absolute x1y1x2y2 in `pixel_values` pixels,
     `class_labels` (N,), `masks` (N, H, W)), returns the losses; in eval mode, returns detections.
-    `output_hidden_states` (default `config.output_hidden_states`) adds the FPN levels and the proposals.
+    `output_hidden_states` (default `config.output_hidden_states`) adds the backbone maps, the FPN levels and the
+    proposals.
     Unknown keyword arguments raise a TypeError naming the accepted ones.
     """
 
@@ -388,7 +398,7 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        image_sizes, targets, pyramid, strides, extents = self._pyramid_and_targets(
+        image_sizes, targets, pyramid, strides, extents, backbone_maps = self._pyramid_and_targets(
             pixel_values, pixel_mask, labels, needs_masks=self.config.mask_on
         )
         proposals, proposal_logits, losses = self.rpn(pyramid, strides, image_sizes, targets, extents)
@@ -403,16 +413,23 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
             extents=None if extents is None else extents[:-1],
         )
         losses.update(roi_losses)
-        output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
+        hidden = None
         if output_hidden_states:
-            output.proposals, output.proposal_logits = proposals, proposal_logits
+            hidden = {
+                "hidden_states": tuple(backbone_maps),
+                "feature_maps": tuple(pyramid),
+                "proposals": proposals,
+                "proposal_logits": proposal_logits,
+            }
+        output = self._make_output(losses, detections, image_sizes, hidden)
         return output if return_dict else output.to_tuple()
 
 
 class RetinaNetForObjectDetection(DetectionPreTrainedModel):
     """RetinaNet (Lin et al., 2017) with an FPN (P3-P7) on the configured AutoBackbone.
 
-    Takes `labels` as `MaskRCNNForObjectDetection` does (no masks); `output_hidden_states` adds the FPN levels.
+    Takes `labels` as `MaskRCNNForObjectDetection` does (no masks); `output_hidden_states` adds the backbone maps
+    and the FPN levels.
     """
 
     config_class = RetinaNetConfig
@@ -442,11 +459,12 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        image_sizes, targets, pyramid, strides, extents = self._pyramid_and_targets(
+        image_sizes, targets, pyramid, strides, extents, backbone_maps = self._pyramid_and_targets(
             pixel_values, pixel_mask, labels, needs_masks=False
         )
         detections, losses = self.detector(
             pyramid, strides, image_sizes, targets, detect=not self.training, extents=extents
         )
-        output = self._make_output(losses, detections, image_sizes, pyramid if output_hidden_states else None)
+        hidden = {"hidden_states": tuple(backbone_maps), "feature_maps": tuple(pyramid)} if output_hidden_states else None
+        output = self._make_output(losses, detections, image_sizes, hidden)
         return output if return_dict else output.to_tuple()
