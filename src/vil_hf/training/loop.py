@@ -286,6 +286,9 @@ def train(
         task = _TaskData(config)
     check_labels(plan, task.id2label)
     model = build_model(config, task.id2label)
+    if run.gradient_checkpointing:
+        # The backbone's own checkpointed blocks and the detectors' heavy head parts, recomputed in the backward.
+        model.activation_checkpointing_enable()
     optimizer = build_optimizer(model, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
 
