@@ -124,6 +124,42 @@ def test_a_hub_id_offline_fails_before_the_data_saying_how_to_get_it(tmp_path):
     assert "no-such-folder" not in done.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_plain_backbone_trains_from_the_config_with_gradient_checkpointing(shapes, tmp_path, caplog):
+    """DINOv2 (patch 14) through the simple feature pyramid, described in model.backbone_config, with
+    run.gradient_checkpointing: trains, evaluates and writes a folder that loads."""
+    from accelerate.state import AcceleratorState
+
+    from vil_hf.training import train
+
+    from .test_backbones import TINY_DINOV2
+
+    config = detection_config(backbone_config={"model_type": "dinov2", **TINY_DINOV2}, drop_path_rate=0.1)
+    config["data"] = {
+        "train_images": str(shapes / "train"),
+        "train_annotations": str(shapes / "annotations" / "instances_train.json"),
+        "val_images": str(shapes / "val"),
+        "val_annotations": str(shapes / "annotations" / "instances_val.json"),
+        "train_shortest_edge": [48, 64],
+        "test_shortest_edge": 64,
+        "longest_edge": 96,
+        "num_workers": 0,
+    }
+    config["optim"] = {"batch_size": 2, "max_iter": 2, "steps": [], "warmup_iters": 1, "lr": 1e-4}
+    config["run"] = {"output_dir": str(tmp_path / "run"), "trackers": [], "log_every": 1, "eval_batch_size": 3,
+                     "num_visualized": 1, "gradient_checkpointing": True}  # fmt: skip
+    AcceleratorState._reset_state(True)
+    try:
+        with caplog.at_level("INFO", logger="vil_hf"):
+            result = train(config_from_dict(config))
+    finally:
+        AcceleratorState._reset_state(True)
+    assert "gradient checkpointing on" in caplog.text
+    assert [record["iteration"] for record in result.history] == [1, 2]
+    assert result.metrics["stats"]["bbox"]["AP"] >= 0
+    detector = AutoModelForObjectDetection.from_pretrained(result.model_dir)
+    assert detector.config.uses_simple_feature_pyramid and detector.simple_feature_pyramid is not None
+
+
 # -- the baseline configs end to end ------------------------------------------------------------
 
 

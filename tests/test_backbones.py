@@ -35,7 +35,7 @@ from .test_detection_models import TINY_ARCH, synthetic_batch, tiny_detector
 TINY_SWIN = dict(embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=4, image_size=64)
 TINY_RESNET = dict(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic")
 TINY_CONVNEXT = dict(hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1])
-TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=56)
+TINY_DINOV2 = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=56)
 TINY_VITDET = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=64,
                    pretrain_image_size=64)  # fmt: skip
 CLASSIFIERS = {

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import CheckpointedModule
+
 
 class LastLevelMaxPool(nn.Module):
     """Mask R-CNN's extra level: P6 is P5 subsampled by 2 (a 1x1 max-pool with stride 2)."""
@@ -33,7 +35,7 @@ class LastLevelP6P7(nn.Module):
         return [p6, self.p7(F.relu(p6))]
 
 
-class FeaturePyramidNetwork(nn.Module):
+class FeaturePyramidNetwork(CheckpointedModule):
     """Lateral 1x1 convs, nearest-neighbour top-down sums, 3x3 output convs; no normalisation.
 
     Expects backbone maps of strides increasing by 2 (input padded to a multiple of the largest stride).

@@ -18,6 +18,7 @@ from .fpn import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 from .retinanet import RetinaNetDetector, RetinaNetHead
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
+from .simple_feature_pyramid import SIMPLE_PYRAMID_STRIDES, SimpleFeaturePyramid
 
 # Ground-truth boxes narrower or shorter than this (after clipping to the image) are dropped, as detectron2's
 # dataset mapper does.
@@ -74,7 +75,9 @@ class DetectionPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
     base_model_prefix = "detector"
-    supports_gradient_checkpointing = False
+    # `gradient_checkpointing_enable()` turns on the backbone's own checkpointed blocks and the heads' heavy parts
+    # (FPN, simple feature pyramid, RPN and RetinaNet heads, mask head: `checkpointing.CheckpointedModule`).
+    supports_gradient_checkpointing = True
 
     def _init_weights(self, module: nn.Module) -> None:
         # detectron2's initialisations, so that training from a fresh head follows the published recipe.
@@ -179,8 +182,37 @@ class DetectionPreTrainedModel(PreTrainedModel):
             prepared.append(entry)
         return prepared
 
+    def _build_backbone(self, config) -> list[int]:
+        """The backbone and, for a plain (single-stride) one, ViTDet's simple feature pyramid on its map; returns
+        the channels of the maps that feed the FPN."""
+        self.backbone = load_backbone(config)
+        channels = list(self.backbone.channels)
+        self.simple_feature_pyramid = None
+        if config.uses_simple_feature_pyramid:
+            strides = SIMPLE_PYRAMID_STRIDES[-config.backbone_levels :]
+            self.simple_feature_pyramid = SimpleFeaturePyramid(channels[-1], strides)
+            channels = self.simple_feature_pyramid.channels
+        return channels
+
+    def _backbone_feature_maps(self, pixel_values: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+        """The maps that feed the FPN: the backbone's, or the simple feature pyramid's from a plain backbone's map.
+
+        A plain backbone whose patches are not 16 pixels (DINOv2: 14) sees the input scaled by patch / 16, so that
+        each patch covers 16x16 input pixels and the pyramid's strides stay 4 to 32; the input is padded to a
+        multiple of 32, which the scaling turns into a whole number of patches.
+        """
+        scale = self.config.backbone_input_scale
+        if scale != 1:
+            height, width = pixel_values.shape[-2:]
+            size = (round(height * scale), round(width * scale))
+            pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False, antialias=True)
+        maps = list(self.backbone(pixel_values, **kwargs).feature_maps)
+        if self.simple_feature_pyramid is not None:
+            maps = self.simple_feature_pyramid(maps[-1])
+        return maps
+
     def _backbone_pyramid(self, pixel_values: torch.Tensor) -> tuple[list[torch.Tensor], list[int]]:
-        backbone_maps = list(self.backbone(pixel_values).feature_maps)
+        backbone_maps = self._backbone_feature_maps(pixel_values)
         pyramid = self.fpn(backbone_maps)
         # Strides from the shapes: exact, since the input is padded to a multiple of the largest stride.
         first_stride = pixel_values.shape[-1] // backbone_maps[0].shape[-1]
@@ -241,8 +273,8 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
 
     def __init__(self, config: MaskRCNNConfig):
         super().__init__(config)
-        self.backbone = load_backbone(config)
-        self.fpn = FeaturePyramidNetwork(list(self.backbone.channels), config.fpn_channels, LastLevelMaxPool())
+        channels = self._build_backbone(config)
+        self.fpn = FeaturePyramidNetwork(channels, config.fpn_channels, LastLevelMaxPool())
         self.rpn = RegionProposalNetwork(config, config.fpn_channels)
         self.roi_heads = RoIHeads(config, config.fpn_channels)
         self.post_init()
@@ -282,8 +314,7 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
 
     def __init__(self, config: RetinaNetConfig):
         super().__init__(config)
-        self.backbone = load_backbone(config)
-        channels = list(self.backbone.channels)
+        channels = self._build_backbone(config)
         self.fpn = FeaturePyramidNetwork(
             channels, config.fpn_channels, LastLevelP6P7(channels[-1], config.fpn_channels)
         )

@@ -289,6 +289,7 @@ def train(
     if run.gradient_checkpointing:
         # The backbone's own checkpointed blocks and the detectors' heavy head parts, recomputed in the backward.
         model.activation_checkpointing_enable()
+        logger.info("gradient checkpointing on: backbone blocks and head convolutions are recomputed in the backward")
     optimizer = build_optimizer(model, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
 
