@@ -19,7 +19,7 @@ from vil_hf.training import ConfigError, build_model, config_from_dict, load_con
 from vil_hf.training.cli import train_main
 from vil_hf.training.models import check_model_config
 
-from .test_backbones import CLASSIFIERS, TINY_SWIN, matching_tensors, saved_classifier
+from .test_backbones import TINY_SWIN, matching_tensors, saved_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 LABELS = {0: "circle", 1: "triangle", 2: "square"}
@@ -61,16 +61,34 @@ def test_a_folder_alone_gives_the_architecture_and_a_config_must_agree_with_it(t
         assert torch.equal(expected, actual), name
     # The same architecture spelled out agrees; another one is refused, naming the difference and the fix.
     agreeing = {"model_type": "swin", "embed_dim": 16, "depths": [1, 1, 1, 1]}
-    check_model_config(config_from_dict(detection_config(backbone_from=str(tmp_path / "swin"), backbone_config=agreeing)))
+    check_model_config(
+        config_from_dict(detection_config(backbone_from=str(tmp_path / "swin"), backbone_config=agreeing))
+    )
     with pytest.raises(ConfigError, match=r"embed_dim: 16 in the folder vs 96 in model.backbone_config.*"
                                           r"model.backbone_config=null"):  # fmt: skip
         check_model_config(
-            config_from_dict(detection_config(backbone_from=str(tmp_path / "swin"), backbone_config={"model_type": "swin", "embed_dim": 96}))
+            config_from_dict(
+                detection_config(
+                    backbone_from=str(tmp_path / "swin"), backbone_config={"model_type": "swin", "embed_dim": 96}
+                )
+            )
         )
     with pytest.raises(ConfigError, match="holds a swin model but model.backbone_config says model_type 'convnext'"):
         check_model_config(
-            config_from_dict(detection_config(backbone_from=str(tmp_path / "swin"), backbone_config={"model_type": "convnext"}))
+            config_from_dict(
+                detection_config(backbone_from=str(tmp_path / "swin"), backbone_config={"model_type": "convnext"})
+            )
         )
+
+
+def config_without_data(tmp_path, **model) -> Path:
+    """A config file whose data does not exist: a run that reaches the data fails on it."""
+    config = detection_config(**model)
+    config["data"] = {"train_images": str(tmp_path / "no-such-folder"), "train_annotations": str(tmp_path / "x.json")}
+    config["run"] = {"output_dir": str(tmp_path / "run"), "trackers": []}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.mark.parametrize(
@@ -95,23 +113,14 @@ def test_a_folder_alone_gives_the_architecture_and_a_config_must_agree_with_it(t
          "out-features", "drop-path-field", "no-drop-path", "no-batch-norm", "freeze-at", "bad-source"],
 )  # fmt: skip
 def test_backbone_settings_are_checked_before_the_data(shapes, tmp_path, capsys, model, message):
-    config = detection_config(**model)
-    config["data"] = {"train_images": str(tmp_path / "no-such-folder"), "train_annotations": str(tmp_path / "none.json")}
-    config["run"] = {"output_dir": str(tmp_path / "run"), "trackers": []}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config))
-    assert train_main(["--config", str(path)]) == 2
+    assert train_main(["--config", str(config_without_data(tmp_path, **model))]) == 2
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert "no-such-folder" not in err and not (tmp_path / "run").exists()
 
 
 def test_a_hub_id_offline_fails_before_the_data_saying_how_to_get_it(tmp_path):
-    config = detection_config(backbone_from="microsoft/swin-tiny-patch4-window7-224")
-    config["data"] = {"train_images": str(tmp_path / "no-such-folder"), "train_annotations": str(tmp_path / "none.json")}
-    config["run"] = {"output_dir": str(tmp_path / "run"), "trackers": []}
-    path = tmp_path / "c.yaml"
-    path.write_text(yaml.safe_dump(config))
+    path = config_without_data(tmp_path, backbone_from="microsoft/swin-tiny-patch4-window7-224")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "train.py"), "--config", str(path)],

@@ -27,8 +27,8 @@ from vil_hf.backbones import (
     plain_patch_size,
     stem_and_stages,
 )
-from vil_hf.training.optim import build_optimizer
 from vil_hf.training.config import OptimSection
+from vil_hf.training.optim import build_optimizer
 
 from .test_detection_models import TINY_ARCH, synthetic_batch, tiny_detector
 
@@ -146,9 +146,11 @@ def test_frozen_batch_norm_computes_eval_batch_norm_and_keeps_its_names():
 def test_frozen_batch_norm_never_changes_in_training_and_reloads_as_batch_norm(tmp_path):
     detector = tiny_detector("mask_rcnn", backbone_config=ResNetConfig(**TINY_RESNET))
     randomised(detector.backbone)
-    assert freeze_batch_norm(detector.backbone) == sum(
-        isinstance(m, FrozenBatchNorm2d) for m in detector.backbone.modules()
-    ) > 3
+    assert (
+        freeze_batch_norm(detector.backbone)
+        == sum(isinstance(m, FrozenBatchNorm2d) for m in detector.backbone.modules())
+        > 3
+    )
     assert not any(isinstance(m, nn.BatchNorm2d) for m in detector.backbone.modules())
     frozen_state = {
         name: tensor.clone()

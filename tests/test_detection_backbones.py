@@ -125,7 +125,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(kind, backbone
     checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     assert checkpointed.is_gradient_checkpointing
     # The backbone's own blocks and each heavy head part are switched on.
-    switched = {name for name, module in checkpointed.named_modules() if getattr(module, "gradient_checkpointing", False)}
+    switched = {
+        name for name, module in checkpointed.named_modules() if getattr(module, "gradient_checkpointing", False)
+    }
     heads = {"fpn", "rpn.head", "roi_heads.mask_head"} if kind == "mask_rcnn" else {"fpn", "detector.head"}
     assert heads <= switched and any(name.startswith("backbone.") for name in switched)
     if backbone == "dinov2":
@@ -207,5 +209,7 @@ def test_gradient_checkpointing_lowers_peak_memory_on_a_larger_input():
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[setting] = json.loads(done.stdout.strip().splitlines()[-1])["step_mib"]
-    print(f"peak memory of a training step, 2 x 512 x 512: {peaks['off']:.0f} MiB plain, {peaks['on']:.0f} MiB checkpointed")
+    print(
+        f"peak memory of a training step, 2 x 512 x 512: {peaks['off']:.0f} MiB plain, {peaks['on']:.0f} MiB checkpointed"
+    )
     assert peaks["on"] < 0.9 * peaks["off"], peaks

@@ -301,9 +301,8 @@ def test_train_script_reports_config_errors(tmp_path):
 
 
 def test_every_shipped_config_loads_and_describes_its_model():
-    from vil_hf.training.models import DETECTORS, backbone_config
-
     from vil_hf.published import BASELINES
+    from vil_hf.training.models import DETECTORS, backbone_config
 
     files = sorted((ROOT / "configs").rglob("*.yaml"))
     rows = [f for f in files if "base" not in f.parts]

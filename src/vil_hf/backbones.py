@@ -53,7 +53,9 @@ def plain_patch_size(config: PretrainedConfig) -> int | None:
         return None
     if isinstance(patch_size, (list, tuple)):
         if len(set(patch_size)) != 1:
-            raise ValueError(f"{type(config).__name__} has a non-square patch {patch_size}; the detectors need square patches")
+            raise ValueError(
+                f"{type(config).__name__} has a non-square patch {patch_size}; the detectors need square patches"
+            )
         patch_size = patch_size[0]
     return int(patch_size)
 
@@ -101,7 +103,9 @@ def load_pretrained_backbone(backbone: nn.Module, source: str | Path, **from_pre
     if set(state) != set(target):  # the same class and config: the names cannot differ
         raise RuntimeError(f"{type(loaded_model).__name__} from {source} has other tensor names than the backbone")
     backbone.load_state_dict(state)
-    mismatched = [str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in info.get("mismatched_keys", [])]
+    mismatched = [
+        str(entry[0]) if isinstance(entry, tuple) else str(entry) for entry in info.get("mismatched_keys", [])
+    ]
     missing = sorted(info.get("missing_keys", []))
     report = BackboneLoadReport(
         source=str(source),
@@ -150,7 +154,9 @@ class FrozenBatchNorm2d(nn.Module):
         scale = self.weight * torch.rsqrt(self.running_var + self.eps)
         shift = self.bias - self.running_mean * scale
         shape = (1, -1) + (1,) * (hidden_states.dim() - 2)
-        return hidden_states * scale.reshape(shape).to(hidden_states.dtype) + shift.reshape(shape).to(hidden_states.dtype)
+        return hidden_states * scale.reshape(shape).to(hidden_states.dtype) + shift.reshape(shape).to(
+            hidden_states.dtype
+        )
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, eps={self.eps}"

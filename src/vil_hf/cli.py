@@ -97,7 +97,9 @@ def _demo(args: argparse.Namespace) -> None:
     )
     result = run_demo(settings, backbone=args.backbone)
     name = "ViL" if args.backbone == "vil" else f"{args.backbone} (transformers)"
-    print(f"\n{name} Mask R-CNN on the shapes val set ({settings.num_val} images), {result.seconds / 60:.1f} min in all:")
+    print(
+        f"\n{name} Mask R-CNN on the shapes val set ({settings.num_val} images), {result.seconds / 60:.1f} min in all:"
+    )
     print(f"  box AP  {result.box_ap:5.1f}")
     print(f"  mask AP {result.mask_ap:5.1f}")
     print(f"  model folder (safetensors, config, image processor, card): {result.model_dir}")

@@ -170,7 +170,9 @@ class Source:
     url: str
 
 
-DETECTRON2_ZOO = Source("detectron2 Model Zoo (MODEL_ZOO.md)", "https://github.com/facebookresearch/detectron2/blob/main/MODEL_ZOO.md")
+DETECTRON2_ZOO = Source(
+    "detectron2 Model Zoo (MODEL_ZOO.md)", "https://github.com/facebookresearch/detectron2/blob/main/MODEL_ZOO.md"
+)
 SWIN_DETECTION = Source(
     "Swin Transformer for Object Detection, the Swin authors' repository (README table)",
     "https://github.com/SwinTransformer/Swin-Transformer-Object-Detection",
@@ -230,6 +232,8 @@ class BaselineResult:
 _MMDET_1X = {"warmup_iters": 500, "warmup_factor": 0.001, "max_iter": _epochs(12)[0], "steps": _epochs(8, 11)}
 _MMDET_3X = {"warmup_iters": 500, "warmup_factor": 0.001, "max_iter": _epochs(36)[0], "steps": _epochs(27, 33)}
 _ADAMW_005 = {"optimizer": "adamw", "lr": 1.0e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "clip_grad_norm": None}
+
+
 def _detectron2_1x(lr: float) -> dict[str, Any]:
     return {
         "optimizer": "sgd",
@@ -257,73 +261,56 @@ _DETECTRON2_RECIPE = (
     "is the torchvision-style one (ImageNet mean/std), so the published number is a reference, not a promise.",
 )
 
+
+def _swin_t(schedule: str, drop_path: float, box_ap: float, mask_ap: float) -> BaselineResult:
+    """Swin-T Mask R-CNN with the Swin authors' mmdetection recipe (their configs' names and values)."""
+    epochs, steps, optim = (12, "8 and 11", _MMDET_1X) if schedule == "1x" else (36, "27 and 33", _MMDET_3X)
+    return BaselineResult(
+        name=f"swin_t_mask_rcnn_{schedule}",
+        backbone_title="Swin-T",
+        head="mask_rcnn",
+        schedule=schedule,
+        backbone_config=SWIN_T,
+        pretrained="microsoft/swin-tiny-patch4-window7-224",
+        mirrors="Swin-Transformer-Object-Detection configs/swin/mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_"
+        f"adamw_{schedule[:2]}_coco.py",
+        recipe=tuple(line.format(drop_path=drop_path, steps=steps, epochs=epochs) for line in _SWIN_RECIPE),
+        source=SWIN_DETECTION,
+        box_ap=box_ap,
+        mask_ap=mask_ap,
+        model={"drop_path_rate": drop_path},
+        data={"train_shortest_edge": MMDET_MULTI_SCALE},
+        optim={**_ADAMW_005, **optim},
+    )
+
+
+def _resnet_50(head: str, lr: float, lr_text: str, config: str, box_ap: float, mask_ap: float | None) -> BaselineResult:
+    """ResNet-50 with detectron2's R50-FPN 1x recipe."""
+    return BaselineResult(
+        name=f"resnet50_{head}_1x",
+        backbone_title="ResNet-50",
+        head=head,
+        schedule="1x",
+        backbone_config=RESNET_50,
+        pretrained="microsoft/resnet-50",
+        mirrors=f"detectron2 configs/{config}",
+        recipe=tuple(line.format(lr=lr_text) for line in _DETECTRON2_RECIPE),
+        source=DETECTRON2_ZOO,
+        box_ap=box_ap,
+        mask_ap=mask_ap,
+        model={"drop_path_rate": 0.0, "freeze_at": 2, "frozen_batch_norm": True},
+        data={"train_shortest_edge": DETECTRON2_MULTI_SCALE},
+        optim=_detectron2_1x(lr),
+    )
+
+
 BASELINES: dict[str, BaselineResult] = {
     row.name: row
     for row in (
-        BaselineResult(
-            name="swin_t_mask_rcnn_1x",
-            backbone_title="Swin-T",
-            head="mask_rcnn",
-            schedule="1x",
-            backbone_config=SWIN_T,
-            pretrained="microsoft/swin-tiny-patch4-window7-224",
-            mirrors="Swin-Transformer-Object-Detection configs/swin/mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_adamw_1x_coco.py",
-            recipe=tuple(line.format(drop_path=0.1, steps="8 and 11", epochs=12) for line in _SWIN_RECIPE),
-            source=SWIN_DETECTION,
-            box_ap=43.7,
-            mask_ap=39.8,
-            model={"drop_path_rate": 0.1},
-            data={"train_shortest_edge": MMDET_MULTI_SCALE},
-            optim={**_ADAMW_005, **_MMDET_1X},
-        ),
-        BaselineResult(
-            name="swin_t_mask_rcnn_3x_ms",
-            backbone_title="Swin-T",
-            head="mask_rcnn",
-            schedule="3x_ms",
-            backbone_config=SWIN_T,
-            pretrained="microsoft/swin-tiny-patch4-window7-224",
-            mirrors="Swin-Transformer-Object-Detection configs/swin/mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_adamw_3x_coco.py",
-            recipe=tuple(line.format(drop_path=0.2, steps="27 and 33", epochs=36) for line in _SWIN_RECIPE),
-            source=SWIN_DETECTION,
-            box_ap=46.0,
-            mask_ap=41.6,
-            model={"drop_path_rate": 0.2},
-            data={"train_shortest_edge": MMDET_MULTI_SCALE},
-            optim={**_ADAMW_005, **_MMDET_3X},
-        ),
-        BaselineResult(
-            name="resnet50_mask_rcnn_1x",
-            backbone_title="ResNet-50",
-            head="mask_rcnn",
-            schedule="1x",
-            backbone_config=RESNET_50,
-            pretrained="microsoft/resnet-50",
-            mirrors="detectron2 configs/COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml",
-            recipe=tuple(line.format(lr="0.02") for line in _DETECTRON2_RECIPE),
-            source=DETECTRON2_ZOO,
-            box_ap=38.6,
-            mask_ap=35.2,
-            model={"drop_path_rate": 0.0, "freeze_at": 2, "frozen_batch_norm": True},
-            data={"train_shortest_edge": DETECTRON2_MULTI_SCALE},
-            optim=_detectron2_1x(0.02),
-        ),
-        BaselineResult(
-            name="resnet50_retinanet_1x",
-            backbone_title="ResNet-50",
-            head="retinanet",
-            schedule="1x",
-            backbone_config=RESNET_50,
-            pretrained="microsoft/resnet-50",
-            mirrors="detectron2 configs/COCO-Detection/retinanet_R_50_FPN_1x.yaml",
-            recipe=tuple(line.format(lr="0.01 (RetinaNet's)") for line in _DETECTRON2_RECIPE),
-            source=DETECTRON2_ZOO,
-            box_ap=36.5,
-            mask_ap=None,
-            model={"drop_path_rate": 0.0, "freeze_at": 2, "frozen_batch_norm": True},
-            data={"train_shortest_edge": DETECTRON2_MULTI_SCALE},
-            optim=_detectron2_1x(0.01),
-        ),
+        _swin_t("1x", drop_path=0.1, box_ap=43.7, mask_ap=39.8),  # the 1x config's drop path
+        _swin_t("3x_ms", drop_path=0.2, box_ap=46.0, mask_ap=41.6),
+        _resnet_50("mask_rcnn", 0.02, "0.02", "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", 38.6, 35.2),
+        _resnet_50("retinanet", 0.01, "0.01 (RetinaNet's)", "COCO-Detection/retinanet_R_50_FPN_1x.yaml", 36.5, None),
         BaselineResult(
             name="convnext_t_mask_rcnn_1x",
             backbone_title="ConvNeXt-T",
@@ -331,7 +318,8 @@ BASELINES: dict[str, BaselineResult] = {
             schedule="1x",
             backbone_config=CONVNEXT_T,
             pretrained="facebook/convnext-tiny-224",
-            mirrors="ConvNeXt object_detection/configs/convnext/mask_rcnn_convnext_tiny_patch4_window7_mstrain_480-800_adamw_3x_coco_in1k.py on the 1x schedule",
+            mirrors="ConvNeXt object_detection/configs/convnext/mask_rcnn_convnext_tiny_patch4_window7_mstrain_480-"
+            "800_adamw_3x_coco_in1k.py on the 1x schedule",
             recipe=(
                 "The ConvNeXt authors' Mask R-CNN recipe (their only Mask R-CNN config is 3x): AdamW, LR 1e-4, weight",
                 "decay 0.05, drop path 0.4, multi-scale shorter sides 480-800 (their random crops left out), on",
@@ -341,7 +329,8 @@ BASELINES: dict[str, BaselineResult] = {
             source=CONVNEXT_DETECTION,
             box_ap=None,
             mask_ap=None,
-            not_published="no 1x result is published for ConvNeXt-T Mask R-CNN (the authors' table has 3x: box 46.2, mask 41.7)",
+            not_published="no 1x result is published for ConvNeXt-T Mask R-CNN (the authors' table has 3x: box 46.2, "
+            "mask 41.7)",
             model={"drop_path_rate": 0.4},
             data={"train_shortest_edge": MMDET_MULTI_SCALE},
             optim={**_ADAMW_005, **_MMDET_1X},

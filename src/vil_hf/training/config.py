@@ -198,7 +198,11 @@ class TrainConfig:
         given = "model.backbone_config" if model.backbone_config is not None else "model.backbone_from"
         if self.task != "detection":
             raise ConfigError(f"{given} is for detection; task {self.task} trains a ViL (model.backbone or model.arch)")
-        vil = [f"model.{name}={getattr(model, name)!r}" for name in ("backbone", "arch") if getattr(model, name) is not None]
+        vil = [
+            f"model.{name}={getattr(model, name)!r}"
+            for name in ("backbone", "arch")
+            if getattr(model, name) is not None
+        ]
         defaults = ModelSection()
         vil += [
             f"model.{name}={getattr(model, name)!r}"

@@ -67,7 +67,12 @@ _SET_ELSEWHERE = {
 }
 # Fields of a classifier's or base model's config that say nothing about the backbone.
 _NOT_BACKBONE_FIELDS = ("id2label", "label2id", "architectures", "_name_or_path", "transformers_version")
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 
 
 def _plain(value: Any) -> Any:
@@ -227,7 +232,9 @@ def _check_freezing(model: ModelSection, backbone: torch.nn.Module) -> None:
     if model.frozen_batch_norm and not any(
         isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in backbone.modules()
     ):
-        raise ConfigError(f"model.frozen_batch_norm: the {name} backbone has no BatchNorm layer to freeze; set it false")
+        raise ConfigError(
+            f"model.frozen_batch_norm: the {name} backbone has no BatchNorm layer to freeze; set it false"
+        )
     if model.freeze_at:
         try:
             _, stages = stem_and_stages(backbone)
