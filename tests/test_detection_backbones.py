@@ -94,6 +94,15 @@ def test_a_patch_14_backbone_sees_the_input_scaled_to_a_stride_16_grid():
     assert seen == [(112, 196)]  # 8 x 14 patches of 14 pixels: one patch per 16 x 16 input pixels
 
 
+def test_any_input_size_with_position_tables():
+    """Swin with its absolute position table (off in the published Swins) is resized to the input, as DINOv2's is."""
+    model = tiny_detector("retinanet", backbone_config=SwinConfig(**TINY_SWIN, use_absolute_embeddings=True)).train()
+    for size in ((64, 64), (90, 130)):
+        pixel_values, labels = synthetic_batch(num_images=1, size=size, with_masks=False)
+        assert torch.isfinite(model(pixel_values, labels=labels).loss)
+    assert model.backbone.swin.embeddings.position_embeddings.shape[1] == (64 // 4) ** 2  # a table for 64 x 64
+
+
 def test_plain_backbone_settings_are_checked():
     with pytest.raises(ValueError, match="size_divisibility must be a multiple of 32"):
         MaskRCNNConfig(backbone_config=PLAIN["dinov2"](), size_divisibility=28)

@@ -206,6 +206,9 @@ class DetectionPreTrainedModel(PreTrainedModel):
             height, width = pixel_values.shape[-2:]
             size = (round(height * scale), round(width * scale))
             pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False, antialias=True)
+        if getattr(self.config.backbone_config, "use_absolute_embeddings", False):
+            # Swin's absolute position table (off in the published Swins) is resized only when asked.
+            kwargs["interpolate_pos_encoding"] = True
         maps = list(self.backbone(pixel_values, **kwargs).feature_maps)
         if self.simple_feature_pyramid is not None:
             maps = self.simple_feature_pyramid(maps[-1])
