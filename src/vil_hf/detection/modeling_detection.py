@@ -206,7 +206,8 @@ class DetectionPreTrainedModel(PreTrainedModel):
             height, width = pixel_values.shape[-2:]
             size = (round(height * scale), round(width * scale))
             pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False, antialias=True)
-        if getattr(self.config.backbone_config, "use_absolute_embeddings", False):
+        backbone_config = self.config.backbone_config
+        if backbone_config.model_type == "swin" and backbone_config.use_absolute_embeddings:
             # Swin's absolute position table (off in the published Swins) is resized only when asked.
             kwargs["interpolate_pos_encoding"] = True
         maps = list(self.backbone(pixel_values, **kwargs).feature_maps)
