@@ -11,7 +11,6 @@ import unittest
 from unittest import mock
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 

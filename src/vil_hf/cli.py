@@ -95,8 +95,11 @@ def _demo(args: argparse.Namespace) -> None:
         max_iter=args.max_iter,
         seed=args.seed,
     )
-    result = run_demo(settings)
-    print(f"\nViL Mask R-CNN on the shapes val set ({settings.num_val} images), {result.seconds / 60:.1f} min in all:")
+    result = run_demo(settings, backbone=args.backbone)
+    name = "ViL" if args.backbone == "vil" else f"{args.backbone} (transformers)"
+    print(
+        f"\n{name} Mask R-CNN on the shapes val set ({settings.num_val} images), {result.seconds / 60:.1f} min in all:"
+    )
     print(f"  box AP  {result.box_ap:5.1f}")
     print(f"  mask AP {result.mask_ap:5.1f}")
     print(f"  model folder (safetensors, config, image processor, card): {result.model_dir}")
@@ -162,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from .demo import DemoSettings
+    from .demo import DEMO_BACKBONES, DemoSettings
 
     defaults = DemoSettings()
     demo = commands.add_parser(
@@ -177,6 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-train", type=int, default=defaults.num_train, help=f"default {defaults.num_train}")
     demo.add_argument("--num-val", type=int, default=defaults.num_val, help=f"default {defaults.num_val}")
     demo.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
+    demo.add_argument(
+        "--backbone",
+        choices=list(DEMO_BACKBONES),
+        default="vil",
+        help="the same recipe on a transformers backbone of about the demo ViL's size (default vil); "
+        "scripts/compare_backbones.py runs them all side by side",
+    )
     demo.set_defaults(handler=_demo)
 
     convert = commands.add_parser(

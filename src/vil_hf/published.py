@@ -153,6 +153,221 @@ def ablation_config_path(ablation: Ablation) -> str:
 ABLATION_DROP_PATH = 0.2  # ViL-Small's Mask R-CNN 1x drop path; the ablation table states none of its own
 
 
+# ------------------------------------------------------------------------------------------------ baselines
+# COCO 2017 at batch 16: 117,266 training images with objects, 7,330 iterations an epoch (run.eval_every).
+ITERATIONS_PER_EPOCH = 7330
+
+
+def _epochs(*epochs: int) -> list[int]:
+    return [epoch * ITERATIONS_PER_EPOCH for epoch in epochs]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a published number or a recipe is written."""
+
+    name: str
+    url: str
+
+
+DETECTRON2_ZOO = Source(
+    "detectron2 Model Zoo (MODEL_ZOO.md)", "https://github.com/facebookresearch/detectron2/blob/main/MODEL_ZOO.md"
+)
+SWIN_DETECTION = Source(
+    "Swin Transformer for Object Detection, the Swin authors' repository (README table)",
+    "https://github.com/SwinTransformer/Swin-Transformer-Object-Detection",
+)
+CONVNEXT_DETECTION = Source(
+    "ConvNeXt, the authors' repository (object_detection/README.md table)",
+    "https://github.com/facebookresearch/ConvNeXt/tree/main/object_detection",
+)
+
+SWIN_T = {"model_type": "swin", "embed_dim": 96, "depths": [2, 2, 6, 2], "num_heads": [3, 6, 12, 24], "window_size": 7}
+RESNET_50 = {
+    "model_type": "resnet",
+    "embedding_size": 64,
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "depths": [3, 4, 6, 3],
+    "layer_type": "bottleneck",
+}
+CONVNEXT_T = {"model_type": "convnext", "hidden_sizes": [96, 192, 384, 768], "depths": [3, 3, 9, 3]}
+MMDET_MULTI_SCALE = list(range(480, 801, 32))  # mmdetection's "mstrain_480-800" shorter sides
+DETECTRON2_MULTI_SCALE = MULTI_SCALE_SHORTEST_EDGES  # detectron2's MIN_SIZE_TRAIN (640, ..., 800)
+
+
+@dataclass(frozen=True)
+class BaselineResult:
+    """A standard detector on a transformers backbone, with the recipe it mirrors and its published numbers."""
+
+    name: str  # config stem and output folder: swin_t_mask_rcnn_1x
+    backbone_title: str  # Swin-T
+    head: str  # mask_rcnn, retinanet
+    schedule: str  # 1x, 3x_ms
+    backbone_config: Mapping[str, Any]
+    pretrained: str  # the ImageNet-1K checkpoint in transformers' format on the Hub (model.backbone_from)
+    mirrors: str  # the original config file
+    recipe: tuple[str, ...]  # what the config takes from the original recipe, and what differs
+    source: Source  # where the published numbers are written
+    box_ap: float | None  # COCO val2017; None: not published for this schedule
+    mask_ap: float | None
+    not_published: str = ""  # why there is no number, and what is published instead
+    model: Mapping[str, Any] = None  # model section overrides (backbone_config added)
+    data: Mapping[str, Any] = None
+    optim: Mapping[str, Any] = None
+    detector: Mapping[str, Any] = None
+
+    @property
+    def title(self) -> str:
+        return f"{self.backbone_title} {_HEAD_TITLES[self.head]}"
+
+    @property
+    def config_path(self) -> str:
+        return f"configs/{self.name}.yaml"
+
+    @property
+    def card_name(self) -> str:
+        return self.name.replace("_", "-")
+
+
+_MMDET_1X = {"warmup_iters": 500, "warmup_factor": 0.001, "max_iter": _epochs(12)[0], "steps": _epochs(8, 11)}
+_MMDET_3X = {"warmup_iters": 500, "warmup_factor": 0.001, "max_iter": _epochs(36)[0], "steps": _epochs(27, 33)}
+_ADAMW_005 = {"optimizer": "adamw", "lr": 1.0e-4, "weight_decay": 0.05, "betas": [0.9, 0.999], "clip_grad_norm": None}
+
+
+def _detectron2_1x(lr: float) -> dict[str, Any]:
+    return {
+        "optimizer": "sgd",
+        "lr": lr,
+        "momentum": 0.9,
+        "weight_decay": 1.0e-4,
+        "warmup_iters": 1000,
+        "warmup_factor": 0.001,
+        "max_iter": 90000,
+        "steps": [60000, 80000],
+        "clip_grad_norm": None,
+    }
+
+
+_SWIN_RECIPE = (
+    "AdamW, LR 1e-4, weight decay 0.05 (none on norms and position tables; biases are decayed there, not here),",
+    "drop path {drop_path}, multi-scale training on shorter sides 480-800 (its random crops are left out), linear",
+    "warm-up over 500 iterations from 0.001x, LR x0.1 after epochs {steps} of {epochs}, no gradient clipping.",
+)
+_DETECTRON2_RECIPE = (
+    "SGD, momentum 0.9, LR {lr}, weight decay 1e-4 (biases are decayed there, not here),",
+    "frozen BatchNorm, stem and first stage frozen (FREEZE_AT=2), shorter sides 640-800, warm-up over 1000",
+    "iterations from 0.001x, LR x0.1 at 60k and 80k of 90k iterations, no gradient clipping. detectron2 starts from",
+    "MSRA's caffe ResNet-50 (stride in the 1x1 conv, BGR, no std); transformers' ResNet-50 (microsoft/resnet-50)",
+    "is the torchvision-style one (ImageNet mean/std), so the published number is a reference, not a promise.",
+)
+
+
+def _swin_t(schedule: str, drop_path: float, box_ap: float, mask_ap: float) -> BaselineResult:
+    """Swin-T Mask R-CNN with the Swin authors' mmdetection recipe (their configs' names and values)."""
+    epochs, steps, optim = (12, "8 and 11", _MMDET_1X) if schedule == "1x" else (36, "27 and 33", _MMDET_3X)
+    return BaselineResult(
+        name=f"swin_t_mask_rcnn_{schedule}",
+        backbone_title="Swin-T",
+        head="mask_rcnn",
+        schedule=schedule,
+        backbone_config=SWIN_T,
+        pretrained="microsoft/swin-tiny-patch4-window7-224",
+        mirrors="Swin-Transformer-Object-Detection configs/swin/mask_rcnn_swin_tiny_patch4_window7_mstrain_480-800_"
+        f"adamw_{schedule[:2]}_coco.py",
+        recipe=tuple(line.format(drop_path=drop_path, steps=steps, epochs=epochs) for line in _SWIN_RECIPE),
+        source=SWIN_DETECTION,
+        box_ap=box_ap,
+        mask_ap=mask_ap,
+        model={"drop_path_rate": drop_path},
+        data={"train_shortest_edge": MMDET_MULTI_SCALE},
+        optim={**_ADAMW_005, **optim},
+    )
+
+
+def _resnet_50(head: str, lr: float, lr_text: str, config: str, box_ap: float, mask_ap: float | None) -> BaselineResult:
+    """ResNet-50 with detectron2's R50-FPN 1x recipe."""
+    return BaselineResult(
+        name=f"resnet50_{head}_1x",
+        backbone_title="ResNet-50",
+        head=head,
+        schedule="1x",
+        backbone_config=RESNET_50,
+        pretrained="microsoft/resnet-50",
+        mirrors=f"detectron2 configs/{config}",
+        recipe=tuple(line.format(lr=lr_text) for line in _DETECTRON2_RECIPE),
+        source=DETECTRON2_ZOO,
+        box_ap=box_ap,
+        mask_ap=mask_ap,
+        model={"drop_path_rate": 0.0, "freeze_at": 2, "frozen_batch_norm": True},
+        data={"train_shortest_edge": DETECTRON2_MULTI_SCALE},
+        optim=_detectron2_1x(lr),
+    )
+
+
+BASELINES: dict[str, BaselineResult] = {
+    row.name: row
+    for row in (
+        _swin_t("1x", drop_path=0.1, box_ap=43.7, mask_ap=39.8),  # the 1x config's drop path
+        _swin_t("3x_ms", drop_path=0.2, box_ap=46.0, mask_ap=41.6),
+        _resnet_50("mask_rcnn", 0.02, "0.02", "COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_1x.yaml", 38.6, 35.2),
+        _resnet_50("retinanet", 0.01, "0.01 (RetinaNet's)", "COCO-Detection/retinanet_R_50_FPN_1x.yaml", 36.5, None),
+        BaselineResult(
+            name="convnext_t_mask_rcnn_1x",
+            backbone_title="ConvNeXt-T",
+            head="mask_rcnn",
+            schedule="1x",
+            backbone_config=CONVNEXT_T,
+            pretrained="facebook/convnext-tiny-224",
+            mirrors="ConvNeXt object_detection/configs/convnext/mask_rcnn_convnext_tiny_patch4_window7_mstrain_480-"
+            "800_adamw_3x_coco_in1k.py on the 1x schedule",
+            recipe=(
+                "The ConvNeXt authors' Mask R-CNN recipe (their only Mask R-CNN config is 3x): AdamW, LR 1e-4, weight",
+                "decay 0.05, drop path 0.4, multi-scale shorter sides 480-800 (their random crops left out), on",
+                "mmdetection's 1x schedule (warm-up 500 iterations from 0.001x, LR x0.1 after epochs 8 and 11 of 12).",
+                "Their layer-wise LR decay (0.95 over 6 layer groups) is not implemented here.",
+            ),
+            source=CONVNEXT_DETECTION,
+            box_ap=None,
+            mask_ap=None,
+            not_published="no 1x result is published for ConvNeXt-T Mask R-CNN (the authors' table has 3x: box 46.2, "
+            "mask 41.7)",
+            model={"drop_path_rate": 0.4},
+            data={"train_shortest_edge": MMDET_MULTI_SCALE},
+            optim={**_ADAMW_005, **_MMDET_1X},
+        ),
+    )
+}
+
+
+def _baseline_config(row: BaselineResult) -> tuple[list[str], dict[str, Any], dict[str, str]]:
+    if row.box_ap is None:
+        published = f"Published (COCO val2017): none; {row.not_published}."
+    else:
+        results = f"box AP {row.box_ap}" + (f", mask AP {row.mask_ap}" if row.mask_ap is not None else "")
+        published = f"Published (COCO val2017): {results} ({row.source.name}: {row.source.url})."
+    top = [
+        f"{row.title}, {_SCHEDULE_TITLES[row.schedule].split(' (')[0]} schedule, COCO 2017, on transformers' "
+        f"{row.backbone_config['model_type']} backbone.",
+        f"Mirrors {row.mirrors}:",
+        *(f"  {line}" for line in row.recipe),
+        published,
+        f"Start from ImageNet weights: model.backbone_from={row.pretrained} (a Hub id, or a local copy of it).",
+    ]
+    model = {"head": row.head, "backbone_config": dict(row.backbone_config), **dict(row.model)}
+    if row.detector:
+        model["detector"] = dict(row.detector)
+    body = {
+        "_base_": "base/coco_detection.yaml",
+        "mirrors": row.mirrors,
+        "model": model,
+        "data": dict(row.data),
+        "optim": dict(row.optim),
+        "run": {"output_dir": f"outputs/{row.name}"},
+    }
+    comments = {"model.backbone_config": f"{row.backbone_title}; model.backbone_from={row.pretrained} for its weights"}
+    return top, body, comments
+
+
 # ---------------------------------------------------------------------------------------------- base configs
 def _base_configs() -> dict[str, tuple[list[str], dict[str, Any], dict[str, str]]]:
     """relative path -> (top comment lines, mapping, comments by dotted key)."""
@@ -165,7 +380,11 @@ def _base_configs() -> dict[str, tuple[list[str], dict[str, Any], dict[str, str]
             "attention_type": "longformer",
             "average_pool": False,
             "image_size": 1333,
+            "backbone_config": None,
+            "backbone_from": None,
             "drop_path_rate": 0.1,
+            "freeze_at": 0,
+            "frozen_batch_norm": False,
             "num_labels": 80,
             "init_from": None,
         },
@@ -185,9 +404,11 @@ def _base_configs() -> dict[str, tuple[list[str], dict[str, Any], dict[str, str]
         "optim": {
             "batch_size": 16,
             "gradient_accumulation_steps": 1,
+            "optimizer": "adamw",
             "lr": 1.0e-4,
             "weight_decay": 1.0e-4,
             "betas": [0.9, 0.999],
+            "momentum": 0.9,
             "warmup_iters": 1000,
             "warmup_factor": 0.01,
             "max_iter": 90000,
@@ -206,6 +427,7 @@ def _base_configs() -> dict[str, tuple[list[str], dict[str, Any], dict[str, str]
             "eval_batch_size": 1,
             "num_visualized": 4,
             "trackers": ["tensorboard"],
+            "gradient_checkpointing": False,
         },
     }
     shared_comments = {
@@ -215,9 +437,15 @@ def _base_configs() -> dict[str, tuple[list[str], dict[str, Any], dict[str, str]
         "model.sparse": 'detection "_sparse" string (longformer in all stages)',
         "model.attention_type": "ViLConfig.attention_type",
         "model.image_size": "ViLConfig.image_size for the backbone tables",
+        "model.backbone_config": "any transformers backbone instead of ViL: {model_type: swin, embed_dim: 96, ...}",
+        "model.backbone_from": "transformers folder or Hub id whose weights start the backbone",
+        "model.freeze_at": "detectron2's FREEZE_AT: 1 the stem, 2 the stem and the first stage, ...",
+        "model.frozen_batch_norm": "detectron2's FrozenBN for every BatchNorm of the backbone",
         "model.init_from": "folder of a converted/pretrained model (backbone, classifier or detector) to start from",
         "data.train_shortest_edge": "3x-ms: [640, 672, 704, 736, 768, 800]",
         "optim.batch_size": "images per optimizer step over all processes",
+        "optim.optimizer": "adamw | sgd",
+        "optim.momentum": "sgd only",
         "optim.lr": "original configs: 2.5e-4 Mask R-CNN 1x, 1e-4 otherwise",
         "optim.weight_decay": "original configs (the paper text says 0.05)",
         "optim.max_iter": "1x: 90k iterations (12 COCO epochs at batch 16); 3x: 270000",
@@ -226,6 +454,7 @@ def _base_configs() -> dict[str, tuple[list[str], dict[str, Any], dict[str, str]
         "run.mixed_precision": "no | fp16 | bf16  (the original trained with AMP: fp16 on GPUs)",
         "run.eval_every": "about one COCO epoch at batch 16",
         "run.trackers": "used where installed",
+        "run.gradient_checkpointing": "recompute backbone blocks and head convolutions in the backward (less memory)",
     }
     configs = {
         "base/coco_detection.yaml": (
@@ -348,6 +577,8 @@ def config_files() -> dict[str, str]:
             files[row.config_path(schedule)] = config_text(*_row_config(row, schedule))
     for ablation in ABLATIONS.values():
         files[ablation_config_path(ablation)] = config_text(*_ablation_config(ablation))
+    for row in BASELINES.values():
+        files[row.config_path] = config_text(*_baseline_config(row))
     return files
 
 
@@ -376,6 +607,8 @@ def write_configs(root: str | os.PathLike) -> list[Path]:
 
 __all__ = [
     "ABLATIONS",
+    "BASELINES",
+    "BaselineResult",
     "HEADS",
     "PAPER",
     "PAPER_URL",

@@ -11,6 +11,7 @@ import math
 from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging
 
+from ..backbones import plain_patch_size
 from ..configuration_vil import ViLConfig, published_arch
 from ..integrations.timm_backbone import backbone_config_from_kwargs, is_timm_backbone_config, timm_backbone_features
 
@@ -65,7 +66,15 @@ def _backbone_stages(backbone_config: PretrainedConfig) -> list[str]:
 
 
 class DetectionConfigMixin:
-    """What both detectors share: the backbone and which of its stages feed the FPN."""
+    """What both detectors share: the backbone and which of its stages feed the FPN.
+
+    A hierarchical backbone (strides 4-32: ViL, Swin, ResNet, ConvNeXt) feeds the FPN one map per stage; a plain
+    one (one stride in every stage: DINOv2, ViTDet) feeds its last stage to ViTDet's simple feature pyramid, which
+    makes the FPN's inputs (see `uses_simple_feature_pyramid`).
+    """
+
+    # Each detector sets `backbone_levels`, the FPN levels made from the backbone (P2-P5 for Mask R-CNN, P3-P5 for
+    # RetinaNet): the default stage count of a hierarchical backbone, the simple feature pyramid's levels for a plain one.
 
     def _setup_backbone(
         self, backbone_config, backbone_features: list[str] | None, default_count: int, kwargs: dict
@@ -77,18 +86,51 @@ class DetectionConfigMixin:
             self.backbone_config = backbone_config
             return
         stages = _backbone_stages(backbone_config)
+        plain = plain_patch_size(backbone_config) is not None
         if backbone_features is None:
-            backbone_features = stages[-default_count:]
+            backbone_features = stages[-1:] if plain else stages[-default_count:]
         backbone_features = list(backbone_features)
         unknown = [name for name in backbone_features if name not in stages]
         if unknown:
             raise ValueError(f"backbone_features {unknown} are not stages of the backbone; choose from {stages}.")
         if [name for name in stages if name in backbone_features] != backbone_features:
             raise ValueError(f"backbone_features must be in increasing stage order, got {backbone_features}.")
+        if plain and len(backbone_features) != 1:
+            raise ValueError(
+                f"{type(backbone_config).__name__} keeps one stride in every stage: the simple feature pyramid takes "
+                f"one of its maps, so give one stage in backbone_features (by default the last, {stages[-1]!r}), "
+                f"not {backbone_features}."
+            )
         # The backbone must hand out exactly these maps, in this order.
         backbone_config.set_output_features_output_indices(out_features=backbone_features, out_indices=None)
         self.backbone_config = backbone_config
         self.backbone_features = backbone_features
+
+    @property
+    def uses_simple_feature_pyramid(self) -> bool:
+        """True for a plain (single-stride) backbone, whose one map goes through the simple feature pyramid."""
+        return plain_patch_size(self.backbone_config) is not None
+
+    @property
+    def backbone_input_scale(self) -> float:
+        """What the input is scaled by before a plain backbone, so that its patch grid has stride 16 in the input:
+        patch / 16 (0.875 for DINOv2's 14-pixel patches; 1 for ViTDet and every hierarchical backbone)."""
+        patch_size = plain_patch_size(self.backbone_config)
+        return 1.0 if patch_size is None else patch_size / 16
+
+    @property
+    def num_backbone_levels(self) -> int:
+        """The FPN levels made from the backbone's maps (before the extra P6/P7)."""
+        return self.backbone_levels if self.uses_simple_feature_pyramid else len(self.backbone_features)
+
+    def _validate_size_divisibility(self) -> None:
+        if self.uses_simple_feature_pyramid and self.size_divisibility % 32:
+            raise ValueError(
+                f"size_divisibility={self.size_divisibility}: with a plain backbone the simple feature pyramid's "
+                "stride-32 level must divide the padded input, so size_divisibility must be a multiple of 32 (a "
+                f"patch-{plain_patch_size(self.backbone_config)} backbone sees that input scaled by "
+                f"{self.backbone_input_scale:g}, a whole number of patches)."
+            )
 
 
 class MaskRCNNConfig(DetectionConfigMixin, PretrainedConfig):
@@ -113,6 +155,7 @@ class MaskRCNNConfig(DetectionConfigMixin, PretrainedConfig):
 
     model_type = "vil-mask-rcnn"
     sub_configs = {"backbone_config": AutoConfig}
+    backbone_levels = 4  # P2-P5
 
     def __init__(
         self,
@@ -202,14 +245,15 @@ class MaskRCNNConfig(DetectionConfigMixin, PretrainedConfig):
 
     @property
     def num_fpn_levels(self) -> int:
-        return len(self.backbone_features) + 1  # + P6
+        return self.num_backbone_levels + 1  # + P6
 
     def _validate(self) -> None:
         if len(self.anchor_sizes) != self.num_fpn_levels:
             raise ValueError(
                 f"anchor_sizes has {len(self.anchor_sizes)} entries but the FPN has {self.num_fpn_levels} levels "
-                f"({len(self.backbone_features)} backbone features + P6); give one size per level."
+                f"({self.num_backbone_levels} from the backbone + P6); give one size per level."
             )
+        self._validate_size_divisibility()
         low, high = self.rpn_iou_thresholds
         if not 0 <= low <= high <= 1:
             raise ValueError(f"rpn_iou_thresholds must satisfy 0 <= low <= high <= 1, got {self.rpn_iou_thresholds}.")
@@ -235,6 +279,7 @@ class RetinaNetConfig(DetectionConfigMixin, PretrainedConfig):
 
     model_type = "vil-retinanet"
     sub_configs = {"backbone_config": AutoConfig}
+    backbone_levels = 3  # P3-P5
 
     def __init__(
         self,
@@ -290,7 +335,7 @@ class RetinaNetConfig(DetectionConfigMixin, PretrainedConfig):
 
     @property
     def num_fpn_levels(self) -> int:
-        return len(self.backbone_features) + 2  # + P6, P7
+        return self.num_backbone_levels + 2  # + P6, P7
 
     @property
     def num_anchors_per_location(self) -> int:
@@ -300,8 +345,9 @@ class RetinaNetConfig(DetectionConfigMixin, PretrainedConfig):
         if len(self.anchor_sizes) != self.num_fpn_levels:
             raise ValueError(
                 f"anchor_sizes has {len(self.anchor_sizes)} entries but the FPN has {self.num_fpn_levels} levels "
-                f"({len(self.backbone_features)} backbone features + P6 + P7); give one size per level."
+                f"({self.num_backbone_levels} from the backbone + P6 + P7); give one size per level."
             )
+        self._validate_size_divisibility()
         low, high = self.iou_thresholds
         if not 0 <= low <= high <= 1:
             raise ValueError(f"iou_thresholds must satisfy 0 <= low <= high <= 1, got {self.iou_thresholds}.")

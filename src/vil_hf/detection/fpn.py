@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpointing import CheckpointedModule
 from .extents import zero_beyond_extents
 
 
@@ -38,7 +39,7 @@ class LastLevelP6P7(nn.Module):
         return [p6, self.p7(zero_beyond_extents(F.relu(p6), p6_extents))]
 
 
-class FeaturePyramidNetwork(nn.Module):
+class FeaturePyramidNetwork(CheckpointedModule):
     """Lateral 1x1 convs, nearest-neighbour top-down sums, 3x3 output convs; no normalisation.
 
     Expects backbone maps of strides increasing by 2 (input padded to a multiple of the largest stride).

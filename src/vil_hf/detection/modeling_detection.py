@@ -22,6 +22,7 @@ from .fpn import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 from .retinanet import RetinaNetDetector, RetinaNetHead
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
+from .simple_feature_pyramid import SIMPLE_PYRAMID_STRIDES, SimpleFeaturePyramid
 
 # Ground-truth boxes narrower or shorter than this (after clipping to the image) are dropped, as detectron2's
 # dataset mapper does.
@@ -98,7 +99,9 @@ class DetectionPreTrainedModel(PreTrainedModel):
     # It must not name one either: RetinaNet's head is `detector`, and a prefix equal to it made `base_model` the head.
     # Saved keys do not depend on it, so folders saved with the former prefix ("detector") load unchanged.
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    # `gradient_checkpointing_enable()` turns on the backbone's own checkpointed blocks and the heads' heavy parts
+    # (FPN, simple feature pyramid, RPN and RetinaNet heads, mask head: `checkpointing.CheckpointedModule`).
+    supports_gradient_checkpointing = True
     # The losses follow the recipe's own normalisation: Trainer must not pass `num_items_in_batch` nor skip its
     # division by the gradient-accumulation steps.
     accepts_loss_kwargs = False
@@ -242,6 +245,39 @@ class DetectionPreTrainedModel(PreTrainedModel):
             prepared.append(entry)
         return prepared
 
+    def _build_backbone(self, config) -> list[int]:
+        """The backbone and, for a plain (single-stride) one, ViTDet's simple feature pyramid on its map; returns
+        the channels of the maps that feed the FPN."""
+        self.backbone = load_backbone(config)
+        channels = list(self.backbone.channels)
+        self.simple_feature_pyramid = None
+        if config.uses_simple_feature_pyramid:
+            strides = SIMPLE_PYRAMID_STRIDES[-config.backbone_levels :]
+            self.simple_feature_pyramid = SimpleFeaturePyramid(channels[-1], strides)
+            channels = self.simple_feature_pyramid.channels
+        return channels
+
+    def _backbone_feature_maps(self, pixel_values: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+        """The maps that feed the FPN: the backbone's, or the simple feature pyramid's from a plain backbone's map.
+
+        A plain backbone whose patches are not 16 pixels (DINOv2: 14) sees the input scaled by patch / 16, so that
+        each patch covers 16x16 input pixels and the pyramid's strides stay 4 to 32; the input is padded to a
+        multiple of 32, which the scaling turns into a whole number of patches.
+        """
+        scale = self.config.backbone_input_scale
+        if scale != 1:
+            height, width = pixel_values.shape[-2:]
+            size = (round(height * scale), round(width * scale))
+            pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False, antialias=True)
+        backbone_config = self.config.backbone_config
+        if backbone_config.model_type == "swin" and backbone_config.use_absolute_embeddings:
+            # Swin's absolute position table (off in the published Swins) is resized only when asked.
+            kwargs["interpolate_pos_encoding"] = True
+        maps = list(self.backbone(pixel_values, **kwargs).feature_maps)
+        if self.simple_feature_pyramid is not None:
+            maps = self.simple_feature_pyramid(maps[-1])
+        return maps
+
     def _batch_extents(
         self, pixel_values: torch.Tensor, image_sizes: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -259,18 +295,18 @@ class DetectionPreTrainedModel(PreTrainedModel):
     def _backbone_maps(self, pixel_values: torch.Tensor, extents: torch.Tensor | None) -> list[torch.Tensor]:
         """The backbone's maps, each image's zero beyond its extent (when extents are given) and as it has alone."""
         if extents is None:
-            return list(self.backbone(pixel_values).feature_maps)
+            return self._backbone_feature_maps(pixel_values)
         height, width = pixel_values.shape[-2:]
         if getattr(self.backbone, "supports_pixel_mask", False):
             # The backbone keeps each image within its extent itself (ViL's attention masks the rest out).
             pixel_mask = extent_mask(extents, height, width).to(torch.int64)
-            return list(self.backbone(pixel_values, pixel_mask=pixel_mask).feature_maps)
+            return self._backbone_feature_maps(pixel_values, pixel_mask=pixel_mask)
         # Otherwise: one run per group of images of equal extent, on the input cut to it, zero-padded back.
         distinct, group_of_image = torch.unique(extents, dim=0, return_inverse=True)
         maps = None
         for group, (extent_height, extent_width) in enumerate(distinct.tolist()):
             members = torch.nonzero(group_of_image == group).squeeze(1)
-            group_maps = self.backbone(pixel_values[members, :, :extent_height, :extent_width]).feature_maps
+            group_maps = self._backbone_feature_maps(pixel_values[members, :, :extent_height, :extent_width])
             if maps is None:
                 # Map sizes of the whole batch: the strides divide the extents (multiples of size_divisibility).
                 maps = [
@@ -377,8 +413,8 @@ class MaskRCNNForObjectDetection(DetectionPreTrainedModel):
 
     def __init__(self, config: MaskRCNNConfig):
         super().__init__(config)
-        self.backbone = load_backbone(config)
-        self.fpn = FeaturePyramidNetwork(list(self.backbone.channels), config.fpn_channels, LastLevelMaxPool())
+        channels = self._build_backbone(config)
+        self.fpn = FeaturePyramidNetwork(channels, config.fpn_channels, LastLevelMaxPool())
         self.rpn = RegionProposalNetwork(config, config.fpn_channels)
         self.roi_heads = RoIHeads(config, config.fpn_channels)
         self.post_init()
@@ -436,8 +472,7 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
 
     def __init__(self, config: RetinaNetConfig):
         super().__init__(config)
-        self.backbone = load_backbone(config)
-        channels = list(self.backbone.channels)
+        channels = self._build_backbone(config)
         self.fpn = FeaturePyramidNetwork(
             channels, config.fpn_channels, LastLevelP6P7(channels[-1], config.fpn_channels)
         )

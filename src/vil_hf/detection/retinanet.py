@@ -12,12 +12,13 @@ from vil_kernels.ops import batched_nms, box_iou
 
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
+from .checkpointing import CheckpointedModule
 from .extents import anchors_and_outputs_of_image, zero_beyond_extents
 from .losses import sigmoid_focal_loss, smooth_l1_loss
 from .matcher import Matcher
 
 
-class RetinaNetHead(nn.Module):
+class RetinaNetHead(CheckpointedModule):
     """Two towers of 3x3 convs + ReLU shared over levels; 3x3 convs give K logits and 4 deltas per anchor."""
 
     def __init__(self, in_channels: int, num_anchors: int, num_labels: int, num_convs: int):

@@ -12,6 +12,7 @@ from vil_kernels.ops import batched_nms, box_iou, roi_align
 
 from .box_coder import BoxCoder
 from .boxes import clip_boxes
+from .checkpointing import CheckpointedModule
 from .losses import smooth_l1_loss
 from .matcher import Matcher, sample_labels
 from .pooler import MultiScaleRoIAlign
@@ -48,7 +49,7 @@ class BoxPredictor(nn.Module):
         return self.cls_score(hidden), self.bbox_pred(hidden)
 
 
-class MaskHead(nn.Module):
+class MaskHead(CheckpointedModule):
     """3x3 convs with ReLU, a 2x deconvolution with ReLU, and a 1x1 predictor of one mask per class."""
 
     def __init__(self, in_channels: int, num_convs: int, conv_dim: int, num_labels: int):

@@ -11,12 +11,13 @@ from vil_kernels.ops import batched_nms, box_iou
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
 from .boxes import clip_boxes, nonempty_boxes
+from .checkpointing import CheckpointedModule
 from .extents import anchors_and_outputs_of_image
 from .losses import smooth_l1_loss
 from .matcher import Matcher, sample_labels
 
 
-class RPNHead(nn.Module):
+class RPNHead(CheckpointedModule):
     """A shared 3x3 conv + ReLU, then 1x1 convs for A objectness logits and 4A deltas per location."""
 
     def __init__(self, in_channels: int, num_anchors: int, conv_channels: int | None = None):

@@ -17,7 +17,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_tok
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, OfflineModeIsEnabled
 
 from ..io_utils import atomic_write_text
-from ..published import PAPER, PAPER_URL, PUBLISHED, SCHEDULES, PublishedResult
+from ..published import BASELINES, PAPER, PAPER_URL, PUBLISHED, SCHEDULES, BaselineResult, PublishedResult
 
 if TYPE_CHECKING:
     from .coco_eval import CocoMetrics
@@ -59,8 +59,8 @@ def _card(card_data: ModelCardData, body: str) -> ModelCard:
     return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n{body.strip()}\n")
 
 
-def _detection_tags(head: str | None) -> list[str]:
-    tags = ["vision", "vil", "vision-longformer", "object-detection", "coco"]
+def _detection_tags(head: str | None, backbone: tuple[str, ...] = ("vil", "vision-longformer")) -> list[str]:
+    tags = ["vision", *backbone, "object-detection", "coco"]
     if head == "mask_rcnn":
         tags += ["mask-rcnn", "instance-segmentation"]
     elif head == "retinanet":
@@ -171,6 +171,93 @@ steps x0.1, drop path {row.drop_path(schedule)}.
     return _card(card_data, body)
 
 
+def baseline_model_card(row: BaselineResult) -> ModelCard:
+    """The card of a standard detector on a transformers backbone: the recipe it mirrors and the numbers published
+    for it (with their source), or why there is none."""
+    dataset = {"dataset_type": "coco", "dataset_name": "COCO 2017", "dataset_split": "val2017"}
+    source = {"source_name": row.source.name, "source_url": row.source.url}
+    eval_results = []
+    for task_type, title, value in (
+        ("object-detection", "box AP", row.box_ap),
+        ("instance-segmentation", "mask AP", row.mask_ap),
+    ):
+        if value is not None:
+            eval_results.append(
+                EvalResult(task_type=task_type, metric_type="mAP", metric_value=value, metric_name=title,
+                           **dataset, **source)
+            )  # fmt: skip
+    card_data = ModelCardData(
+        model_name=row.card_name,
+        base_model=row.pretrained,
+        license=LICENSE,
+        library_name="transformers",
+        pipeline_tag="object-detection",
+        tags=_detection_tags(row.head, (row.backbone_config["model_type"],)),
+        datasets=["coco"],
+        eval_results=eval_results or None,
+    )
+    if row.box_ap is None:
+        results = f"Not published: {row.not_published}. See the source: [{row.source.name}]({row.source.url})."
+    else:
+        mask = f", mask AP **{row.mask_ap}**" if row.mask_ap is not None else ""
+        results = (
+            f"Box AP **{row.box_ap}**{mask}, as published in [{row.source.name}]({row.source.url}) for the recipe "
+            "below (not measured by this card's generator)."
+        )
+    recipe = "\n".join(row.recipe)
+    backbone = "\n".join(f"{key}: {value}" for key, value in row.backbone_config.items())
+    body = f"""
+# {row.card_name}: {row.title}, {_SCHEDULE_TEXT[row.schedule]}
+
+vil-hf's {row.title.split(" ", 1)[1]} on transformers' own {row.backbone_config["model_type"]} backbone
+({row.backbone_title}), trained on COCO 2017 with the recipe of `{row.mirrors}`. transformers has no Mask
+R-CNN or RetinaNet; these detectors take any transformers backbone and start it from any transformers
+checkpoint of it.
+
+## Published results (COCO val2017)
+
+{results}
+
+## Train it
+
+```bash
+accelerate launch scripts/train.py --config {row.config_path} model.backbone_from={row.pretrained}
+```
+
+`model.backbone_from` is the ImageNet checkpoint in transformers' format: a Hub id (downloaded where there is
+a network) or a local copy (`hf download {row.pretrained} --local-dir DIR`, then `model.backbone_from=DIR`).
+Its weights go into the detector's backbone through transformers' own loading, whose report (missing,
+unexpected, mismatched tensors) is logged.
+
+The recipe (`{row.config_path}`):
+
+```
+{recipe}
+```
+
+Backbone (`model.backbone_config`):
+
+```yaml
+{backbone}
+```
+
+## Evaluate it
+
+```bash
+accelerate launch scripts/evaluate.py --model outputs/{row.name}/model --config {row.config_path}
+```
+"""
+    return _card(card_data, body)
+
+
+_SCHEDULE_TEXT = {"1x": "1x schedule (12 COCO epochs)", "3x_ms": "3x schedule (36 COCO epochs), multi-scale"}
+
+
+def baseline_cards() -> dict[str, ModelCard]:
+    """The baselines' cards, keyed by their folder name under ``model_cards/``."""
+    return {row.card_name: baseline_model_card(row) for row in BASELINES.values()}
+
+
 def published_cards() -> dict[str, ModelCard]:
     """Every published card, keyed by its folder name under ``model_cards/``."""
     return {row.card_name(s): published_model_card(row, s) for row in PUBLISHED.values() for s in SCHEDULES}
@@ -197,12 +284,31 @@ def model_cards_index() -> str:
                 f"| {row.box_ap(schedule)} | {mask if mask is not None else '-'} | {row.published_params_m}M "
                 f"| {row.gflops} | [`{row.config_path(schedule)}`](../{row.config_path(schedule)}) |"
             )
+    lines += [
+        "",
+        "## Baselines on transformers backbones",
+        "",
+        "The same detectors on transformers' own backbones, each config mirroring the recipe named in its header.",
+        "Numbers as published by the source named in each row (not measured here); '-' where none is published.",
+        "",
+        "| card | backbone | head | schedule | box AP | mask AP | source | config |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in BASELINES.values():
+        box = row.box_ap if row.box_ap is not None else "-"
+        mask = row.mask_ap if row.mask_ap is not None else "-"
+        lines.append(
+            f"| [{row.card_name}]({row.card_name}/README.md) | {row.backbone_title} (`{row.pretrained}`) | {row.head} "
+            f"| {row.schedule} | {box} | {mask} | [{row.source.name}]({row.source.url}) "
+            f"| [`{row.config_path}`](../{row.config_path}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
 def card_files() -> dict[str, str]:
     """Generated card files: path relative to the repository root -> text."""
-    files = {f"model_cards/{name}/README.md": str(card) for name, card in published_cards().items()}
+    cards = {**published_cards(), **baseline_cards()}
+    files = {f"model_cards/{name}/README.md": str(card) for name, card in cards.items()}
     files["model_cards/README.md"] = model_cards_index()
     return files
 
@@ -220,8 +326,10 @@ def evaluation_model_card(
     dataset_name: str,
     base_model: str | None = None,
     notes: str = "",
+    backbone_type: str | None = "vil",
 ) -> ModelCard:
-    """A card with MEASURED COCO results (box and, if evaluated, mask AP) in its model-index."""
+    """A card with MEASURED COCO results (box and, if evaluated, mask AP) in its model-index; `backbone_type` is
+    the detector's backbone model type (vil by default)."""
     if not model_name or not isinstance(model_name, str):
         raise ValueError("model_name must be a non-empty string (it names the model in the model-index)")
     if not metrics.stats:
@@ -250,15 +358,23 @@ def evaluation_model_card(
         license=LICENSE,
         library_name="transformers",
         pipeline_tag="object-detection",
-        tags=_detection_tags("mask_rcnn" if "segm" in metrics.stats else None),
+        tags=_detection_tags(
+            "mask_rcnn" if "segm" in metrics.stats else None,
+            ("vil", "vision-longformer") if backbone_type in (None, "vil") else (backbone_type,),
+        ),
         eval_results=eval_results,
     )
     base = f"\nStarted from `{base_model}`.\n" if base_model else ""
     extra = f"\n## Notes\n\n{notes.strip()}\n" if notes.strip() else ""
+    detector = (
+        "A Vision Longformer (ViL) detector (vil-hf)."
+        if backbone_type in (None, "vil")
+        else f"A vil-hf detector on transformers' {backbone_type} backbone."
+    )
     body = f"""
 # {model_name}
 
-A Vision Longformer (ViL) detector (vil-hf). The results below were **measured** by this package's
+{detector} The results below were **measured** by this package's
 evaluation (pycocotools COCOeval, percent) on {dataset_name}: {metrics.num_images} images,
 {metrics.num_detections} detections.
 {base}
@@ -373,6 +489,8 @@ def push_to_hub(
 
 __all__ = [
     "HubUploadError",
+    "baseline_cards",
+    "baseline_model_card",
     "card_files",
     "check_can_upload",
     "evaluation_model_card",

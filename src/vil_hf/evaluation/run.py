@@ -26,11 +26,20 @@ def write_evaluation_card(
     `model_name`, by default the folder's name)."""
     from .model_cards import evaluation_model_card, write_card
 
+    backbone_type = None
+    if (Path(folder) / "config.json").is_file():
+        backbone = getattr(AutoConfig.from_pretrained(folder), "backbone_config", None)
+        backbone_type = getattr(backbone, "model_type", None)
+    source = config.model.backbone_from
     card = evaluation_model_card(
         model_name or Path(folder).resolve().name,
         metrics,
         config_path=config.source or "training_config.yaml",
         dataset_name=Path(config.data.val_annotations or "val").stem,
+        # A Hub id is a base model the Hub can link; a local folder is named in the notes instead.
+        base_model=source if source and not Path(source).exists() else None,
+        backbone_type=backbone_type,
+        notes=f"Backbone started from `{source}` (model.backbone_from)." if source and Path(source).exists() else "",
     )
     return write_card(card, folder)
 

@@ -22,6 +22,9 @@ from ..io_utils import atomic_write_text
 TASKS = ("detection", "classification")
 HEADS = {"detection": ("mask_rcnn", "retinanet"), "classification": ("classification",)}
 MIXED_PRECISION = ("no", "fp16", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
+# What describes a ViL backbone (from model.backbone or model.arch); model.backbone_config replaces all of it.
+VIL_SETTINGS = ("sparse", "attention_type", "average_pool", "image_size")
 # Settings that name files or folders: recorded absolute, so that a saved config works from anywhere.
 PATH_SETTINGS = (
     ("data", "train_images"),
@@ -39,18 +42,31 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelSection:
+    """The model. The backbone is a ViL (`backbone` or `arch`, with the ViL settings after them) or any
+    transformers backbone (`backbone_config`, a mapping with `model_type` and the config's fields); the two
+    descriptions are exclusive. `backbone_from` starts the backbone from a transformers folder or Hub id (a
+    classifier, base model or backbone); alone, it also gives the architecture."""
+
     head: str = "mask_rcnn"
-    backbone: str | None = "small"  # a published size, or None when `arch` is given
+    backbone: str | None = "small"  # a published ViL size, or None when `arch` or `backbone_config` is given
     arch: str | None = None
     sparse: bool = True
     attention_type: str = "longformer"
     average_pool: bool = False
     image_size: int = 1333
-    drop_path_rate: float = 0.2
+    backbone_config: dict[str, Any] | None = None
+    backbone_from: str | None = None
+    drop_path_rate: float = 0.2  # any backbone with a drop path (ViL, Swin, ConvNeXt, DINOv2, ViTDet)
+    freeze_at: int = 0  # detectron2's FREEZE_AT: 0 nothing, 1 the stem, 2 the stem and the first stage, ...
+    frozen_batch_norm: bool = False  # every BatchNorm of the backbone frozen (detectron2's FrozenBN)
     num_labels: int | None = 80  # None: taken from the data
     init_from: str | None = None
     # Other MaskRCNNConfig / RetinaNetConfig arguments (e.g. fpn_channels, box_head_fc_dim).
     detector: dict[str, Any] = field(default_factory=dict)
+
+    def uses_vil_settings(self) -> bool:
+        """True when the backbone is a ViL described by `backbone`/`arch` (not by `backbone_config`/`backbone_from`)."""
+        return self.backbone_config is None and self.backbone_from is None
 
 
 @dataclass
@@ -74,7 +90,9 @@ class OptimSection:
     gradient_accumulation_steps: int = 1
     lr: float = 2.5e-4
     weight_decay: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    optimizer: str = "adamw"  # adamw | sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW
+    momentum: float = 0.9  # SGD
     warmup_iters: int = 1000
     warmup_factor: float = 0.01
     max_iter: int = 90000
@@ -95,6 +113,7 @@ class RunSection:
     eval_batch_size: int = 1
     num_visualized: int = 4
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    gradient_checkpointing: bool = False  # recompute backbone blocks and head convolutions in the backward
 
 
 @dataclass
@@ -120,6 +139,9 @@ class TrainConfig:
             value = getattr(getattr(out, section), key)
             if value is not None:
                 setattr(getattr(out, section), key, os.path.abspath(os.path.expanduser(value)))
+        source = out.model.backbone_from
+        if source is not None and os.path.exists(os.path.expanduser(source)):  # else a Hub id, kept as given
+            out.model.backbone_from = os.path.abspath(os.path.expanduser(source))
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -130,11 +152,7 @@ class TrainConfig:
     def validate(self) -> TrainConfig:
         _check_choice("task", self.task, TASKS)
         _check_choice("model.head", self.model.head, HEADS[self.task])
-        if (self.model.backbone is None) == (self.model.arch is None):
-            raise ConfigError(
-                "model.backbone and model.arch are exclusive: give a published size in model.backbone "
-                "(tiny, small, medium-deep, base-deep) or an architecture string in model.arch, and set the other to null"
-            )
+        self._validate_backbone()
         optim, run = self.optim, self.run
         for name in ("batch_size", "gradient_accumulation_steps", "max_iter"):
             if getattr(optim, name) < 1:
@@ -150,6 +168,9 @@ class TrainConfig:
             raise ConfigError("optim.warmup_iters must be >= 0 and optim.warmup_factor in (0, 1]")
         if len(optim.betas) != 2:
             raise ConfigError(f"optim.betas must be two numbers, got {optim.betas}")
+        _check_choice("optim.optimizer", optim.optimizer, OPTIMIZERS)
+        if not 0 <= optim.momentum < 1:
+            raise ConfigError(f"optim.momentum must lie in [0, 1), got {optim.momentum}")
         _check_choice("run.mixed_precision", run.mixed_precision, MIXED_PRECISION)
         for name in ("checkpoint_every", "keep_checkpoints", "eval_every", "log_every", "eval_batch_size"):
             if getattr(run, name) < 1:
@@ -157,6 +178,48 @@ class TrainConfig:
         if not self.data.train_shortest_edge:
             raise ConfigError("data.train_shortest_edge needs at least one size")
         return self
+
+    def _validate_backbone(self) -> None:
+        """One description of the backbone: a ViL (model.backbone or model.arch, then the ViL settings) or any
+        transformers backbone (model.backbone_config and/or model.backbone_from)."""
+        model = self.model
+        if model.freeze_at < 0:
+            raise ConfigError(f"model.freeze_at must be 0 (nothing frozen) or more, got {model.freeze_at}")
+        if model.drop_path_rate < 0 or model.drop_path_rate >= 1:
+            raise ConfigError(f"model.drop_path_rate must lie in [0, 1), got {model.drop_path_rate}")
+        if model.uses_vil_settings():
+            if (model.backbone is None) == (model.arch is None):
+                raise ConfigError(
+                    "model.backbone and model.arch are exclusive: give a published size in model.backbone "
+                    "(tiny, small, medium-deep, base-deep) or an architecture string in model.arch, and set the other "
+                    "to null (or describe another backbone with model.backbone_config / model.backbone_from)"
+                )
+            return
+        given = "model.backbone_config" if model.backbone_config is not None else "model.backbone_from"
+        if self.task != "detection":
+            raise ConfigError(f"{given} is for detection; task {self.task} trains a ViL (model.backbone or model.arch)")
+        vil = [
+            f"model.{name}={getattr(model, name)!r}"
+            for name in ("backbone", "arch")
+            if getattr(model, name) is not None
+        ]
+        defaults = ModelSection()
+        vil += [
+            f"model.{name}={getattr(model, name)!r}"
+            for name in VIL_SETTINGS
+            if getattr(model, name) != getattr(defaults, name)
+        ]
+        if vil:
+            raise ConfigError(
+                f"{given} describes the backbone, so the ViL settings must be left out: {', '.join(vil)} "
+                "(set model.backbone and model.arch to null and leave sparse, attention_type, average_pool and "
+                "image_size at their defaults; a ViL goes in model.backbone_config as {model_type: vil, arch: ...})"
+            )
+        if model.backbone_config is not None and "model_type" not in model.backbone_config:
+            raise ConfigError(
+                "model.backbone_config needs a model_type (e.g. swin, convnext, resnet, dinov2, vitdet, vil) beside "
+                "the config's fields"
+            )
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:

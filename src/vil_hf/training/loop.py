@@ -286,6 +286,10 @@ def train(
         task = _TaskData(config)
     check_labels(plan, task.id2label)
     model = build_model(config, task.id2label)
+    if run.gradient_checkpointing:
+        # The backbone's own checkpointed blocks and the detectors' heavy head parts, recomputed in the backward.
+        model.activation_checkpointing_enable()
+        logger.info("gradient checkpointing on: backbone blocks and head convolutions are recomputed in the backward")
     optimizer = build_optimizer(model, optim)
     model, optimizer = accelerator.prepare(model, optimizer)
 

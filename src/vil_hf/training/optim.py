@@ -1,4 +1,5 @@
-"""AdamW parameter groups and the warm-up + step learning-rate schedule of vil-reference section 5."""
+"""Optimizers (AdamW as vil-reference section 5, SGD with momentum as detectron2), their parameter groups, and
+the warm-up + step learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -45,10 +46,13 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        parameter_groups(model, optim.weight_decay), lr=optim.lr, betas=tuple(optim.betas), weight_decay=0.0
-    )
+def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
+    """`optim.optimizer`: adamw (`optim.betas`) or sgd (`optim.momentum`, no Nesterov, as detectron2); both decay
+    the weights of `parameter_groups` only. Frozen parameters (requires_grad False) are left out."""
+    groups = parameter_groups(model, optim.weight_decay)
+    if optim.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=0.0)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=0.0)
 
 
 def lr_factor(iteration: int, optim: OptimSection) -> float:

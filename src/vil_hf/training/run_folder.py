@@ -89,11 +89,13 @@ def _describe(folder: Path, entries: list[str]) -> str:
 
 
 def model_differences(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
-    """Differences in what defines the model: the task and `model.*`, except `model.init_from` (the
-    weights a run started from) and `model.num_labels` (the labels are compared from the data)."""
+    """Differences in what defines the model: the task and `model.*`, except `model.init_from` and
+    `model.backbone_from` (the weights a run started from; weights of another architecture fail to load with their
+    own message) and `model.num_labels` (the labels are compared from the data)."""
 
     def defines_model(name: str) -> bool:
-        return (name == "task" or name.startswith("model.")) and name not in ("model.init_from", "model.num_labels")
+        starts = ("model.init_from", "model.backbone_from", "model.num_labels")
+        return (name == "task" or name.startswith("model.")) and name not in starts
 
     return differences(before, after, defines_model)
 
