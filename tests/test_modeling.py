@@ -319,6 +319,33 @@ def test_classification_loss_and_backward_reach_the_first_stage():
     assert model.vil.encoder.stages[0].global_tokens.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_gradients_accumulate_over_backward_passes_with_absolute_embeddings_and_globals(batch):
+    """Two backward passes without zero_grad give twice one pass's gradient, for every parameter.
+
+    At batch 1 one sum over the (B, G + L, d) sequence once handed global_tokens and
+    global_embeddings views of one gradient buffer, which autograd kept as both .grad: the second
+    pass added into it twice (3x instead of 2x), so gradient accumulation at batch 1 was wrong.
+    """
+    arch = "l1,h2,d16,n1,s1,g1,p4,f3,a1_l2,h2,d16,n1,s1,g2,p2,f3,a1_l3,h2,d16,n1,s1,g0,p2,f3,a1"
+    model = randomize(ViLModel(ViLConfig(arch=arch, image_size=64))).train()
+    pixel_values = torch.randn(batch, 3, 40, 56, generator=torch.Generator().manual_seed(0))
+
+    def backward():
+        model(pixel_values).last_hidden_state.square().sum().backward()
+
+    backward()
+    once = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    assert {"encoder.stages.0.global_tokens", "encoder.stages.0.position_embeddings.global_embeddings"} <= set(once)
+    backward()
+    for name, parameter in model.named_parameters():
+        if name in once:
+            torch.testing.assert_close(parameter.grad, 2 * once[name], rtol=1e-5, atol=1e-7, msg=name)
+    stage = model.encoder.stages[0]
+    grads = (stage.global_tokens.grad, stage.position_embeddings.global_embeddings.grad)
+    assert grads[0].untyped_storage().data_ptr() != grads[1].untyped_storage().data_ptr()
+
+
 def test_image_processor_matches_the_original_evaluation_transform():
     processor = ViLImageProcessorPil()
     image = Image.fromarray(np.full((300, 400, 3), (255, 128, 0), dtype=np.uint8))

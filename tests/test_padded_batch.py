@@ -152,8 +152,7 @@ def test_padded_batch_gradients_are_the_sum_of_each_images_own():
     batched = {n: p.grad.clone() for n, p in backbone.named_parameters() if p.grad is not None}
     alone = {}
     for b, (rows, cols) in enumerate(sizes):
-        # each image's gradients apart, then summed: accumulating in .grad over batch-1 backwards is
-        # not reliable here (global_tokens.grad and global_embeddings.grad can share storage then)
+        # each image's gradients apart, then summed
         backbone.zero_grad()
         weighted(backbone(pixel_values[b : b + 1, :, :rows, :cols]).feature_maps, 0).backward()
         for name, parameter in backbone.named_parameters():

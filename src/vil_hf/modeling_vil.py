@@ -155,11 +155,15 @@ class ViLAbsolutePositionEmbeddings(nn.Module):
         weight = (source - low)[None, :, None].to(table.dtype)
         return table[:, low] * (1 - weight) + table[:, high] * weight
 
-    def forward(self, height: int, width: int) -> torch.Tensor:
+    def local_embeddings(self, height: int, width: int) -> torch.Tensor:
+        """(1, h*w, d) embeddings of the local tokens, row-major."""
         rows = self._fit(self.row_embeddings, height)  # (1, h, d/2)
         cols = self._fit(self.column_embeddings, width)  # (1, w, d/2)
         grid = torch.cat([rows[:, :, None].expand(-1, -1, width, -1), cols[:, None].expand(-1, height, -1, -1)], dim=-1)
-        return torch.cat([self.global_embeddings, grid.flatten(1, 2)], dim=1)  # (1, G + h*w, d)
+        return grid.flatten(1, 2)
+
+    def forward(self, height: int, width: int) -> torch.Tensor:
+        return torch.cat([self.global_embeddings, self.local_embeddings(height, width)], dim=1)  # (1, G + h*w, d)
 
 
 class ViLMLP(nn.Module):
@@ -277,11 +281,16 @@ class ViLStage(nn.Module):
         """
         local_tokens, height, width = self.patch_embeddings(feature_map)  # (B, L, d)
         batch = local_tokens.shape[0]
-        hidden_states = local_tokens
-        if self.global_tokens is not None:
-            hidden_states = torch.cat([self.global_tokens.expand(batch, -1, -1), local_tokens], dim=1)  # (B, G + L, d)
+        hidden_states, global_tokens = local_tokens, self.global_tokens
         if self.position_embeddings is not None:
-            hidden_states = hidden_states + self.position_embeddings(height, width)
+            hidden_states = local_tokens + self.position_embeddings.local_embeddings(height, width)
+            if global_tokens is not None:
+                # Summed apart from the local tokens: one sum over the whole (B, G + L, d) sequence hands
+                # the two global parameters views of one gradient buffer at batch 1, and autograd keeps
+                # both as their .grad, so a second backward without zero_grad added into it twice.
+                global_tokens = global_tokens + self.position_embeddings.global_embeddings
+        if global_tokens is not None:
+            hidden_states = torch.cat([global_tokens.expand(batch, -1, -1), hidden_states], dim=1)  # (B, G + L, d)
         hidden_states = self.dropout(hidden_states)
         extents = () if key_extents is None else (key_extents,)
         for layer in self.layers:
