@@ -191,3 +191,30 @@ def test_every_head_missing_from_a_folder_follows_the_recipe(kind, tmp_path):
     anchors = model.rpn.anchor_generator if kind == "mask_rcnn" else model.detector.anchor_generator
     for level in range(len(anchors.sizes)):  # non-persistent buffers are rebuilt too
         assert torch.equal(getattr(anchors, f"cell_anchors_{level}"), anchors.cell_anchors(level))
+
+
+def test_simple_feature_pyramid_missing_from_a_folder_is_initialised(tmp_path):
+    """A plain backbone's simple feature pyramid that from_pretrained has to create gets PyTorch's defaults for its
+    deconvolutions (as ViTDet) and identity norms, never uninitialised memory."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Dinov2Config
+
+    from .test_backbones import TINY_DINOV2
+
+    saved = tiny_detector("mask_rcnn", backbone_config=Dinov2Config(**TINY_DINOV2))
+    saved.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if not k.startswith("simple_feature_pyramid.")},
+        tmp_path / "model.safetensors",
+    )
+    model = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    for name, created in model.simple_feature_pyramid.named_parameters():
+        assert torch.isfinite(created).all(), name
+        if name.startswith("branches.0.1."):  # the LayerNorm between the deconvolutions
+            expected = torch.ones_like(created) if name.endswith("weight") else torch.zeros_like(created)
+            assert torch.equal(created, expected), name
+        else:  # a deconvolution: PyTorch's default, uniform within 1/sqrt(fan-in) for weight and bias alike
+            deconvolution = model.simple_feature_pyramid.get_submodule(name.rsplit(".", 1)[0])
+            bound = 1 / math.sqrt(deconvolution.weight[0].numel())
+            assert 0.5 * bound < created.abs().max().item() <= bound, name

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -271,6 +272,29 @@ def test_resume_without_checkpoint_fails_clearly(shapes, tmp_path):
         run_training(tiny_config(shapes, tmp_path / "fresh", val=False), resume=True)
 
 
+def run_or_dump_stacks(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """subprocess.run, except that a command still running after `timeout` seconds fails the test with the Python
+    stacks of every process it started (the launcher and its workers print them on SIGABRT through faulthandler),
+    so that a hang says where it hangs."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**env, "PYTHONFAULTHANDLER": "1"}, start_new_session=True,
+    )  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGABRT)
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+        pytest.fail(
+            f"{' '.join(command)[:300]} did not finish in {timeout} s; the stacks of its processes:\n{stderr[-12000:]}"
+        )
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 @pytest.mark.slow
 def test_two_processes_train_with_accelerate_launch(shapes, tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine runs two gloo processes."""
@@ -282,7 +306,7 @@ def test_two_processes_train_with_accelerate_launch(shapes, tmp_path):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         str(ROOT / "scripts" / "train.py"), "--config", str(config_path),
     ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    done = run_or_dump_stacks(command, env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "ddp"
     assert (out / "model" / "model.safetensors").is_file()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from .fpn import FeaturePyramidNetwork, LastLevelMaxPool, LastLevelP6P7
 from .retinanet import RetinaNetDetector, RetinaNetHead
 from .roi_heads import BoxHead, BoxPredictor, MaskHead, RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
-from .simple_feature_pyramid import SIMPLE_PYRAMID_STRIDES, SimpleFeaturePyramid
+from .simple_feature_pyramid import SIMPLE_PYRAMID_STRIDES, LayerNorm2d, SimpleFeaturePyramid
 
 # Ground-truth boxes narrower or shorter than this (after clipping to the image) are dropped, as detectron2's
 # dataset mapper does.
@@ -87,6 +88,7 @@ _RECIPE_INIT_MODULES = (
     BoxPredictor,
     MaskHead,
     RetinaNetHead,
+    SimpleFeaturePyramid,
 )
 
 
@@ -147,6 +149,18 @@ class DetectionPreTrainedModel(PreTrainedModel):
                 init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
                 init.zeros_(conv.bias)
             _normal_fill(module.predictor, std=0.001)
+        elif isinstance(module, SimpleFeaturePyramid):
+            # ViTDet leaves its deconvolutions at PyTorch's defaults; those are restated here because a layer that
+            # from_pretrained creates is never constructed, and its norms start as identities.
+            for layer in module.modules():
+                if isinstance(layer, nn.ConvTranspose2d):
+                    init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+                    # ConvTranspose2d's weight is (in, out, kh, kw): its fan-in is out x kh x kw.
+                    bound = 1 / math.sqrt(layer.weight[0].numel())
+                    init.uniform_(layer.bias, -bound, bound)
+                elif isinstance(layer, LayerNorm2d):
+                    init.ones_(layer.weight)
+                    init.zeros_(layer.bias)
         elif isinstance(module, RetinaNetHead):
             for conv in [*module.cls_convs, *module.bbox_convs, module.bbox_pred]:
                 _normal_fill(conv, std=self.config.initializer_range)
@@ -350,7 +364,12 @@ class DetectionPreTrainedModel(PreTrainedModel):
         labels: list[dict[str, torch.Tensor]] | None,
         needs_masks: bool,
     ) -> tuple[
-        torch.Tensor, list[dict[str, torch.Tensor]] | None, list[torch.Tensor], list[int], list | None, list[torch.Tensor]
+        torch.Tensor,
+        list[dict[str, torch.Tensor]] | None,
+        list[torch.Tensor],
+        list[int],
+        list | None,
+        list[torch.Tensor],
     ]:
         """What both detectors do first: check inputs and targets, then run the backbone and FPN. -> image sizes,
         targets, FPN levels, their strides and extents (see `_backbone_pyramid`), and the backbone's maps.
@@ -500,6 +519,8 @@ class RetinaNetForObjectDetection(DetectionPreTrainedModel):
         detections, losses = self.detector(
             pyramid, strides, image_sizes, targets, detect=not self.training, extents=extents
         )
-        hidden = {"hidden_states": tuple(backbone_maps), "feature_maps": tuple(pyramid)} if output_hidden_states else None
+        hidden = (
+            {"hidden_states": tuple(backbone_maps), "feature_maps": tuple(pyramid)} if output_hidden_states else None
+        )
         output = self._make_output(losses, detections, image_sizes, hidden)
         return output if return_dict else output.to_tuple()
