@@ -175,8 +175,13 @@ def test_frozen_batch_norm_never_changes_in_training_and_reloads_as_batch_norm(t
     reloaded = AutoModelForObjectDetection.from_pretrained(tmp_path).eval()
     assert any(isinstance(m, nn.BatchNorm2d) for m in reloaded.backbone.modules())
     with torch.no_grad():
+        # Two computations of one function (BatchNorm's fused kernel, the frozen one's scale and shift): equal up to
+        # float rounding, which grows through the trained stages (2e-5 seen on maps of magnitude ~1).
         torch.testing.assert_close(
-            reloaded.backbone(pixel_values).feature_maps, detector.backbone(pixel_values).feature_maps
+            reloaded.backbone(pixel_values).feature_maps,
+            detector.backbone(pixel_values).feature_maps,
+            rtol=1e-4,
+            atol=1e-4,
         )
 
 
