@@ -5,16 +5,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import ResNetConfig
+from transformers import Dinov2Config, ResNetConfig
 from transformers.modeling_outputs import BackboneOutput
 
 from vil_hf import ViLConfig
 from vil_hf.detection.extents import crop_anchor_rows, extent_mask, extents_at_stride, image_extents
 
+from .test_backbones import TINY_DINOV2
 from .test_detection_models import TINY_ARCH, tiny_detector
 
 RESNET = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16, 16, 32], depths=[1, 1, 1, 1], layer_type="basic")
-BACKBONES = {"vil": lambda: ViLConfig(arch=TINY_ARCH, image_size=128), "resnet": lambda: RESNET}
+BACKBONES = {
+    "vil": lambda: ViLConfig(arch=TINY_ARCH, image_size=128),
+    "resnet": lambda: RESNET,
+    # A plain backbone: patch-14 input scaling and the simple feature pyramid, run once per group of extents.
+    "dinov2": lambda: Dinov2Config(**TINY_DINOV2),
+}
 # (height, width) of the images: not multiples of 32, and extents that differ in height, in width and in both.
 SIZES = [(100, 120), (256, 128), (150, 250)]
 
