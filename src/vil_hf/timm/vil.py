@@ -127,7 +127,8 @@ class VisionLongformer(nn.Module):
             raise ValueError("ViL has no per-stage norm for its intermediate maps; use norm=False")
         take_indices, _ = feature_take_indices(len(self.vil.encoder.stages), indices)
         encoded = self.vil.encoder(pixel_values)
-        intermediates = [encoded.feature_maps[index] for index in take_indices]
+        # The encoder's maps start with the stem's entry (None unless asked for): stage i is entry i + 1.
+        intermediates = [encoded.feature_maps[index + 1] for index in take_indices]
         if intermediates_only:
             return intermediates
         return self.vil.layernorm(encoded.last_hidden_state), intermediates
