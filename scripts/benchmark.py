@@ -1,7 +1,7 @@
 """ViL-Small detection backbone against Swin-T, and the longformer kernels; see `vil_hf.benchmark`.
 
-    python scripts/benchmark.py --json benchmark.json
-    python scripts/benchmark.py --quick --json /tmp/quick.json
+python scripts/benchmark.py --json benchmark.json
+python scripts/benchmark.py --quick --json /tmp/quick.json
 """
 
 from vil_hf.benchmark import main

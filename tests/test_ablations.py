@@ -23,9 +23,7 @@ from vil_hf.attention.performer import gaussian_orthogonal_random_matrix
 def stage_config(attention_type: str, f: int, globals_: int = 2, absolute: bool = True, **kwargs) -> ViLConfig:
     """Three stages, d 16 and 2 heads in the first; `f` and `globals_` for stage 1."""
     a = int(absolute)
-    arch = (
-        f"l1,h2,d16,n1,s1,g{globals_},p4,f{f},a{a}_l2,h2,d16,n1,s1,g1,p2,f{f},a{a}_l3,h2,d16,n1,s0,g1,p2,f{f},a{a}"
-    )
+    arch = f"l1,h2,d16,n1,s1,g{globals_},p4,f{f},a{a}_l2,h2,d16,n1,s1,g1,p2,f{f},a{a}_l3,h2,d16,n1,s0,g1,p2,f{f},a{a}"
     return ViLConfig(arch=arch, attention_type=attention_type, **kwargs)
 
 
@@ -86,7 +84,9 @@ def test_srformer_matches_reference(height, width, ratio):
     with torch.no_grad():
         ours = attn(tokens, height, width)
         for b in range(2):
-            torch.testing.assert_close(ours[b], srformer_reference(attn, tokens[b], height, width), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(
+                ours[b], srformer_reference(attn, tokens[b], height, width), rtol=1e-4, atol=1e-5
+            )
 
 
 def test_srformer_norm_is_instance_norm_without_affine_or_running_stats():
@@ -128,8 +128,7 @@ def performer_reference(attn: ViLPerformerAttention, batch_tokens: torch.Tensor)
     num_features, head_dim = projection.shape
     batch, length, dim = batch_tokens.shape
     q, k, v = (
-        t.view(batch, length, attn.num_heads, head_dim).transpose(1, 2)
-        for t in attn.qkv(batch_tokens).chunk(3, dim=-1)
+        t.view(batch, length, attn.num_heads, head_dim).transpose(1, 2) for t in attn.qkv(batch_tokens).chunk(3, dim=-1)
     )
     c = head_dim**-0.25
     projected_keys = torch.einsum("bhnm,fm->bhnf", c * k, projection)
@@ -140,11 +139,15 @@ def performer_reference(attn: ViLPerformerAttention, batch_tokens: torch.Tensor)
             key_features = []
             for j in range(length):
                 wx = projection @ (c * k[b, h, j])
-                key_features.append((torch.exp(wx - (k[b, h, j] ** 2).sum() * c**2 / 2 - key_max) + 1e-4) / math.sqrt(num_features))
+                key_features.append(
+                    (torch.exp(wx - (k[b, h, j] ** 2).sum() * c**2 / 2 - key_max) + 1e-4) / math.sqrt(num_features)
+                )
             key_features = torch.stack(key_features)  # (N, F)
             for i in range(length):
                 wx = projection @ (c * q[b, h, i])
-                query_feature = (torch.exp(wx - (q[b, h, i] ** 2).sum() * c**2 / 2 - wx.max()) + 1e-4) / math.sqrt(num_features)
+                query_feature = (torch.exp(wx - (q[b, h, i] ** 2).sum() * c**2 / 2 - wx.max()) + 1e-4) / math.sqrt(
+                    num_features
+                )
                 weights = key_features @ query_feature  # (N,)
                 out[b, h, i] = (weights @ v[b, h]) / weights.sum()
     return attn.proj(out.transpose(1, 2).reshape(batch, length, dim))
@@ -218,7 +221,9 @@ def test_performer_redraws_on_the_original_schedule():
         changed.append(not torch.equal(before, snapshot()))
     assert changed == [False, True, False, True]
 
-    fixed = ViLForImageClassification(stage_config("performer", 6, num_labels=3, performer_redraw_interval=None)).train()
+    fixed = ViLForImageClassification(
+        stage_config("performer", 6, num_labels=3, performer_redraw_interval=None)
+    ).train()
     before = fixed.vil.encoder.stages[0].layers[0].attention.projection_matrix.clone()
     fixed(pixel_values)
     fixed(pixel_values)
@@ -271,7 +276,10 @@ def test_linformer_matches_reference(share_kv):
 def test_linformer_at_another_size_is_a_clear_error():
     model = ViLForImageClassification(stage_config("linformer", 5, image_size=64, num_labels=3)).eval()
     model(torch.randn(1, 3, 64, 64))
-    with pytest.raises(ValueError, match=r"linformer stage 1 projects a fixed sequence of 258 tokens .*16x16 map.*image_size=64.*got 146 \(12x12 map\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"linformer stage 1 projects a fixed sequence of 258 tokens .*16x16 map.*image_size=64.*got 146 \(12x12 map\)",
+    ):
         model(torch.randn(1, 3, 48, 48))
 
 

@@ -263,7 +263,9 @@ def test_exact_window_with_random_shift_contradicts():
 
 def test_unknown_attention_type_in_attention_types():
     lists = dict(TINY_LISTS, attention_types=["longformer", "performer", "full"])
-    with pytest.raises(ValueError, match=r"attention_types\[1\]='performer': a stage runs attention_type \('longformer'\)"):
+    with pytest.raises(
+        ValueError, match=r"attention_types\[1\]='performer': a stage runs attention_type \('longformer'\)"
+    ):
         ViLConfig(**lists)
 
 
@@ -274,7 +276,9 @@ def test_unknown_attention_type():
 
 def test_global_only_stage_without_global_tokens():
     arch = TINY.replace("s0,g0", "s1,g0")
-    with pytest.raises(ValueError, match=r"attention_types\[2\]='global'.*needs global tokens.*num_global_tokens\[2\]=0"):
+    with pytest.raises(
+        ValueError, match=r"attention_types\[2\]='global'.*needs global tokens.*num_global_tokens\[2\]=0"
+    ):
         ViLConfig(arch=arch, attention_type="global")
 
 
@@ -592,7 +596,10 @@ def test_detectron2_without_head(tmp_path, det_path, det_arch, capsys):
 def test_detectron2_backbone_file_as_whole_detector(tmp_path, det_path, det_arch, capsys):
     # det_path holds only backbone weights: asking for a whole detector names the missing head.
     out = tmp_path / "out"
-    for head, key in (("mask_rcnn", "roi_heads.box_predictor.cls_score.weight"), ("retinanet", "head.cls_score.weight")):
+    for head, key in (
+        ("mask_rcnn", "roi_heads.box_predictor.cls_score.weight"),
+        ("retinanet", "head.cls_score.weight"),
+    ):
         _convert_fails(det_path, out, match=rf"--head {head}.*no '{key}'.*Check --head", arch=det_arch, head=head)
     _cli_fails(
         ["convert", str(det_path), str(out), "--arch", det_arch, "--head", "mask_rcnn"],
@@ -653,14 +660,24 @@ def test_head_option_on_classification_file(tmp_path, cls_path):
         pytest.param(["--sw-exact", "2"], r"--sw-exact 2", id="sw-exact-2"),
         pytest.param(["--mode", "-1"], r"--mode -1", id="mode-minus-1"),
         pytest.param(
-            ["--only-glo", "--attn-type", "srformer"], r"--only-glo is an option of the longformer", id="only-glo-srformer"
+            ["--only-glo", "--attn-type", "srformer"],
+            r"--only-glo is an option of the longformer",
+            id="only-glo-srformer",
         ),
-        pytest.param(["--only-glo", "--mode", "1"], r"--mode 1 .*global-only attention does not have", id="only-glo-mode"),
-        pytest.param(["--attn-type", "performer", "--sw-exact", "1"], r"--sw-exact 1 .*performer", id="performer-exact"),
+        pytest.param(
+            ["--only-glo", "--mode", "1"], r"--mode 1 .*global-only attention does not have", id="only-glo-mode"
+        ),
+        pytest.param(
+            ["--attn-type", "performer", "--sw-exact", "1"], r"--sw-exact 1 .*performer", id="performer-exact"
+        ),
         pytest.param(["--attn-type", "bogus"], r"Unknown --attn-type 'bogus'", id="unknown-attn-type"),
         # a longformer checkpoint read as another type: the key report names the difference
-        pytest.param(["--attn-type", "performer"], r"(?s)missing.*attention\.qkv\.weight", id="performer-on-longformer"),
-        pytest.param(["--attn-type", "linformer"], r"(?s)missing.*attention\.key_projection", id="linformer-on-longformer"),
+        pytest.param(
+            ["--attn-type", "performer"], r"(?s)missing.*attention\.qkv\.weight", id="performer-on-longformer"
+        ),
+        pytest.param(
+            ["--attn-type", "linformer"], r"(?s)missing.*attention\.key_projection", id="linformer-on-longformer"
+        ),
     ],
 )
 def test_unsupported_options_cli(tmp_path, cls_path, capsys, args, match):
@@ -673,7 +690,9 @@ def test_unsupported_options_cli(tmp_path, cls_path, capsys, args, match):
     [
         pytest.param({"sw_exact": -1}, r"--sw-exact -1", id="sw-exact-minus-1"),
         pytest.param({"mode": -1}, r"--mode -1", id="mode-minus-1"),
-        pytest.param({"only_glo": True, "attn_type": "full"}, r"--only-glo is an option of the longformer", id="only-glo"),
+        pytest.param(
+            {"only_glo": True, "attn_type": "full"}, r"--only-glo is an option of the longformer", id="only-glo"
+        ),
         pytest.param({"attn_type": "srformer"}, r"(?s)missing.*spatial_reduction", id="srformer-on-longformer"),
         pytest.param({"attn_type": "bogus"}, r"Unknown --attn-type 'bogus'", id="unknown-attn-type"),
     ],

@@ -34,7 +34,11 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "swin_forward_base",
         "swin_forward_4x_pixels",
     }
-    groups = (("layer", ("vectorized", "blocked")), ("layer_reference", ("reference", "blocked")), ("kernel", ("vectorized", "blocked")))
+    groups = (
+        ("layer", ("vectorized", "blocked")),
+        ("layer_reference", ("reference", "blocked")),
+        ("kernel", ("vectorized", "blocked")),
+    )
     for part, names in groups:
         assert {key.rsplit("_forward", 1)[0] for key in results[part]} == set(names)
         for name in names:

@@ -165,7 +165,9 @@ def test_backbone_returns_the_local_tokens_of_the_classification_model(tmp_path)
     # stage's tokens, global tokens first
     assert hidden.hidden_states[0].shape == (1, 16 * 24, 16)
     assert hidden.hidden_states[1].shape == (1, 2 + 16 * 24, 16)
-    torch.testing.assert_close(hidden.reshaped_hidden_states[1].flatten(2).transpose(1, 2), hidden.hidden_states[1][:, 2:])
+    torch.testing.assert_close(
+        hidden.reshaped_hidden_states[1].flatten(2).transpose(1, 2), hidden.hidden_states[1][:, 2:]
+    )
 
 
 def test_longformer_equals_full_attention_when_the_window_covers_the_map():
@@ -402,7 +404,11 @@ def test_stage_names_and_out_indices_mean_what_they_mean_for_swin_resnet_and_con
     vil = ViLConfig(arch=TINY_ARCH, out_indices=[1, 2, 3, 4])
     assert vil.stage_names == ["stem", "stage1", "stage2", "stage3", "stage4"]
     assert vil.out_features == ["stage1", "stage2", "stage3", "stage4"]
-    for other in (SwinConfig(out_indices=[1, 2, 3, 4]), ResNetConfig(out_indices=[1, 2, 3, 4]), ConvNextConfig(out_indices=[1, 2, 3, 4])):
+    for other in (
+        SwinConfig(out_indices=[1, 2, 3, 4]),
+        ResNetConfig(out_indices=[1, 2, 3, 4]),
+        ConvNextConfig(out_indices=[1, 2, 3, 4]),
+    ):
         assert other.stage_names == vil.stage_names and other.out_features == vil.out_features
     assert ViLConfig(arch=TINY_ARCH, out_indices=[1, 2, 3]).out_features == ["stage1", "stage2", "stage3"]
     assert ViLConfig(arch=TINY_ARCH).out_features == ["stage4"]
@@ -415,7 +421,13 @@ def test_backbone_returns_the_stem_as_stage_1_patch_embedding():
     with torch.no_grad():
         maps = backbone(pixel_values).feature_maps
         tokens, height, width = backbone.encoder.stages[0].patch_embeddings(pixel_values)
-    assert [tuple(m.shape) for m in maps] == [(2, 16, 17, 22), (2, 16, 17, 22), (2, 16, 8, 11), (2, 32, 4, 5), (2, 32, 2, 2)]
+    assert [tuple(m.shape) for m in maps] == [
+        (2, 16, 17, 22),
+        (2, 16, 17, 22),
+        (2, 16, 8, 11),
+        (2, 32, 4, 5),
+        (2, 32, 2, 2),
+    ]
     # the same modules on the same input: identical
     torch.testing.assert_close(maps[0], tokens.transpose(1, 2).reshape(2, 16, height, width), rtol=0, atol=0)
 
@@ -482,7 +494,11 @@ def test_folders_saved_before_the_stem_load_with_the_stages_they_selected(tmp_pa
     assert saved["stage_names"][0] == "stem" and saved["out_indices"] == [2, 4]
     # a hand-written old dict with indices only: they move up by one
     old_indices = {key: value for key, value in CONFIG_SAVED_BEFORE_THE_STEM.items() if key != "out_features"}
-    assert ViLConfig.from_dict({**old_indices, "out_indices": [0, 2, -1]}).out_features == ["stage1", "stage3", "stage4"]
+    assert ViLConfig.from_dict({**old_indices, "out_indices": [0, 2, -1]}).out_features == [
+        "stage1",
+        "stage3",
+        "stage4",
+    ]
     with pytest.raises(ValueError, match="do not match this ViL's stages"):
         ViLConfig.from_dict({**CONFIG_SAVED_BEFORE_THE_STEM, "stage_names": ["stage1", "stage2", "stage3"]})
 

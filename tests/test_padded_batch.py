@@ -78,7 +78,9 @@ def _assert_each_image_as_alone(backbone, maps, pixel_values, sizes):
             msg = f"image {b} ({rows}x{cols}) stage {stage + 1}"
             # float32 sums over other batch shapes round differently: about 2e-6 of the map's magnitude
             scale = max(1.0, own.abs().max().item())
-            torch.testing.assert_close(batched[b : b + 1, :, :height, :width], own, rtol=1e-5, atol=1e-5 * scale, msg=msg)
+            torch.testing.assert_close(
+                batched[b : b + 1, :, :height, :width], own, rtol=1e-5, atol=1e-5 * scale, msg=msg
+            )
             beyond = batched[b].clone()
             beyond[:, :height, :width] = 0
             assert beyond.abs().max() == 0, f"{msg}: not zero beyond the image's extent"

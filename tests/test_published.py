@@ -147,8 +147,6 @@ def test_every_config_resolves_with_its_base():
         assert vil.attention_type == ablation.attention_type
 
 
-
-
 def test_baseline_configs_name_their_recipe_and_build_their_detector():
     """Each baseline config mirrors a named original recipe; the numbers it cites are the published ones."""
     from vil_hf.training import load_config
@@ -176,9 +174,13 @@ def test_baseline_configs_name_their_recipe_and_build_their_detector():
         assert config.optim.steps[-1] < config.optim.max_iter and config.optim.batch_size == 16
         detector = model_config(config, {i: str(i) for i in range(80)})
         assert detector.backbone_config.model_type == row.backbone_config["model_type"]
-        assert detector.backbone_features == ["stage1", "stage2", "stage3", "stage4"][-(4 if row.head == "mask_rcnn" else 3):]
-    swin_1x, swin_3x = load_config(ROOT / "configs/swin_t_mask_rcnn_1x.yaml"), load_config(
-        ROOT / "configs/swin_t_mask_rcnn_3x_ms.yaml"
+        assert (
+            detector.backbone_features
+            == ["stage1", "stage2", "stage3", "stage4"][-(4 if row.head == "mask_rcnn" else 3) :]
+        )
+    swin_1x, swin_3x = (
+        load_config(ROOT / "configs/swin_t_mask_rcnn_1x.yaml"),
+        load_config(ROOT / "configs/swin_t_mask_rcnn_3x_ms.yaml"),
     )
     for config, epochs, steps, drop_path in ((swin_1x, 12, (8, 11), 0.1), (swin_3x, 36, (27, 33), 0.2)):
         optim = config.optim
@@ -192,7 +194,12 @@ def test_baseline_configs_name_their_recipe_and_build_their_detector():
         config = load_config(ROOT / f"configs/{name}.yaml")
         optim, model = config.optim, config.model
         assert (optim.optimizer, optim.lr, optim.momentum, optim.weight_decay) == ("sgd", lr, 0.9, 1e-4)
-        assert (optim.max_iter, optim.steps, optim.warmup_iters, optim.warmup_factor) == (90000, [60000, 80000], 1000, 0.001)
+        assert (optim.max_iter, optim.steps, optim.warmup_iters, optim.warmup_factor) == (
+            90000,
+            [60000, 80000],
+            1000,
+            0.001,
+        )
         assert optim.clip_grad_norm is None
         assert (model.freeze_at, model.frozen_batch_norm, model.drop_path_rate) == (2, True, 0.0)
         assert config.data.train_shortest_edge == MULTI_SCALE_SHORTEST_EDGES

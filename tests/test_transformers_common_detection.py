@@ -32,7 +32,9 @@ from .transformers_common.mixins import (
     floats_tensor,
 )
 
-BACKBONE_ARCH = "l1,h1,d16,n1,s1,g1,p4,f3,a0_l2,h1,d16,n1,s1,g1,p2,f3,a0_l3,h2,d32,n1,s0,g1,p2,f7,a0_l4,h2,d32,n1,s0,g0,p2,f7,a0"
+BACKBONE_ARCH = (
+    "l1,h1,d16,n1,s1,g1,p4,f3,a0_l2,h1,d16,n1,s1,g1,p2,f3,a0_l3,h2,d32,n1,s0,g1,p2,f7,a0_l4,h2,d32,n1,s0,g0,p2,f7,a0"
+)
 
 
 class DetectorTester:
@@ -51,8 +53,14 @@ class DetectorTester:
     def get_config(self):
         heads = dict(fpn_channels=16)
         if self.config_class is MaskRCNNConfig:
-            heads.update(box_head_fc_dim=32, mask_head_conv_dim=16, rpn_batch_size_per_image=32,
-                         roi_batch_size_per_image=32, rpn_post_nms_topk_test=50, rpn_post_nms_topk_train=50)
+            heads.update(
+                box_head_fc_dim=32,
+                mask_head_conv_dim=16,
+                rpn_batch_size_per_image=32,
+                roi_batch_size_per_image=32,
+                rpn_post_nms_topk_test=50,
+                rpn_post_nms_topk_train=50,
+            )
         else:
             # at the prior every score is about 0.01: keep them all, so that there are detections to compare
             heads.update(head_conv_layers=1, score_threshold=0.0)
@@ -138,7 +146,12 @@ class DetectorModelTestMixin(ModelTesterMixin):
         for feature_map, stride in zip(outputs.feature_maps, strides):
             self.assertEqual(
                 list(feature_map.shape),
-                [self.model_tester.batch_size, config.fpn_channels, math.ceil(height / stride), math.ceil(width / stride)],
+                [
+                    self.model_tester.batch_size,
+                    config.fpn_channels,
+                    math.ceil(height / stride),
+                    math.ceil(width / stride),
+                ],
             )
 
     def test_hidden_states_output(self):

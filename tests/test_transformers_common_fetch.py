@@ -96,7 +96,9 @@ def test_an_unreachable_index_skips_with_the_reason(tmp_path, monkeypatch):
 
 def test_a_failed_download_from_a_reachable_index_is_an_error(cache, monkeypatch):
     def failing_pip(command, **kwargs):
-        return subprocess.CompletedProcess(command, 1, "", "ERROR: No matching distribution found for transformers==9.9.9")
+        return subprocess.CompletedProcess(
+            command, 1, "", "ERROR: No matching distribution found for transformers==9.9.9"
+        )
 
     monkeypatch.setattr(transformers_common.subprocess, "run", failing_pip)
     with pytest.raises(RuntimeError, match=r"(?s)although .* answers.*No matching distribution"):

@@ -70,7 +70,11 @@ class ViLModelTester:
         self.out_features = list(out_features)
         self.out_indices = list(out_indices)
         reference = ViLConfig(arch=arch)
-        self.hidden_sizes, self.depths, self.patch_sizes = reference.hidden_sizes, reference.depths, reference.patch_sizes
+        self.hidden_sizes, self.depths, self.patch_sizes = (
+            reference.hidden_sizes,
+            reference.depths,
+            reference.patch_sizes,
+        )
         self.num_global_tokens = reference.num_global_tokens
 
     def get_config(self):

@@ -312,7 +312,9 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
         runnable[name] = build_layer(name, device)
 
     def layer_steps(names):
-        return _steps_per_kind(names, lambda name, backward: _layer_step(runnable[name], hidden_states, height, width, backward))
+        return _steps_per_kind(
+            names, lambda name, backward: _layer_step(runnable[name], hidden_states, height, width, backward)
+        )
 
     # The reference allocates gigabytes per call; interleaved with the others, the page faults it
     # leaves behind slowed `vectorized` down 2.5x. It is timed in its own group, against `blocked`.
@@ -326,7 +328,9 @@ def run(sizes: Sizes, device: str = "cpu", threads: int | None = None, memory: b
     # The reference (about a minute per round at the stage-1 size) is compared on the layer only.
     log(f"the same layer's attention kernel alone (no projections): {', '.join(fast_paths)}")
     kernel_inputs = _kernel_inputs(height, width, device)
-    steps = _steps_per_kind(fast_paths, lambda name, backward: _kernel_step(name, kernel_inputs, height, width, backward))
+    steps = _steps_per_kind(
+        fast_paths, lambda name, backward: _kernel_step(name, kernel_inputs, height, width, backward)
+    )
     results["kernel"] = time_interleaved(steps, sizes.repeats, sizes.warmup, device)
 
     if memory:
@@ -438,7 +442,13 @@ def markdown(results: dict) -> str:
         lines.append(f"| {name} | not run: {why} | |")
     kernel = results.get("kernel", {})
     if kernel:
-        lines += ["", "The attention kernel alone (same inputs, no projections):", "", "| implementation | forward | forward+backward |", "|---|---|---|"]
+        lines += [
+            "",
+            "The attention kernel alone (same inputs, no projections):",
+            "",
+            "| implementation | forward | forward+backward |",
+            "|---|---|---|",
+        ]
         for name in sorted({k.rsplit("_forward", 1)[0] for k in kernel}):
             lines.append(f"| {name} | {ms(kernel, name, 'forward')} | {ms(kernel, name, 'forward_backward')} |")
     lines.append("")
@@ -476,7 +486,12 @@ def main(argv: list[str] | None = None) -> dict | None:
         image = tuple(args.image_size or FULL.image)
         scaled = tuple(args.scaled_image_size or (2 * image[0], 2 * image[1]))
         child_sizes = replace(
-            FULL, image=image, scaled_image=scaled, repeats=args.repeats or FULL.repeats, batch=args.batch, dtype=args.dtype
+            FULL,
+            image=image,
+            scaled_image=scaled,
+            repeats=args.repeats or FULL.repeats,
+            batch=args.batch,
+            dtype=args.dtype,
         )
         if args.measure_scaling:
             _scaling_child(args.measure_scaling, child_sizes, args.device)

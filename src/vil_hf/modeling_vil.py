@@ -420,7 +420,9 @@ class ViLEncoder(nn.Module):
             full_width //= stage.patch_embeddings.patch_size
             full_sizes.append((full_height, full_width))
         padded_maps = ()
-        for feature_map, (full_height, full_width) in zip(feature_maps, [full_sizes[0], *full_sizes]):  # stem: stage 1's size
+        for feature_map, (full_height, full_width) in zip(
+            feature_maps, [full_sizes[0], *full_sizes]
+        ):  # stem: stage 1's size
             if feature_map is not None:
                 pad = (0, full_width - feature_map.shape[-1], 0, full_height - feature_map.shape[-2])
                 feature_map = F.pad(feature_map, pad) if any(pad) else feature_map

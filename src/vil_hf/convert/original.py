@@ -94,7 +94,9 @@ def load_original_checkpoint(path: str | os.PathLike) -> tuple[str, dict[str, to
             detail = re.search(r"trusted source\.\s*(.+?)\s*(?:\n\n|Check the documentation|$)", text, re.S)
         reason = detail.group(1).strip() if detail else text.splitlines()[0]
         if "weights only load failed" in text.lower():
-            reason = f"it is not a plain tensor checkpoint that can be read safely; the safe unpickler stopped at: {reason}"
+            reason = (
+                f"it is not a plain tensor checkpoint that can be read safely; the safe unpickler stopped at: {reason}"
+            )
         raise ConversionError(
             f"Could not read {str(path)!r} as a PyTorch checkpoint ({reason}). "
             "Is the file complete, and is it a checkpoint of the original ViL code?"
@@ -360,7 +362,9 @@ def _write_atomically(out_dir: Path, overwrite: bool, write) -> None:
 def _detector_config(head: str, backbone_config: ViLConfig, head_state: dict, options: ConversionOptions):
     """The detector config and its mapped head weights for a detectron2 file."""
     config_class, model_class = (
-        (MaskRCNNConfig, MaskRCNNForObjectDetection) if head == "mask_rcnn" else (RetinaNetConfig, RetinaNetForObjectDetection)
+        (MaskRCNNConfig, MaskRCNNForObjectDetection)
+        if head == "mask_rcnn"
+        else (RetinaNetConfig, RetinaNetForObjectDetection)
     )
     sizes = detectron2_head_sizes(head_state, head)
     try:
