@@ -216,6 +216,26 @@ def test_nms_fast_path_against_plain_on_many_boxes():
     assert torch.equal(batched_nms(boxes, scores, classes, 0.5), per_class)
 
 
+def test_nms_max_kept_is_the_first_kept_of_the_plain_nms():
+    # The early stop (RPN post-NMS top-k) must give exactly the plain result's prefix: per category and not,
+    # with quotas that end inside a block, on a block boundary, past the end, and zero.
+    generator = torch.Generator().manual_seed(5)
+    boxes = _random_boxes(700, generator, size=300.0, max_side=120.0)
+    scores = torch.rand(700, generator=generator)
+    scores[::4] = scores[2::4]  # ties across blocks
+    classes = torch.randint(0, 4, (700,), generator=generator)
+    for idxs in (None, classes):
+        plain = nms_greedy(boxes, scores, 0.6, idxs=idxs)
+        assert 100 < plain.numel() < 700
+        for max_kept in (0, 1, 37, 64, 100, plain.numel(), 10_000):
+            for block_size in (16, 64, 256):
+                fast = nms_blocked(boxes, scores, 0.6, idxs=idxs, block_size=block_size, max_kept=max_kept)
+                assert torch.equal(fast, plain[:max_kept]), (max_kept, block_size)
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.6, max_kept=50), nms_greedy(boxes, scores, 0.6, classes)[:50])
+    with pytest.raises(ValueError, match="max_kept"):
+        nms_blocked(boxes, scores, 0.6, max_kept=-1)
+
+
 def test_nms_long_suppression_chain_inside_one_block():
     # box i overlaps only its neighbours: greedy keeps every other box, a chain as deep as the block
     x = torch.arange(40, dtype=torch.float32) * 0.3

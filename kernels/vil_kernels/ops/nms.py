@@ -8,9 +8,10 @@ Two implementations give identical results:
 
 * :func:`nms_greedy` - the plain one: one vectorised IoU row per kept box against every later box.
 * :func:`nms_blocked` - the fast one (what :func:`nms` runs): boxes are taken in blocks of ``block_size``;
-  inside a block the greedy chain is resolved as a fixed point on the block's (B, B) suppression matrix,
-  then the block's kept boxes suppress all later live boxes in one (kept, live) IoU tile. Only the upper
-  triangle (later boxes) is ever compared, and suppressed boxes drop out of later tiles.
+  a block's boxes are first tested against every box kept by earlier blocks in one (kept, B) IoU tile, then
+  the greedy chain inside the block is resolved as a fixed point on the block's (B, B) suppression matrix.
+  Only the upper triangle (later boxes) is ever compared, and with ``max_kept`` the blocks after the one
+  that fills the quota are never visited.
 
 The fixed point: with ``M[i, j]`` = "i may suppress j" (i before j, IoU > t) and ``c`` the block's boxes not
 suppressed by earlier blocks, greedy keeps ``k[j] = c[j] and not any_i(k[i] and M[i, j])``. That recursion has
@@ -98,22 +99,39 @@ def nms_blocked(
     iou_threshold: float,
     idxs: torch.Tensor | None = None,
     block_size: int = 256,
+    max_kept: int | None = None,
 ) -> torch.Tensor:
-    """Block-tiled greedy NMS (see the module docstring); same result as :func:`nms_greedy`."""
+    """Block-tiled greedy NMS (see the module docstring); same result as :func:`nms_greedy`.
+
+    ``max_kept``: return only the first ``max_kept`` kept indices, i.e. ``nms_greedy(...)[:max_kept]``. A box's
+    fate depends only on higher-scoring boxes, so the blocks after the one that fills the quota are never looked
+    at: what callers that cut the result to a top-k (the RPN's post-NMS top-k) need, at a fraction of the work.
+    """
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
+    if max_kept is not None and max_kept < 0:
+        raise ValueError(f"max_kept must be None or non-negative, got {max_kept}")
     order, b, area, cls = _prepare(boxes, scores, idxs)
     threshold = _strict_threshold(iou_threshold, b.dtype)
     n = b.shape[1]
     device = b.device
-    alive = torch.ones(n, dtype=torch.bool, device=device)
-    kept = []
+    limit = n if max_kept is None else min(max_kept, n)
+    kept, num_kept = [], 0
+    kept_idx = torch.empty(0, dtype=torch.long, device=device)  # all kept so far, in visiting order
     for start in range(0, n, block_size):
+        if num_kept >= limit:
+            break
         stop = min(start + block_size, n)
-        candidates = alive[start:stop]  # (B,)
-        if not bool(candidates.any()):
-            continue
         bb, ba = b[:, start:stop], area[start:stop]
+        if num_kept:
+            # Suppressed by an earlier block's kept box: one (kept, B) tile. Only boxes still to be visited are
+            # ever compared, so the tail after an early stop costs nothing.
+            over = pairwise_iou(b[:, kept_idx], area[kept_idx], bb, ba) > threshold  # (k, B)
+            if cls is not None:
+                over &= cls[kept_idx, None] == cls[None, start:stop]
+            candidates = ~over.any(0)  # (B,)
+        else:
+            candidates = torch.ones(stop - start, dtype=torch.bool, device=device)
         may_suppress = pairwise_iou(bb, ba, bb, ba) > threshold  # (B, B)
         may_suppress = torch.triu(may_suppress, diagonal=1)  # only an earlier box suppresses a later one
         if cls is not None:
@@ -124,20 +142,14 @@ def nms_blocked(
             if torch.equal(new_keep, keep):
                 break
             keep = new_keep
-        kept_idx = start + keep.nonzero()[:, 0]  # (k,)
-        kept.append(kept_idx)
-        if stop == n:
-            break
-        live = stop + alive[stop:].nonzero()[:, 0]  # (l,)
-        if live.numel() == 0:
-            continue
-        over = pairwise_iou(b[:, kept_idx], area[kept_idx], b[:, live], area[live]) > threshold  # (k, l)
-        if cls is not None:
-            over &= cls[kept_idx, None] == cls[None, live]
-        alive[live[over.any(0)]] = False
+        block_kept = start + keep.nonzero()[:, 0]  # (k_b,)
+        if block_kept.numel():
+            kept.append(block_kept)
+            kept_idx = torch.cat(kept) if len(kept) > 1 else block_kept
+            num_kept = kept_idx.shape[0]
     if not kept:
         return torch.empty(0, dtype=torch.long, device=device)
-    return order[torch.cat(kept)]
+    return order[kept_idx[:limit]]
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -149,10 +161,18 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     return nms_blocked(boxes, scores, iou_threshold)
 
 
-def batched_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
-    """NMS within each category ``idxs`` (N,) independently; kept indices by decreasing score.
+def batched_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    idxs: torch.Tensor,
+    iou_threshold: float,
+    *,
+    max_kept: int | None = None,
+) -> torch.Tensor:
+    """NMS within each category ``idxs`` (N,) independently; kept indices by decreasing score (the first
+    ``max_kept`` of them when given: faster than cutting the full result, same indices).
 
     Boxes of different categories never suppress each other. Done as one pass with the cross-category pairs
     masked out, rather than torchvision's coordinate offset, so the IoUs are the unshifted ones exactly.
     """
-    return nms_blocked(boxes, scores, iou_threshold, idxs=idxs)
+    return nms_blocked(boxes, scores, iou_threshold, idxs=idxs, max_kept=max_kept)

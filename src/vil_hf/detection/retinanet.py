@@ -159,7 +159,7 @@ class RetinaNetDetector(nn.Module):
                 scores_all.append(top_scores)
                 labels_all.append(candidates % num_labels)
             boxes, scores, labels = torch.cat(boxes_all), torch.cat(scores_all), torch.cat(labels_all)
-            keep = batched_nms(boxes, scores, labels, config.nms_threshold)[: config.detections_per_image]
+            keep = batched_nms(boxes, scores, labels, config.nms_threshold, max_kept=config.detections_per_image)
             result["boxes"].append(boxes[keep])
             result["scores"].append(scores[keep])
             result["labels"].append(labels[keep])

@@ -237,7 +237,7 @@ class RoIHeads(nn.Module):
             keep_mask = scores > config.box_score_threshold
             candidate = torch.nonzero(keep_mask)  # (D, 2): proposal, class
             boxes, scores, labels = boxes[keep_mask], scores[keep_mask], candidate[:, 1]
-            keep = batched_nms(boxes, scores, labels, config.box_nms_threshold)[: config.detections_per_image]
+            keep = batched_nms(boxes, scores, labels, config.box_nms_threshold, max_kept=config.detections_per_image)
             result["boxes"].append(boxes[keep])
             result["scores"].append(scores[keep])
             result["labels"].append(labels[keep])

@@ -144,7 +144,7 @@ class RegionProposalNetwork(nn.Module):
             boxes = clip_boxes(boxes, (height, width))
             keep = nonempty_boxes(boxes)
             boxes, scores, levels = boxes[keep], scores[keep], levels[keep]
-            keep = batched_nms(boxes, scores, levels, config.rpn_nms_threshold)[:post_nms_topk]
+            keep = batched_nms(boxes, scores, levels, config.rpn_nms_threshold, max_kept=post_nms_topk)
             proposals.append(boxes[keep])
             proposal_scores.append(scores[keep])
         return proposals, proposal_scores
