@@ -23,6 +23,8 @@ from vil_hf.evaluation import (
     save_detection_grid,
     topk_correct,
 )
+from vil_hf.evaluation import visualize
+from vil_hf.evaluation.visualize import MASK_ALPHA, place_label
 
 SIZE = 200
 # Contiguous labels 0, 1, 2 of the model -> COCO ids 1, 3, 5 (5 has no ground truth).
@@ -194,9 +196,10 @@ def test_draw_detections_marks_boxes_and_masks():
     assert drawn.size == image.size and drawn.mode == "RGB"
     pixels = np.asarray(drawn)
     assert np.asarray(image).sum() == 0  # the input is untouched
-    inside = pixels[22:28, 22:28]  # translucent mask colour, not the caption or box
-    expected = np.round(np.array(class_colour(1)) * 0.45).astype(int)
+    inside = pixels[23:27, 23:27]  # a light tint inside the mask, away from its contour
+    expected = np.round(np.array(class_colour(1)) * MASK_ALPHA).astype(int)
     assert np.abs(inside.astype(int) - expected).max() <= 1
+    assert (pixels[20, 20:30] == class_colour(1)).all() and (pixels[20:30, 29] == class_colour(1)).all()  # contour
     assert pixels[40, 25].any() and pixels[25, 10].any()  # box edges
     assert not pixels[46, 2].any()  # outside every box
     assert not pixels[37:48, 48:64].any()  # the 0.1 detection is below the threshold
@@ -204,6 +207,60 @@ def test_draw_detections_marks_boxes_and_masks():
     assert low[38:47, 50:63].any()
     with pytest.raises(ValueError, match="masks must be"):
         draw_detections(image, [[0, 0, 5, 5]], [0], [1.0], masks=np.zeros((1, 10, 10), dtype=bool))
+
+
+def _crowded_detections(seed: int, count: int, size: tuple[int, int]):
+    rng = np.random.default_rng(seed)
+    width, height = size
+    corners = rng.uniform(0, [width * 0.6, height * 0.6], (count, 2))
+    sides = rng.uniform(8, min(width, height) * 0.4, (count, 2))
+    boxes = np.concatenate([corners, np.minimum(corners + sides, [width - 1, height - 1])], axis=1)
+    masks = np.zeros((count, height, width), dtype=bool)
+    for index, (x1, y1, x2, y2) in enumerate(boxes.astype(int)):
+        masks[index, y1 + 2 : y2 - 1, x1 + 2 : x2 - 1] = True
+    return boxes.astype(np.float32), rng.integers(0, 3, count), rng.uniform(0.5, 1.0, count), masks
+
+
+def test_place_label_prefers_above_then_inside_then_below_and_never_overlaps():
+    taken = []
+    above = place_label((10, 30, 60, 80), (20, 10), (100, 100), taken, inset=2)
+    assert above == (10, 20, 29, 29)
+    taken.append(above)
+    assert place_label((10, 30, 60, 80), (20, 10), (100, 100), taken, inset=2) == (41, 20, 60, 29)  # right edge
+    taken.append((41, 20, 60, 29))
+    assert place_label((10, 30, 60, 80), (20, 10), (100, 100), taken, inset=2) == (10, 32, 29, 41)  # inside
+    assert place_label((10, 2, 60, 80), (20, 10), (100, 100), [], inset=2) == (10, 4, 29, 13)  # no room above
+    assert place_label((10, 2, 60, 95), (20, 10), (100, 100), [(0, 0, 99, 99)]) is None  # nowhere free
+    assert place_label((90, 50, 99, 60), (20, 10), (100, 100), []) == (80, 40, 99, 49)  # kept inside the image
+    assert place_label((0, 0, 5, 5), (120, 10), (100, 100), []) is None  # wider than the image
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_draw_detections_captions_do_not_overlap_and_the_rest_keeps_its_colour(seed):
+    rng = np.random.default_rng(seed + 10)
+    image = Image.fromarray(rng.integers(0, 256, (96, 128, 3), dtype=np.uint8))
+    boxes, labels, scores, masks = _crowded_detections(seed, 25, image.size)
+    drawn, captions = visualize._draw_detections(
+        image, boxes, labels, scores, masks, {0: "circle", 1: "square", 2: "triangle"}, 0.5, None, None, None
+    )
+    assert np.array_equal(np.asarray(drawn), np.asarray(draw_detections(image, boxes, labels, scores, masks=masks,
+                          id2label={0: "circle", 1: "square", 2: "triangle"})))  # fmt: skip
+    assert 3 <= len(captions) < 25  # crowded: some captions fit, some are left out rather than stacked
+    for index, rect in enumerate(captions):
+        assert 0 <= rect[0] <= rect[2] < 128 and 0 <= rect[1] <= rect[3] < 96
+        for other in captions[index + 1 :]:
+            assert not (rect[0] <= other[2] and other[0] <= rect[2] and rect[1] <= other[3] and other[1] <= rect[3])
+    # Everything but the masks, the box outlines (2 pixels wide, a pixel of slack) and the captions is the image's own colour.
+    touched = masks.any(0)
+    for x1, y1, x2, y2 in np.clip(np.round(boxes), 0, [127, 95, 127, 95]).astype(int):
+        band = np.zeros_like(touched)
+        band[max(y1 - 1, 0) : y2 + 2, max(x1 - 1, 0) : x2 + 2] = True
+        band[y1 + 3 : y2 - 2, x1 + 3 : x2 - 2] = False
+        touched |= band
+    for x1, y1, x2, y2 in captions:
+        touched[y1 : y2 + 1, x1 : x2 + 1] = True
+    assert (~touched).sum() > 96 * 128 // 4
+    assert np.array_equal(np.asarray(drawn)[~touched], np.asarray(image)[~touched])
 
 
 def test_detection_grid(tmp_path):
