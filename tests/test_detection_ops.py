@@ -336,6 +336,37 @@ def test_roi_align_fast_path_against_plain_random():
         )
 
 
+def test_roi_align_merged_taps_against_plain_forward_and_backward():
+    # The fast path merges each axis's taps on the same row/column (fewer taps, same sums): forward and input
+    # gradient against the plain gather, on random features, a binary "mask" map and fixed sampling ratios.
+    generator = torch.Generator().manual_seed(14)
+    features = torch.randn(2, 5, 33, 29, generator=generator, dtype=torch.float64)
+    masks = (torch.rand(2, 1, 33, 29, generator=generator) > 0.5).double()
+    rois = _random_rois(60, generator, 2, 33, 29, 0.5, torch.float64)
+    for values in (features, masks):
+        for sampling_ratio in (0, 2, 5):
+            fast_input = values.clone().requires_grad_(True)
+            plain_input = values.clone().requires_grad_(True)
+            fast = roi_align(fast_input, rois, (7, 6), 0.5, sampling_ratio, True)
+            plain = roi_align_gather(plain_input, rois, (7, 6), 0.5, sampling_ratio, True)
+            torch.testing.assert_close(fast, plain, rtol=1e-12, atol=1e-12)
+            upstream = torch.randn(fast.shape, generator=generator, dtype=torch.float64)
+            (fast * upstream).sum().backward()
+            (plain * upstream).sum().backward()
+            torch.testing.assert_close(fast_input.grad, plain_input.grad, rtol=1e-12, atol=1e-12)
+    # and it does merge: a 4x4 adaptive grid's 64 taps per bin become at most 25
+    rois = torch.tensor([[0, 1.3, 2.2, 27.9, 26.4]], dtype=torch.float64)  # 26.6 x 24.2 px -> grid 4 x 4 at 7x7
+    geometry = roi_align_module._geometry(rois, 1.0, 7, 7, 0, True)
+    members = torch.arange(1)
+    plain_index, plain_weight, _ = roi_align_module._bags(rois, geometry, members, (4, 4), (7, 7), (33, 29))
+    merged_index, merged_weight, _ = roi_align_module._bags(rois, geometry, members, (4, 4), (7, 7), (33, 29), True)
+    assert plain_index.shape[1] == 64 and merged_index.shape[1] <= 25
+    table = features[0].permute(1, 2, 0).reshape(-1, 5)
+    torch.testing.assert_close(
+        (merged_weight[..., None] * table[merged_index]).sum(1), (plain_weight[..., None] * table[plain_index]).sum(1)
+    )
+
+
 def test_roi_align_small_budget_splits_calls(monkeypatch):
     generator = torch.Generator().manual_seed(12)
     features = torch.randn(2, 4, 20, 30, generator=generator, dtype=torch.float64)

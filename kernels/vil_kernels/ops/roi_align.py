@@ -22,7 +22,9 @@ Two ways to reduce the bags, same numbers:
 * :func:`roi_align_gather` (plain): gather the taps, (bags, taps, C), and contract with the weights;
   chunked over RoIs to bound that tensor.
 * :func:`roi_align` (fast, CPU and CUDA): ``F.embedding_bag`` with per-sample weights does the gather and the
-  weighted sum in one kernel without materialising the taps, forward and backward.
+  weighted sum in one kernel without materialising the taps, forward and backward; each axis's taps that land
+  on the same row or column are merged first (a bin's points lie within a pixel of each other), which cuts the
+  taps of a 4 x 4 grid from 64 to at most 25 and the sums differ from the plain ones by rounding only.
 
 Gradients flow to ``input`` only (as in torchvision); the box geometry is treated as constant.
 """
@@ -142,23 +144,51 @@ def _axis_taps(start, bin_size, grid, pooled: int, padded_grid: int, size: int):
     return index, weights
 
 
-def _bags(rois, geometry, members, grid_hw, out_hw, hw):
-    """Tap indices and weights for the RoIs ``members``: (k*out_h*out_w, taps) each, plus the (k,) counts."""
+def _merge_axis_taps(index, weight, size: int):
+    """One axis's taps that hit the same row (column) merged into one: (k, P, T) -> (k, P, S), S <= T.
+
+    With the adaptive grid a bin's sample points lie at most a pixel apart, so its 2G taps touch at most G + 1
+    rows: summing their weights first cuts a bin's 2D taps from 4 G^2 to (G + 1)^2 (25 instead of 64 at G = 4),
+    forward and backward. The outer product of merged weights is the same sum grouped differently: equal up to
+    float rounding. Zero-weight taps are dropped.
+    """
+    if index.shape[-1] <= 2:
+        return index, weight  # one sample point per bin: its two taps are distinct rows already
+    used = weight != 0
+    base = torch.where(used, index, size).amin(-1, keepdim=True).clamp(max=size - 1)  # (k, P, 1) first row used
+    offset = torch.where(used, index - base, 0)
+    slots = int(offset.max()) + 1 if offset.numel() else 1
+    if slots >= index.shape[-1]:
+        return index, weight
+    merged = weight.new_zeros(*weight.shape[:-1], slots).scatter_add_(-1, offset, weight)
+    # slots past the map's edge carry no weight; any in-range row does for them
+    slot_index = (base + torch.arange(slots, device=index.device)).clamp(max=size - 1)
+    return slot_index, merged
+
+
+def _bags(rois, geometry, members, grid_hw, out_hw, hw, merge_taps=False):
+    """Tap indices and weights for the RoIs ``members``: (k*out_h*out_w, taps) each, plus the (k,) counts.
+
+    ``merge_taps``: merge each axis's taps on the same row or column first (:func:`_merge_axis_taps`).
+    """
     start_y, start_x, bin_h, bin_w, grid_h, grid_w = (g[members] for g in geometry)
     (gh, gw), (ph, pw), (height, width) = grid_hw, out_hw, hw
     k = members.shape[0]
-    y_idx, y_w = _axis_taps(start_y, bin_h, grid_h, ph, gh, height)  # (k, ph, gh, 2)
-    x_idx, x_w = _axis_taps(start_x, bin_w, grid_w, pw, gw, width)  # (k, pw, gw, 2)
+    y_idx, y_w = (t.reshape(k, ph, 2 * gh) for t in _axis_taps(start_y, bin_h, grid_h, ph, gh, height))
+    x_idx, x_w = (t.reshape(k, pw, 2 * gw) for t in _axis_taps(start_x, bin_w, grid_w, pw, gw, width))
+    if merge_taps:
+        y_idx, y_w = _merge_axis_taps(y_idx, y_w, height)
+        x_idx, x_w = _merge_axis_taps(x_idx, x_w, width)
+    ty, tx = y_idx.shape[-1], x_idx.shape[-1]
     base = rois[members, 0].long() * (height * width)  # (k,)
     index = (
         base[:, None, None, None, None]
-        + (y_idx * width).reshape(k, ph, 1, 2 * gh, 1)
-        + x_idx.reshape(k, 1, pw, 1, 2 * gw)
-    )  # (k, ph, pw, 2gh, 2gw)
-    weight = y_w.reshape(k, ph, 1, 2 * gh, 1) * x_w.reshape(k, 1, pw, 1, 2 * gw)
+        + (y_idx * width).reshape(k, ph, 1, ty, 1)
+        + x_idx.reshape(k, 1, pw, 1, tx)
+    )  # (k, ph, pw, ty, tx)
+    weight = y_w.reshape(k, ph, 1, ty, 1) * x_w.reshape(k, 1, pw, 1, tx)
     count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)  # (k,)
-    taps = 4 * gh * gw
-    return index.reshape(-1, taps), weight.reshape(-1, taps), count
+    return index.reshape(k * ph * pw, ty * tx), weight.reshape(k * ph * pw, ty * tx), count
 
 
 def _groups(grid_h, grid_w, bucketed: bool):
@@ -178,7 +208,9 @@ def _groups(grid_h, grid_w, bucketed: bool):
 
 # The grouping by sampling grid reads box sizes (data) to choose shapes: runs eagerly inside compiled code.
 @torch.compiler.disable
-def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, tap_budget, bucketed):
+def _roi_align(
+    input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, tap_budget, bucketed, merge_taps=False
+):
     _check_input(input)
     ph, pw = _pair(output_size)
     rois = _as_rois(boxes, input)
@@ -208,7 +240,7 @@ def _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned
     for call in calls:
         if not call:
             continue
-        bags = [_bags(rois, geometry, part, grid_hw, (ph, pw), (height, width)) for part, grid_hw in call]
+        bags = [_bags(rois, geometry, part, grid_hw, (ph, pw), (height, width), merge_taps) for part, grid_hw in call]
         summed = reduce(table, [b[0] for b in bags], [b[1] for b in bags])  # (sum of kp*ph*pw, C)
         parts = torch.cat([part for part, _ in call])
         count = torch.cat([b[2] for b in bags])  # (sum of kp,)
@@ -282,7 +314,9 @@ def roi_align(
         reduce, budget = _reduce_embedding_bag, _MAX_TAPS_PER_CALL
     else:
         reduce, budget = _reduce_gather, _gather_budget(input)
-    return _roi_align(input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, budget, bucketed=True)
+    return _roi_align(
+        input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, budget, bucketed=True, merge_taps=True
+    )
 
 
 def roi_align_gather(
