@@ -250,7 +250,7 @@ def test_draw_detections_captions_do_not_overlap_and_the_rest_keeps_its_colour(s
         assert 0 <= rect[0] <= rect[2] < 128 and 0 <= rect[1] <= rect[3] < 96
         for other in captions[index + 1 :]:
             assert not (rect[0] <= other[2] and other[0] <= rect[2] and rect[1] <= other[3] and other[1] <= rect[3])
-    # Everything but the masks, the box outlines (2 pixels wide, a pixel of slack) and the captions is the image's own colour.
+    # Everything but the masks, the box outlines (2 pixels wide, a pixel of slack) and the captions keeps its colour.
     touched = masks.any(0)
     for x1, y1, x2, y2 in np.clip(np.round(boxes), 0, [127, 95, 127, 95]).astype(int):
         band = np.zeros_like(touched)

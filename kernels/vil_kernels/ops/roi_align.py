@@ -315,7 +315,7 @@ def roi_align(
     else:
         reduce, budget = _reduce_gather, _gather_budget(input)
     return _roi_align(
-        input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, budget, bucketed=True, merge_taps=True
+        input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, budget, True, merge_taps=True
     )
 
 
