@@ -20,15 +20,14 @@ Masks. Which keys a query may see is the product of two simpler rules:
   (so its gradient flows back to them through ordinary autograd).
 So the whole forward of a run of chunks is bmm, add, softmax, bmm.
 
-Reduced precision (bfloat16, float16: tensors converted to it, or made so by autocast). CPU ``bmm``
-of bfloat16 inputs accumulates in float32 but can only write bfloat16 (``out_dtype`` is CUDA-only
-in torch 2.13), so bmm, add, softmax, bmm would round every score to 8 bits of mantissa, an error of
-|score| / 256 before the softmax. The forward of a run is then one fused CPU flash-attention call
-(``scaled_dot_product_attention`` with the shared bias as its additive mask), which keeps scores and
-softmax in float32 and reads the overlapping key/value windows in place; it needs the values to
-have the queries' M+1 features, so their buffer gets a zero extra feature. The backward stays
-bmm/softmax in the inputs' dtype with float32 accumulation inside each product; the bias-table
-gradient, a sum over every run, is accumulated in float32.
+Reduced precision (bfloat16: tensors converted to it, or cast by autocast on entry). The products
+accumulate in float32 inside oneDNN, but a CPU ``bmm`` of bfloat16 inputs can only write bfloat16
+(``out_dtype`` is CUDA-only in torch 2.13), so scores are rounded to 8 significant bits before the
+softmax (which computes in float32 inside), as in any plain bfloat16 attention; the error is that
+of the reference run in bfloat16. Keeping scores in float32 (a fused CPU flash-attention call per
+run over the same window views, or float32 score products) measured 5-35% slower here, so the
+kernel does not. The bias-table gradient, a sum over every run of every image, is accumulated in
+float32 at least.
 
 Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
 custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
@@ -44,7 +43,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
@@ -56,7 +54,6 @@ _BLOCK_BYTES = 2 * 1024 * 1024
 _CACHED_WORKSPACES = 8
 # Buffers of heads loaded together stay under this size (small maps: all heads at once).
 _GROUP_BYTES = 48 * 1024 * 1024
-_REDUCED_PRECISION = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -169,13 +166,8 @@ class _Workspace:
         on_map = torch.zeros(group, layout.height * layout.width, 1, dtype=dtype, device=device)
         for grid, first_row, first_col in _key_grids(self.key_buffer[..., m:], layout):
             _exchange(on_map, grid, first_row, first_col, layout, "to_grid")
-        # fused forward (reduced precision): values padded to the queries' M+1 features with a zero
-        self.fused = dtype in _REDUCED_PRECISION
-        value_features = m + 1 if self.fused else m
-        self.value_buffer = torch.zeros(
-            group, layout.num_blocks, layout.block_keys, value_features, dtype=dtype, device=device
-        )
-        self.output_chunks = torch.empty(group, mx * my, w * w, value_features, dtype=dtype, device=device)
+        self.value_buffer = torch.zeros(group, layout.num_blocks, layout.block_keys, m, dtype=dtype, device=device)
+        self.output_chunks = torch.empty(group, mx * my, w * w, m, dtype=dtype, device=device)
         self._forward_runs = None
         self._key_extent = None  # (rows, cols) of the map keys currently not flagged; None: all of them
 
@@ -200,8 +192,8 @@ class _Workspace:
     def forward_runs(self) -> list[list[tuple]]:
         """Per head of the group, per run: the views its forward reads and writes.
 
-        (query chunks (n, slots, M+1), key windows transposed (n, M+1, S), value windows (n, S, M or M+1),
-        output chunks (n, slots, M or M+1), scores (n, slots, S), slots). Made once: the views alias
+        (query chunks (n, slots, M+1), key windows transposed (n, M+1, S), value windows (n, S, M),
+        output chunks (n, slots, M), scores (n, slots, S), slots). Made once: the views alias
         buffers that every call refills, and building them per call cost ~10% of the kernel's time.
         """
         if self._forward_runs is None:
@@ -214,7 +206,7 @@ class _Workspace:
                     (
                         self.query_chunks[k, first : first + count, :slots],
                         _windows(self.key_buffer[k], layout, block, count, m + 1).transpose(1, 2),
-                        _windows(self.value_buffer[k], layout, block, count, self.value_buffer.shape[-1]),
+                        _windows(self.value_buffer[k], layout, block, count, m),
                         self.output_chunks[k, first : first + count, :slots],
                         scores[: count * slots * layout.window_keys].view(count, slots, layout.window_keys),
                         slots,
@@ -233,11 +225,11 @@ class _Workspace:
         _exchange(queries, grid[..., :m], 0, 0, layout, "to_grid")
         for grid, first_row, first_col in _key_grids(k_buffer[..., :m], layout):
             _exchange(keys, grid, first_row, first_col, layout, "to_grid")
-        for grid, first_row, first_col in _key_grids(v_buffer[..., :m], layout):
+        for grid, first_row, first_col in _key_grids(v_buffer, layout):
             _exchange(values, grid, first_row, first_col, layout, "to_grid")
         if g:
             k_buffer[:, :, -g:, :m] = global_keys[:, None]
-            v_buffer[:, :, -g:, :m] = global_values[:, None]
+            v_buffer[:, :, -g:] = global_values[:, None]
         return q_chunks, k_buffer, v_buffer
 
 
@@ -407,21 +399,12 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
             for h, runs in zip(heads_here, workspace.forward_runs()):
                 head_bias = shared[h, None]  # (1, W^2, S)
                 for q_chunks, k_windows, v_windows, out_chunks, scores, slots in runs:
-                    bias = head_bias if slots == full_slots else head_bias[:, :slots]
-                    if workspace.fused:
-                        # float32 scores and softmax inside; windows read in place (no copies)
-                        fused = F.scaled_dot_product_attention(
-                            q_chunks[:, None], k_windows.transpose(1, 2)[:, None], v_windows[:, None],
-                            attn_mask=bias[:, None], scale=1.0,
-                        )  # (n, 1, slots, M+1); feature M is 0
-                        out_chunks.copy_(fused[:, 0])
-                        continue
                     # bmm then add: cheaper than baddbmm, which first copies the broadcast bias into its output
                     torch.bmm(q_chunks, k_windows, out=scores)  # (n, slots, S)
-                    scores.add_(bias)
+                    scores.add_(head_bias if slots == full_slots else head_bias[:, :slots])
                     torch.softmax(scores, -1, out=scores)
                     torch.bmm(scores, v_windows, out=out_chunks)
-            out_grid = _chunk_grid(workspace.output_chunks[: len(heads_here), ..., :head_dim], layout)
+            out_grid = _chunk_grid(workspace.output_chunks[: len(heads_here)], layout)
             _exchange(output[b, heads_here.start : heads_here.stop], out_grid, 0, 0, layout, "from_grid")
     finally:
         workspace.set_key_extent(None)
@@ -450,8 +433,9 @@ def _blocked_backward(
     delta = (grad_output * output).sum(-1, keepdim=True)  # (B, H, L, 1)
 
     grads = [t.new_empty(t.shape) for t in (queries, keys, values, global_keys, global_values)]
-    # a sum over every run of every image: accumulated in float32, whatever the inputs' dtype
-    grad_shared = torch.zeros(shared.shape, dtype=torch.float32, device=shared.device) if needs_grad_shared else None
+    # a sum over every run of every image: accumulated in float32 at least, whatever the inputs' dtype
+    accumulate = torch.promote_types(shared.dtype, torch.float32)
+    grad_shared = torch.zeros(shared.shape, dtype=accumulate, device=shared.device) if needs_grad_shared else None
     workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
     grad_q = queries.new_empty(group, chunks, layout.window**2, head_dim)
     grad_k_buffer = queries.new_empty(group, layout.num_blocks, keys_per_block, head_dim)
@@ -489,7 +473,7 @@ def _blocked_backward(
                     grad_scores = torch.bmm(do_block, v_block.transpose(1, 2))
                     grad_scores.sub_(delta_chunks[k, first : first + count, :slots]).mul_(probs)  # dS, (n, slots, S)
                     if grad_shared is not None:
-                        grad_shared[h, :slots] += grad_scores.sum(0, dtype=torch.float32)
+                        grad_shared[h, :slots] += grad_scores.sum(0, dtype=accumulate)
                     torch.bmm(grad_scores, k_block[..., :head_dim], out=grad_q[k, first : first + count, :slots])
                     for s in range(layout.span):
                         part = slice(s * keys_per_block, (s + 1) * keys_per_block)
