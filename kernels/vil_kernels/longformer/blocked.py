@@ -20,6 +20,15 @@ Masks. Which keys a query may see is the product of two simpler rules:
   (so its gradient flows back to them through ordinary autograd).
 So the whole forward of a run of chunks is bmm, add, softmax, bmm.
 
+Reduced precision (bfloat16: tensors converted to it, or cast by autocast on entry). The products
+accumulate in float32 inside oneDNN, but a CPU ``bmm`` of bfloat16 inputs can only write bfloat16
+(``out_dtype`` is CUDA-only in torch 2.13), so scores are rounded to 8 significant bits before the
+softmax (which computes in float32 inside), as in any plain bfloat16 attention; the error is that
+of the reference run in bfloat16. Keeping scores in float32 (a fused CPU flash-attention call per
+run over the same window views, or float32 score products) measured 5-35% slower here, so the
+kernel does not. The bias-table gradient, a sum over every run of every image, is accumulated in
+float32 at least.
+
 Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
 custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
 each run's probabilities (as flash attention does; recomputing the fused softmax is cheaper than
@@ -424,7 +433,9 @@ def _blocked_backward(
     delta = (grad_output * output).sum(-1, keepdim=True)  # (B, H, L, 1)
 
     grads = [t.new_empty(t.shape) for t in (queries, keys, values, global_keys, global_values)]
-    grad_shared = torch.zeros_like(shared) if needs_grad_shared else None
+    # a sum over every run of every image: accumulated in float32 at least, whatever the inputs' dtype
+    accumulate = torch.promote_types(shared.dtype, torch.float32)
+    grad_shared = torch.zeros(shared.shape, dtype=accumulate, device=shared.device) if needs_grad_shared else None
     workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
     grad_q = queries.new_empty(group, chunks, layout.window**2, head_dim)
     grad_k_buffer = queries.new_empty(group, layout.num_blocks, keys_per_block, head_dim)
@@ -462,7 +473,7 @@ def _blocked_backward(
                     grad_scores = torch.bmm(do_block, v_block.transpose(1, 2))
                     grad_scores.sub_(delta_chunks[k, first : first + count, :slots]).mul_(probs)  # dS, (n, slots, S)
                     if grad_shared is not None:
-                        grad_shared[h, :slots] += grad_scores.sum(0)
+                        grad_shared[h, :slots] += grad_scores.sum(0, dtype=accumulate)
                     torch.bmm(grad_scores, k_block[..., :head_dim], out=grad_q[k, first : first + count, :slots])
                     for s in range(layout.span):
                         part = slice(s * keys_per_block, (s + 1) * keys_per_block)
@@ -473,7 +484,7 @@ def _blocked_backward(
             _fold_key_buffer(grad_v_buffer[:size], layout, grads[2][b, here], grads[4][b, here])
     finally:
         workspace.set_key_extent(None)
-    return (*grads, grad_shared)
+    return (*grads, None if grad_shared is None else grad_shared.to(shared.dtype))
 
 
 class _BlockedLongformerAttention(torch.autograd.Function):
@@ -481,7 +492,8 @@ class _BlockedLongformerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, queries, keys, values, global_keys, global_values, shared, layout, key_extents):
-        output = _blocked_forward(queries, keys, values, global_keys, global_values, shared, layout, key_extents)
+        with _no_autocast(queries):
+            output = _blocked_forward(queries, keys, values, global_keys, global_values, shared, layout, key_extents)
         ctx.save_for_backward(queries, keys, values, global_keys, global_values, shared, output)
         ctx.layout, ctx.key_extents = layout, key_extents
         return output
@@ -489,8 +501,17 @@ class _BlockedLongformerAttention(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_output):
-        grads = _blocked_backward(grad_output, *ctx.saved_tensors, ctx.layout, ctx.key_extents, ctx.needs_input_grad[5])
+        with _no_autocast(grad_output):
+            grads = _blocked_backward(
+                grad_output, *ctx.saved_tensors, ctx.layout, ctx.key_extents, ctx.needs_input_grad[5]
+            )
         return (*grads, None, None)
+
+
+def _no_autocast(tensor: torch.Tensor):
+    """Inside the kernel every product runs in the dtype of its (already cast) inputs: under autocast,
+    ``bmm`` would otherwise recast them and write lower-precision results into float32 buffers."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def _chunk_grid(chunks: torch.Tensor, layout: _Layout) -> torch.Tensor:
@@ -516,9 +537,10 @@ def _blocked_operator(
     key_extents: torch.Tensor | None,
 ) -> torch.Tensor:
     layout = _layout(height, width, window, neighbor, global_keys.shape[-2])
-    return _blocked_forward(
-        queries, keys, values, global_keys, global_values, shared, layout, _extents_list(key_extents)
-    )
+    with _no_autocast(queries):
+        return _blocked_forward(
+            queries, keys, values, global_keys, global_values, shared, layout, _extents_list(key_extents)
+        )
 
 
 @_blocked_operator.register_fake
@@ -545,19 +567,20 @@ def _blocked_backward_operator(
     needs_grad_shared: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     layout = _layout(height, width, window, neighbor, global_keys.shape[-2])
-    *grads, grad_shared = _blocked_backward(
-        grad_output,
-        queries,
-        keys,
-        values,
-        global_keys,
-        global_values,
-        shared,
-        output,
-        layout,
-        _extents_list(key_extents),
-        needs_grad_shared,
-    )
+    with _no_autocast(queries):
+        *grads, grad_shared = _blocked_backward(
+            grad_output,
+            queries,
+            keys,
+            values,
+            global_keys,
+            global_values,
+            shared,
+            output,
+            layout,
+            _extents_list(key_extents),
+            needs_grad_shared,
+        )
     return (*grads, torch.zeros_like(shared) if grad_shared is None else grad_shared)
 
 
@@ -589,6 +612,22 @@ def _extents_list(key_extents: torch.Tensor | None) -> list[tuple[int, int]] | N
     return None if key_extents is None else [tuple(extent) for extent in key_extents.tolist()]
 
 
+def _common_dtype(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Queries, keys and values in one dtype: autocast's where it is on (the kernel is a matrix product,
+    as ``q @ k`` would be), else the one they share; the bias tables follow the queries' dtype."""
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return tuple(t.to(dtype) for t in tensors)
+    dtypes = [t.dtype for t in tensors]
+    if len(set(dtypes)) > 1:
+        raise ValueError(
+            "local_queries, local_keys, local_values, global_keys and global_values must share one dtype, got "
+            f"{', '.join(map(str, dtypes))}; convert them (or run under torch.autocast, which casts them)."
+        )
+    return tensors
+
+
 def longformer_attention_blocked(
     local_queries: torch.Tensor,
     local_keys: torch.Tensor,
@@ -618,6 +657,9 @@ def longformer_attention_blocked(
     batch, heads, length, head_dim = local_queries.shape
     if length != height * width:
         raise ValueError(f"local_queries hold {length} tokens, but the map is {height}x{width}.")
+    local_queries, local_keys, local_values, global_keys, global_values = _common_dtype(
+        local_queries, local_keys, local_values, global_keys, global_values
+    )
     num_global = global_keys.shape[-2]
     shared = _shared_scores_bias(
         window,

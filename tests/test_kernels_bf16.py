@@ -1,0 +1,199 @@
+"""bfloat16 in the blocked longformer kernel (tensors converted to it, and torch.autocast on CPU) and in ViL models.
+
+The fast path runs on bfloat16 values; the reference runs in float32 on the very same values (rounded to
+bfloat16, then upcast), so the comparison measures the kernel's own rounding, not the inputs'.
+"""
+
+import pytest
+import torch
+
+from vil_hf import ViLConfig, ViLModel
+from vil_kernels import longformer_attention, longformer_attention_reference, relative_bias_table_size
+
+from .test_modeling import TINY_ARCH, randomize
+
+# Largest error allowed, as a fraction of the largest magnitude of the expected tensor.
+# - float32: products and softmax accumulate in float32; errors are a few ulps times the number of terms.
+# - bfloat16 (8 significant bits, one rounding is up to 2^-9 = 0.2% relative): CPU bmm of bfloat16
+#   inputs writes bfloat16 scores, so each score (here up to about 10) is off by up to |score| * 2^-9
+#   inside exp(), and dP and dS are rounded likewise in the backward, as in any plain bfloat16
+#   attention: the reference itself run in bfloat16 errs by 1-4% of the scale (up to 11% on the
+#   3-element local-to-global table, a sum of terms that nearly cancel). Output 5%, gradients 8%.
+#   A wrong mask, bias entry or missing gradient term errs by tens of percent.
+TOLERANCES = {
+    torch.float32: {"output": 1e-5, "grads": 1e-4, "l2g_grad": 1e-4},
+    torch.bfloat16: {"output": 5e-2, "grads": 8e-2, "l2g_grad": 0.2},
+}
+
+INPUTS = ("local_queries", "local_keys", "local_values", "global_keys", "global_values")
+TABLES = ("relative_bias_table", "local_to_global_bias")
+
+
+def _values(batch, heads, height, width, num_global, head_dim, window, seed):
+    """float32 tensors holding bfloat16-representable values; queries scaled so that scores reach about +-10."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=generator) * scale).bfloat16().float()
+
+    length = height * width
+    return {
+        "local_queries": rand(batch, heads, length, head_dim, scale=0.6),
+        "local_keys": rand(batch, heads, length, head_dim),
+        "local_values": rand(batch, heads, length, head_dim),
+        "global_keys": rand(batch, heads, num_global, head_dim),
+        "global_values": rand(batch, heads, num_global, head_dim),
+        "relative_bias_table": rand(relative_bias_table_size(window), heads),
+        "local_to_global_bias": rand(heads, num_global),
+    }
+
+
+def _attention(implementation, tensors, height, width, window, exact, neighbor, key_extents):
+    return longformer_attention(
+        *(tensors[name] for name in INPUTS),
+        height,
+        width,
+        window,
+        exact=exact,
+        neighbor=neighbor,
+        relative_bias_table=tensors["relative_bias_table"],
+        local_to_global_bias=tensors["local_to_global_bias"],
+        implementation=implementation,
+        key_extents=key_extents,
+    )
+
+
+def _assert_close(actual, expected, tolerance, what):
+    assert actual.shape == expected.shape, what
+    error = (actual.float() - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert error <= tolerance * scale, f"{what}: max error {error:.3g} > {tolerance} x scale {scale:.3g}"
+
+
+# Maps that are not multiples of the window; sliding chunks, exact window, random shifting; G = 0 and 1;
+# images of a padded batch with their own key extents.
+CASES = [
+    ((9, 13), 5, 0, False, None, None),
+    ((9, 13), 5, 1, True, None, None),
+    ((20, 23), 7, 1, False, None, None),
+    ((20, 23), 7, 0, False, 3, None),
+    ((20, 23), 7, 1, False, None, [(20, 23), (13, 17)]),
+    ((20, 23), 7, 1, True, None, [(11, 23), (20, 9)]),
+]
+
+
+@pytest.mark.parametrize("mode", ["float32", "bfloat16", "autocast"])
+@pytest.mark.parametrize("shape,window,num_global,exact,neighbor,extents", CASES)
+def test_blocked_matches_the_float32_reference(mode, shape, window, num_global, exact, neighbor, extents):
+    """bfloat16: every tensor converted (a model after .to(bfloat16)); autocast: float32 tensors and
+    tables, cast by the kernel as a matrix product is; gradients reach the float32 leaves."""
+    height, width = shape
+    values = _values(2, 3, height, width, num_global, 16, window, seed=hash((shape, exact, neighbor)) % 2**31)
+    key_extents = None if extents is None else torch.tensor(extents)
+    geometry = (height, width, window, exact, neighbor, key_extents)
+
+    expected_leaves = {name: t.clone().requires_grad_() for name, t in values.items()}
+    expected = _attention("reference", expected_leaves, *geometry)
+    grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1)).bfloat16().float()
+    expected.backward(grad_output)
+
+    dtype = torch.float32 if mode == "float32" else torch.bfloat16
+    leaves = {name: t.to(torch.bfloat16 if mode == "bfloat16" else torch.float32) for name, t in values.items()}
+    leaves = {name: t.requires_grad_() for name, t in leaves.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "autocast"):
+        actual = _attention("blocked", leaves, *geometry)
+    assert actual.dtype == dtype
+    actual.backward(grad_output.to(dtype))
+
+    tolerance = TOLERANCES[dtype]
+    _assert_close(actual, expected, tolerance["output"], "output")
+    for name in INPUTS + TABLES:
+        if leaves[name].numel() == 0:  # the global tensors when G = 0 (the kernel leaves their grad unset)
+            continue
+        assert leaves[name].grad.dtype == leaves[name].dtype, name
+        kind = "l2g_grad" if name == "local_to_global_bias" else "grads"
+        _assert_close(leaves[name].grad, expected_leaves[name].grad, tolerance[kind], f"grad of {name}")
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_bfloat16_kernel_is_as_accurate_as_plain_bfloat16_attention(exact):
+    """Padding flag, shared bias and chunk buffers add no error of their own in bfloat16: the kernel errs
+    no more than the reference run in bfloat16 (scores rounded once, dense masks), forward and backward."""
+    height, width, window = 20, 23, 7
+    values = _values(2, 3, height, width, 1, 16, window, seed=3)
+    geometry = (height, width, window, exact, None, None)
+    expected_leaves = {name: t.clone().requires_grad_() for name, t in values.items()}
+    expected = _attention("reference", expected_leaves, *geometry)
+    grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(2)).bfloat16()
+    expected.backward(grad_output.float())
+    errors = {}
+    for implementation in ("blocked", "reference"):
+        leaves = {name: t.bfloat16().requires_grad_() for name, t in values.items()}
+        output = _attention(implementation, leaves, *geometry)
+        output.backward(grad_output)
+        errors[implementation] = [(output.float() - expected).abs().max()] + [
+            (leaves[name].grad.float() - expected_leaves[name].grad).abs().max() for name in INPUTS + TABLES
+        ]
+    for name, blocked, plain in zip(("output",) + INPUTS + TABLES, errors["blocked"], errors["reference"]):
+        # the global keys' and values' gradients add up per-block partials that are each rounded to
+        # bfloat16 before the (float32) sum over blocks: measured up to 2.4x plain's error
+        factor = 3.0 if name in ("global_keys", "global_values") else 1.5
+        assert blocked <= factor * plain + 1e-6, f"{name}: blocked errs {blocked:.3g}, plain bfloat16 {plain:.3g}"
+
+
+def test_mixed_dtypes_outside_autocast_are_a_clear_error():
+    values = {name: t.bfloat16() for name, t in _values(1, 2, 9, 13, 1, 8, 5, seed=0).items()}
+    values["local_keys"] = values["local_keys"].float()
+    with pytest.raises(ValueError, match="must share one dtype"):
+        _attention("blocked", values, 9, 13, 5, False, None, None)
+
+
+def test_bias_gradient_accumulates_in_float32_over_many_runs():
+    """The table's gradient sums over every run of every image; accumulated in bfloat16 it would stall
+    once the running sum dwarfs each run's part. Many runs: a tall map, batch 4, one head."""
+    height, width, window = 70, 9, 3  # 24 chunk rows, one run each, x 4 images
+    values = _values(4, 1, height, width, 1, 8, window, seed=5)
+    values["local_queries"] = values["local_queries"] * 0  # the same softmax weights everywhere
+    expected_table = values["relative_bias_table"].clone().requires_grad_()
+    reference_inputs = dict(values, relative_bias_table=expected_table)
+    grad_output = torch.ones(4, 1, height * width, 8)
+    _attention("reference", reference_inputs, height, width, window, False, None, None).backward(grad_output)
+    table = values["relative_bias_table"].bfloat16().requires_grad_()
+    bf16_inputs = {name: t.bfloat16() for name, t in values.items()} | {"relative_bias_table": table}
+    _attention("blocked", bf16_inputs, height, width, window, False, None, None).backward(grad_output.bfloat16())
+    _assert_close(table.grad, expected_table.grad, 2e-2, "table grad")
+
+
+MODEL_ARCH = TINY_ARCH  # longformer stages with windows 3 and 5 on 16x20 and 8x10 maps, 1-2 globals
+
+
+def _model_pair():
+    torch.manual_seed(0)
+    model = randomize(ViLModel(ViLConfig(arch=MODEL_ARCH, image_size=64, longformer_implementation="blocked")))
+    pixel_values = torch.randn(2, 3, 64, 80)
+    with torch.no_grad():
+        expected = model(pixel_values).last_hidden_state
+    return model, pixel_values, expected
+
+
+# A whole model in bfloat16 rounds every activation and weight (each 2^-9 relative) through a dozen
+# layers of products, layer norms and residual sums: measured 0.8% (autocast) and 1.0% (converted) of
+# the output's scale. The final layer norm damps kernel bugs, yet a kernel that drops the relative bias
+# still errs by 2.3-2.5%: 1.6% tells them apart.
+MODEL_TOLERANCE = 1.6e-2
+
+
+def test_vil_model_under_autocast_matches_float32():
+    model, pixel_values, expected = _model_pair()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = model(pixel_values).last_hidden_state
+    _assert_close(actual, expected, MODEL_TOLERANCE, "autocast output")
+
+
+def test_vil_model_converted_to_bfloat16_matches_float32():
+    model, pixel_values, expected = _model_pair()
+    model = model.to(torch.bfloat16)
+    with torch.no_grad():
+        actual = model(pixel_values.bfloat16()).last_hidden_state
+    assert actual.dtype == torch.bfloat16
+    _assert_close(actual, expected, MODEL_TOLERANCE, "bfloat16 output")
