@@ -274,8 +274,14 @@ def _kernel_step(implementation: str, inputs: dict, height: int, width: int, bac
 
 def _steps_per_kind(names, step: Callable[[str, bool], None]) -> dict[str, Callable[[], None]]:
     """{"<name>_forward": ..., then "<name>_forward_backward": ...}: each name's step without, then with, backward."""
+    return _steps_per_precision(names, ["float32"], lambda name, backward, dtype: step(name, backward))
+
+
+def _steps_per_precision(names, dtypes, step: Callable[[str, bool, str], None]) -> dict[str, Callable[[], None]]:
+    """{"<name>_<kind><precision suffix>": ...}: per precision, each name's step without, then with, backward."""
     return {
-        f"{name}_{kind}": lambda name=name, backward=backward: step(name, backward)
+        f"{name}_{kind}{_suffix(dtype)}": lambda name=name, backward=backward, dtype=dtype: step(name, backward, dtype)
+        for dtype in dtypes
         for kind, backward in (("forward", False), ("forward_backward", True))
         for name in names
     }
@@ -420,24 +426,20 @@ def run(
         results["scaling"] = scaling
 
     if "backbone" in parts:
-        vil, swin = build_vil(device=device), build_swin(device=device)
+        models = {"vil": build_vil(device=device), "swin": build_swin(device=device)}
         pixel_values = torch.randn(sizes.batch, 3, *sizes.image, device=device)
         log(
             f"backbones at {sizes.image[0]}x{sizes.image[1]} in {', '.join(sizes.dtypes)}: forward and "
             "forward+backward, interleaved"
         )
-        models = {"vil": vil, "swin": swin}
         results["backbone"] = timed(
-            {
-                f"{name}_{kind}{_suffix(dtype)}": lambda m=model, b=backward, d=dtype: _backbone_step(
-                    m, pixel_values, b, d
-                )
-                for dtype in sizes.dtypes
-                for kind, backward in (("forward", False), ("forward_backward", True))
-                for name, model in models.items()
-            }
+            _steps_per_precision(
+                models,
+                sizes.dtypes,
+                lambda name, backward, dtype: _backbone_step(models[name], pixel_values, backward, dtype),
+            )
         )
-        del vil, swin, models
+        del models
 
     if "classifier" in parts:
         (h, w), batch = sizes.classifier_image, sizes.classifier_batch
@@ -447,14 +449,13 @@ def run(
         labels = torch.randint(1000, (batch,), device=device)
         kwargs = {name: _classifier_kwargs(name, sizes.classifier_image) for name in models}
         results["classifier"] = timed(
-            {
-                f"{name}_{kind}{_suffix(dtype)}": lambda m=model, b=backward, d=dtype, k=kwargs[name]: _classifier_step(
-                    m, images, labels, b, d, **k
-                )
-                for dtype in sizes.dtypes
-                for kind, backward in (("forward", False), ("forward_backward", True))
-                for name, model in models.items()
-            }
+            _steps_per_precision(
+                models,
+                sizes.dtypes,
+                lambda name, backward, dtype: _classifier_step(
+                    models[name], images, labels, backward, dtype, **kwargs[name]
+                ),
+            )
         )
         del models
 
