@@ -1,14 +1,32 @@
 """scripts/benchmark.py at a tiny size: it runs, times every contender, and writes the JSON it promises."""
 
+import itertools
 import json
+import math
 import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from vil_hf.benchmark import QUICK, main, measure_peak_memory
+from vil_hf.benchmark import QUICK, TARGETS, main, measure_peak_memory, random_detection_targets
+
+# Every ViL-Small/Swin-T time ratio of a default run: the backbone (float32 keys carry no precision),
+# the classifier, in both precisions, and the whole Mask R-CNN in float32.
+VIL_OVER_SWIN_KEYS = [
+    "vil_over_swin_forward",
+    "vil_over_swin_forward_backward",
+    "vil_over_swin_forward_bfloat16",
+    "vil_over_swin_forward_backward_bfloat16",
+    "classifier_vil_over_swin_forward",
+    "classifier_vil_over_swin_forward_backward",
+    "classifier_vil_over_swin_forward_bfloat16",
+    "classifier_vil_over_swin_forward_backward_bfloat16",
+    "detector_vil_over_swin_inference",
+    "detector_vil_over_swin_training_step",
+]
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
@@ -60,6 +78,40 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
     assert "| reference (own group, interleaved with blocked: " in results["markdown"]
     assert results["markdown"] in result.stdout
 
+    # the bfloat16 backbone rows, the classifiers and the whole detectors, interleaved ViL against Swin-T
+    assert results["setup"]["dtypes"] == ["float32", "bfloat16"]
+    assert (results["setup"]["classifier_image"], results["setup"]["classifier_batch"]) == ([64, 64], 2)
+    tables = {"backbone": ("forward", "forward_backward"), "classifier": ("forward", "forward_backward")}
+    for part, kinds in tables.items():
+        for model, kind, suffix in itertools.product(("vil", "swin"), kinds, ("", "_bfloat16")):
+            assert len(results[part][f"{model}_{kind}{suffix}"]["runs_s"]) == 3
+    assert set(results["detector"]) == {"vil_inference", "swin_inference", "vil_training_step", "swin_training_step"}
+    rows = {row["key"]: row for row in results["vil_over_swin"]}
+    assert list(rows) == VIL_OVER_SWIN_KEYS
+    for key, row in rows.items():
+        ratio = results["ratios"][key]
+        assert math.isfinite(ratio) and ratio > 0, key
+        assert row["ratio"] == ratio == row["vil_median_s"] / row["swin_median_s"]
+        assert row["target"] == TARGETS.get(key, "")
+        line = (
+            f"| {row['measurement']} | {row['vil_median_s']:.2f} s | {row['swin_median_s']:.2f} s | {ratio:.2f} | "
+            f"{row['target']} |"
+        )
+        assert line in results["markdown"].splitlines(), line
+    markdown = results["markdown"]
+    assert "| backbone forward 64x96 (no_grad), bfloat16 autocast |" in markdown
+    assert "| classifier forward+backward 64x64, batch 2, bfloat16 autocast |" in markdown
+    assert "| Mask R-CNN training step 64x96, batch 1 (losses, backward), float32 |" in markdown
+    # issue 18's targets: bfloat16 backbone forward, the classifier in both precisions, float32 forward at both sizes
+    assert {key for key, target in TARGETS.items() if target == "<= 1.0"} == {
+        "vil_over_swin_forward",
+        "vil_over_swin_forward_bfloat16",
+        "classifier_vil_over_swin_forward",
+        "classifier_vil_over_swin_forward_backward",
+        "classifier_vil_over_swin_forward_bfloat16",
+        "classifier_vil_over_swin_forward_backward_bfloat16",
+    }
+
 
 def test_peak_memory_is_measured_in_a_fresh_process():
     memory = measure_peak_memory("vil", replace(QUICK, image=(32, 32)), backward=True, device="cpu")
@@ -71,7 +123,7 @@ def test_backbones_in_bfloat16_at_batch_2(tmp_path):
     output = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--threads", "1", "--batch", "2", "--dtype", "bfloat16"]
-        + ["--json", str(output)],
+        + ["--only", "backbone", "classifier", "memory", "--json", str(output)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -81,6 +133,49 @@ def test_backbones_in_bfloat16_at_batch_2(tmp_path):
     assert (results["setup"]["batch"], results["setup"]["dtype"]) == (2, "bfloat16")
     assert results["memory"]["vil_forward_backward"]["peak_bytes"] > 0
     assert "backbones in bfloat16 at batch 2" in results["markdown"]
+    # --dtype: this precision only
+    assert set(results["backbone"]) == {
+        f"{m}_{k}_bfloat16" for m in ("vil", "swin") for k in ("forward", "forward_backward")
+    }
+    assert "vil_over_swin_forward_bfloat16" in results["ratios"] and "vil_over_swin_forward" not in results["ratios"]
+    assert "classifier_vil_over_swin_forward_backward_bfloat16" in results["ratios"]
+    assert "classifier_vil_over_swin_forward" not in results["ratios"]
+
+
+def test_only_runs_the_parts_asked_for(tmp_path):
+    output = tmp_path / "bench.json"
+    # this process's own thread count, so that it is left as it was
+    argv = ["--quick", "--only", "kernel", "layer", "--threads", str(torch.get_num_threads()), "--json", str(output)]
+    results = main(argv)
+    assert json.loads(output.read_text())["ratios"] == results["ratios"]
+    assert results["setup"]["parts"] == ["layer", "kernel"]  # in the order a run measures them
+    measured = {"layer", "layer_reference", "layer_skipped", "kernel", "vil_over_swin", "ratios"}
+    assert set(results) == {"setup", "command", "markdown"} | measured
+    assert results["vil_over_swin"] == []
+    assert set(results["ratios"]) == {
+        "layer_vectorized_over_blocked_forward",
+        "layer_vectorized_over_blocked_forward_backward",
+        "layer_reference_over_blocked_forward",
+        "layer_reference_over_blocked_forward_backward",
+        "kernel_vectorized_over_blocked_forward",
+        "kernel_vectorized_over_blocked_forward_backward",
+    }
+    assert "| measurement | ViL-Small | Swin-T |" not in results["markdown"]
+    assert "The stage-1 attention kernel alone" in results["markdown"]
+    assert "backbone" not in results["markdown"]
+
+
+def test_random_detection_targets_lie_in_the_image_with_their_box_as_mask():
+    targets = random_detection_targets(2, 40, 70, num_labels=80, boxes_per_image=5)
+    assert len(targets) == 2
+    for target in targets:
+        boxes, masks = target["boxes"], target["masks"]
+        assert boxes.shape == (5, 4) and masks.shape == (5, 40, 70) and target["class_labels"].shape == (5,)
+        assert (boxes[:, :2] >= 0).all() and (boxes[:, 2] <= 70).all() and (boxes[:, 3] <= 40).all()
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert ((target["class_labels"] >= 0) & (target["class_labels"] < 80)).all()
+        areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        torch.testing.assert_close(masks.sum(dim=(1, 2)).float(), areas)
 
 
 def test_rejects_bad_sizes(capsys):
@@ -93,3 +188,12 @@ def test_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit):
         main(["--image-size", "16", "800"])
     assert "images at least 32x32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--classifier-image-size", "224", "16"])
+    assert "images at least 32x32" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--dtype", "bfloat16", "--dtypes", "float32"])
+    assert "either --dtype (one precision) or --dtypes (several), not both" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--only", "backbones"])
+    assert "invalid choice: 'backbones'" in capsys.readouterr().err
