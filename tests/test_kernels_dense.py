@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from vil_hf import ViLModel
-from vil_kernels import longformer_attention, longformer_attention_dense
+from vil_kernels import longformer_attention_dense
 from vil_kernels.longformer import DENSE_MAX_TOKENS_PER_WINDOW, resolve_implementation
 
 from .test_compile import COMPILE_ARCH, _assert_same, _model
-from .test_kernels import _grads, _inputs, _run, _run_with_extents
+from .test_kernels import _grads, _inputs, _inside, _run, _run_with_extents
 
 DENSE_CASES = [
     (shape, num_global, exact, neighbor)
@@ -27,16 +27,11 @@ DENSE_CASES = [
 
 
 def _extents(batch, height, width):
-    """Each image of the batch its own top-left part of the map; the first the whole map."""
+    """Each image its own top-left part of the map, the first the whole map (test_kernels' own cuts
+    do not fit the 5x3 map)."""
     rows = [height, max(1, height - 4), max(1, height // 2)][:batch]
     cols = [width, max(1, width - 2), max(1, width - 5)][:batch]
     return torch.tensor(list(zip(rows, cols)))
-
-
-def _inside(extents, height, width):
-    rows, cols = torch.arange(height)[:, None], torch.arange(width)[None]
-    inside = (rows < extents[:, 0, None, None]) & (cols < extents[:, 1, None, None])
-    return inside.flatten(1)[:, None, :, None]
 
 
 @pytest.mark.parametrize("shape,num_global,exact,neighbor", DENSE_CASES)
@@ -123,7 +118,10 @@ def test_auto_picks_dense_on_small_maps_and_says_which_rule(caplog):
     slots = int(DENSE_MAX_TOKENS_PER_WINDOW * 9 * 7**2)
     name, reason = resolve_implementation("auto", "cpu", 0.0, 16, 16, 7)
     assert name == "dense"
-    assert reason == f"auto: map 16x16 has at most {DENSE_MAX_TOKENS_PER_WINDOW:g} x 9W^2 = {slots} tokens (window 7), dense is cheaper"
+    assert (
+        reason
+        == f"auto: map 16x16 has at most {DENSE_MAX_TOKENS_PER_WINDOW:g} x 9W^2 = {slots} tokens (window 7), dense is cheaper"
+    )
     # the demo's four stage maps at 128 px, then maps just beyond the rule
     assert [resolve_implementation("auto", "cpu", 0.0, s, s, 7)[0] for s in (4, 8, 16, 32)] == [
         "dense",

@@ -104,6 +104,9 @@ def longformer_attention_dense(
         # global keys are always inside; the -inf of forbidden keys in the bias still wins over this
         inside = F.pad(inside, (num_global, 0), value=True)
         scores = scores.masked_fill(~inside[:, None, None, :], beyond_extent_score(score_dtype))
+    # Plain products and softmax rather than scaled_dot_product_attention with `bias` as a float
+    # attn_mask: that gave the same results and bias-table gradients but measured ~1.3x slower
+    # forward + backward on 16x16 and 8x8 maps (batch 8, 1 thread).
     probs = (scores + bias).softmax(dim=-1)
     probs = F.dropout(probs, p=dropout_p, training=dropout_p > 0)
     return probs.to(values.dtype) @ values  # (B, H, L, M)
