@@ -53,9 +53,9 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "swin_forward_4x_pixels",
     }
     groups = (
-        ("layer", ("vectorized", "blocked")),
+        ("layer", ("vectorized", "blocked", "dense")),
         ("layer_reference", ("reference", "blocked")),
-        ("kernel", ("vectorized", "blocked")),
+        ("kernel", ("vectorized", "blocked", "dense")),
     )
     for part, names in groups:
         assert {key.rsplit("_forward", 1)[0] for key in results[part]} == set(names)

@@ -255,13 +255,14 @@ def test_gpu_paths_match_reference(dtype, tolerance):
 
 
 def test_auto_picks_blocked_on_cpu_and_logs_why(caplog):
-    tensors = _inputs(1, 2, 9, 13, 1, 8, 5, torch.float32, 0)
+    """On maps too large for `dense` (its rule is tested in test_kernels_dense.py)."""
+    tensors = _inputs(1, 2, 23, 31, 1, 8, 5, torch.float32, 0)
     assert resolve_implementation("auto", "cpu") == ("blocked", "auto: cpu tensors")
     assert resolve_implementation("auto", "cuda")[0] == "flex"
     assert resolve_implementation("auto", "cpu", dropout_p=0.1)[0] == "vectorized"
     with caplog.at_level(logging.DEBUG, logger="vil_kernels.longformer"):
-        _run("auto", tensors, 9, 13, 5, False, None, True)
-    assert "longformer attention: blocked (auto: cpu tensors), map 9x13, window 5" in caplog.text
+        _run("auto", tensors, 23, 31, 5, False, None, True)
+    assert "longformer attention: blocked (auto: cpu tensors), map 23x31, window 5" in caplog.text
 
 
 def test_paths_that_cannot_run_fail_clearly():

@@ -376,7 +376,7 @@ def test_longformer_implementations_agree_in_the_model(exact_window, random_shif
     """The config field picks the kernel; every CPU path gives the reference's logits and gradients."""
     pixel_values, labels = torch.randn(2, 3, 64, 80), torch.tensor([1, 3])
     results = {}
-    for implementation in ("reference", "vectorized", "blocked", "auto"):
+    for implementation in ("reference", "vectorized", "blocked", "dense", "auto"):
         torch.manual_seed(0)
         config = tiny_config(
             exact_window=exact_window, random_shift=random_shift, longformer_implementation=implementation

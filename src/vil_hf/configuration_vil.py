@@ -29,7 +29,7 @@ ARCH_LETTERS: dict[str, tuple[str, int]] = {
 # paper's ablations (vil-reference section 3).
 EFFICIENT_ATTENTION_TYPES = ("longformer", "global", "srformer", "performer", "linformer")
 ATTENTION_TYPES = EFFICIENT_ATTENTION_TYPES + ("full",)
-LONGFORMER_IMPLEMENTATIONS = ("auto", "blocked", "flex", "vectorized", "reference")
+LONGFORMER_IMPLEMENTATIONS = ("auto", "blocked", "dense", "flex", "vectorized", "reference")
 
 # Published backbones (vil-reference section 1). Classification strings use full attention in
 # stages 3-4; the "_sparse" detection strings use the longformer everywhere.
@@ -201,9 +201,13 @@ class ViLConfig(BackboneConfigMixin, PretrainedConfig):
         patch_embed_norm: LayerNorm after each patch embedding (the original's NORM_EMBED).
         image_size: size the absolute tables and full-attention bias tables are built for; like
             the original it is rounded up to a multiple of the total stride (1333 -> 1344).
-        longformer_implementation: ``"auto"`` (``flex`` on CUDA, ``blocked`` on CPU, ``vectorized`` when
-            attention dropout is on) or a name from ``vil_kernels``: ``blocked`` (CPU fast path),
-            ``flex`` (FlexAttention, CUDA only), ``vectorized``, ``reference`` (dense, for tests).
+        longformer_implementation: ``"auto"`` or a name from ``vil_kernels``: ``blocked`` (CPU fast path),
+            ``dense`` (one masked attention over the whole map: the CPU fast path for small maps),
+            ``flex`` (FlexAttention, CUDA only), ``vectorized``, ``reference`` (plain, for tests).
+            ``auto`` picks, per layer call: ``flex`` on CUDA; on CPU ``dense`` when the map has at most
+            ``DENSE_MAX_TOKENS_PER_WINDOW`` x 9 W^2 tokens (up to 18x18 at window 7; see
+            ``vil_kernels.longformer``), else ``blocked``, or ``vectorized`` when attention dropout is
+            on; while torch.compile / torch.export trace, ``blocked``.
         drop_path_rate: stochastic depth, rising linearly from 0 over all blocks.
         chunk_size_feed_forward: (transformers' standard field) tokens that each block's LayerNorm
             and MLP take at a time; chunks change the speed, not the result. 0, the default, lets

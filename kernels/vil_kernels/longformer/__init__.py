@@ -7,6 +7,7 @@ import logging
 import torch
 
 from .blocked import longformer_attention_blocked
+from .dense import longformer_attention_dense
 from .flex import flex_available, longformer_attention_flex
 from .geometry import (
     NEIGHBOR_OFFSETS,
@@ -25,23 +26,64 @@ IMPLEMENTATIONS = {
     "reference": longformer_attention_reference,
     "vectorized": longformer_attention_vectorized,
     "blocked": longformer_attention_blocked,
+    "dense": longformer_attention_dense,
     "flex": longformer_attention_flex,
 }
 
 
-def resolve_implementation(name: str, device: torch.device | str = "cpu", dropout_p: float = 0.0) -> tuple[str, str]:
+# `auto` takes `dense` on CPU while the map has at most this fraction of the 9 W^2 key slots of a
+# chunked window as tokens: dense scores every query against L keys, blocked against 9 W^2, but
+# blocked pays Python overhead per image, head and run of chunks. Measured crossover (forward +
+# backward of one call, window 7, head_dim 32, one global token, 1 thread, dense/blocked time
+# interleaved in one process, two runs on a shared 2-core VM):
+#   map     B1 H2   B1 H12  B8 H2   B8 H12
+#   16x16   0.31    0.71    0.24    0.48
+#   18x18   0.45    1.00    0.58    0.86
+#   20x20   0.62    1.24    0.75    1.30
+#   21x21   1.01    1.38    0.77    1.54
+#   28x28   2.77    4.43    2.58    3.10
+# so up to 18x18 = 324 tokens at window 7 (0.75 x 441 = 330).
+DENSE_MAX_TOKENS_PER_WINDOW = 0.75
+
+
+def _dense_is_cheaper(height: int, width: int, window: int) -> bool:
+    return height * width <= DENSE_MAX_TOKENS_PER_WINDOW * 9 * window**2
+
+
+def resolve_implementation(
+    name: str,
+    device: torch.device | str = "cpu",
+    dropout_p: float = 0.0,
+    height: int | None = None,
+    width: int | None = None,
+    window: int | None = None,
+) -> tuple[str, str]:
     """Map a requested implementation (``auto`` or a name) to one that can run, and say why.
 
-    ``auto`` picks ``flex`` on CUDA (where FlexAttention exists), ``blocked`` elsewhere, and
-    ``vectorized`` when attention dropout is on (the fast paths have none). An explicit name that
+    ``auto`` picks ``flex`` on CUDA (where FlexAttention exists); on CPU, ``dense`` when the map
+    (``height`` x ``width``, if given) has no more tokens than the 9 W^2 key slots of one chunked
+    window, else ``blocked``, or ``vectorized`` when attention dropout is on (``blocked`` has none).
+    While torch.compile / torch.export trace, ``auto`` keeps ``blocked`` (one custom operator, the
+    same graph whatever the map size, no guard on possibly symbolic sizes). An explicit name that
     cannot run on these tensors is an error rather than a silent fallback.
     """
     device_type = torch.device(device).type
     if name == "auto":
-        if dropout_p > 0:
-            return "vectorized", "auto: attention dropout is on and only 'vectorized' and 'reference' have it"
-        if device_type == "cuda" and flex_available():
+        if device_type == "cuda" and flex_available() and dropout_p == 0:
             return "flex", "auto: CUDA tensors"
+        small = (
+            height is not None
+            and device_type != "cuda"
+            and not torch.compiler.is_compiling()
+            and _dense_is_cheaper(height, width, window)
+        )
+        if small:
+            return "dense", (
+                f"auto: map {height}x{width} has at most {DENSE_MAX_TOKENS_PER_WINDOW:g} x 9W^2 = "
+                f"{int(DENSE_MAX_TOKENS_PER_WINDOW * 9 * window**2)} tokens (window {window}), dense is cheaper"
+            )
+        if dropout_p > 0:
+            return "vectorized", "auto: attention dropout is on and only 'vectorized', 'dense' and 'reference' have it"
         return "blocked", f"auto: {device_type} tensors"
     if name not in IMPLEMENTATIONS:
         raise ValueError(
@@ -101,7 +143,7 @@ def longformer_attention(
     if exact and neighbor is not None:
         raise ValueError("The exact window and random shifting cannot be combined (the original rejects it too).")
     check_key_extents(key_extents, local_queries.shape[0], height, width)
-    name, reason = resolve_implementation(implementation, local_queries.device, dropout_p)
+    name, reason = resolve_implementation(implementation, local_queries.device, dropout_p, height, width, window)
     if not torch.compiler.is_compiling():  # no logging inside traced code
         logger.debug("longformer attention: %s (%s), map %dx%d, window %d", name, reason, height, width, window)
     return IMPLEMENTATIONS[name](
@@ -131,6 +173,7 @@ __all__ = [
     "keys_inside",
     "longformer_attention",
     "longformer_attention_blocked",
+    "longformer_attention_dense",
     "longformer_attention_flex",
     "longformer_attention_reference",
     "longformer_attention_vectorized",
