@@ -28,6 +28,11 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
     export PYTHONPATH="/tmp/vil-site:$PYTHONPATH"
 fi
 
+if ! "$PYTHON" -c "import torch" 2>/dev/null; then
+    echo "gpu_check: FAILED: $PYTHON cannot import torch; set PYTHON to the python that has it." >&2
+    exit 2
+fi
+
 {
     date -u
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
@@ -50,9 +55,10 @@ if [ "${PIPESTATUS[0]}" -ne 0 ]; then
     status=1
 fi
 
-# 2. the GPU benchmark at the detection size: ViL backbone at 800x1216, layer and kernel at 200x304
+# 2. the GPU benchmark in the GPU target's setting (bfloat16 autocast, batch 2): ViL backbone at 800x1216,
+#    layer and kernel at 200x304
 if "$PYTHON" -c "import vil_hf" 2>"$OUT/benchmark.log"; then
-    timeout 240 "$PYTHON" scripts/benchmark.py --device cuda --no-memory --batch 2 --repeats 3 \
+    timeout 240 "$PYTHON" scripts/benchmark.py --device cuda --no-memory --batch 2 --dtype bfloat16 --repeats 3 \
         --json "$OUT/benchmark.json" 2>&1 | tee -a "$OUT/benchmark.log"
     if [ "${PIPESTATUS[0]}" -ne 0 ]; then
         echo "gpu_check: FAILED: benchmark (see $OUT/benchmark.log)" >&2

@@ -82,6 +82,18 @@ def bucket_chunks(count: int) -> int:
     return -(-count // step) * step
 
 
+@lru_cache(maxsize=64)
+def _scalars(values: tuple[int, ...], device: str) -> tuple[torch.Tensor, ...]:
+    """0-d int32 tensors for the numbers that mask_mod and score_mod use, one distinct tensor each.
+
+    Not Python ints: with dynamic shapes torch.compile makes a mod's closure ints symbolic, and
+    expressions of them (-span) reach the kernel templates, which inductor's CPU template rejects;
+    as tensors they are plain inputs, whatever the window, G or neighbour. Distinct tensors, even
+    for equal values: torch.compile guards on which inputs alias.
+    """
+    return tuple(torch.tensor(value, dtype=torch.int32, device=device) for value in values)
+
+
 @lru_cache(maxsize=32)
 def _chunk_major_coordinates(chunk_rows: int, chunk_cols: int, window: int, device: str):
     """(row, col) on the padded map of every token in chunk-major order, two (L_padded,) int32 tensors."""
@@ -114,11 +126,10 @@ def _neighbor_offset(neighbor: int | None):
 
 
 def _mask_mod(token_rows, token_cols, window: int, exact: bool, neighbor: int | None, num_global: int):
+    make = _scalars.__wrapped__ if torch.compiler.is_compiling() else _scalars
     offset = _neighbor_offset(neighbor)
-    if offset is not None:
-        # tensors, not constants: the eight neighbours of random shifting share one compilation
-        # whether or not the torch version lifts the closure constants of a mask_mod into inputs
-        offset = tuple(torch.tensor(d, dtype=token_rows.dtype, device=token_rows.device) for d in offset)
+    window, num_global, *offset = make((window, num_global, *(offset or ())), str(token_rows.device))
+    offset = tuple(offset) or None
 
     def mask_mod(batch, head, query_index, key_index):
         key_token = (key_index - num_global).clamp(min=0)
@@ -252,7 +263,8 @@ def block_mask_tiles(height, width, window, exact=False, neighbor=None, num_glob
 
 
 def _score_mod(token_rows, token_cols, window, num_global, relative_bias_table, local_to_global_bias, key_extents):
-    span, side = 2 * window - 1, 4 * window - 1
+    make = _scalars.__wrapped__ if torch.compiler.is_compiling() else _scalars
+    span, side, num_global = make((2 * window - 1, 4 * window - 1, num_global), str(token_rows.device))
 
     def score_mod(score, batch, head, query_index, key_index):
         key_token = (key_index - num_global).clamp(min=0)
@@ -261,12 +273,12 @@ def _score_mod(token_rows, token_cols, window, num_global, relative_bias_table, 
         is_global = key_index < num_global
         bias = torch.zeros_like(score)
         if relative_bias_table is not None:
-            delta_row = (query_row - key_row).clamp(-span, span)
-            delta_col = (query_col - key_col).clamp(-span, span)
+            delta_row = torch.clamp(query_row - key_row, -span, span)
+            delta_col = torch.clamp(query_col - key_col, -span, span)
             local = relative_bias_table[(delta_row + span) * side + delta_col + span, head].to(score.dtype)
             bias = torch.where(is_global, bias, local)
         if local_to_global_bias is not None:
-            to_global = local_to_global_bias[head, key_index.clamp(max=num_global - 1)].to(score.dtype)
+            to_global = local_to_global_bias[head, torch.minimum(key_index, num_global - 1)].to(score.dtype)
             bias = torch.where(is_global, to_global, bias)
         # keys beyond the image's extent, the map's padding included
         inside = (key_row < key_extents[batch, 0]) & (key_col < key_extents[batch, 1])
