@@ -169,6 +169,33 @@ def test_random_shifting_neighbours_share_one_compilation():
     torch._dynamo.reset()
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_flex_falls_back_to_static_compilation_with_a_warning(caplog):
+    """A backend that cannot build dynamic shapes: one warning, then one compilation per size, right outputs."""
+    static_graphs = []
+
+    def static_only(graph_module, example_inputs):
+        if any(not isinstance(value, torch.Tensor) for value in example_inputs):  # sizes passed as ints: dynamic
+            raise RuntimeError("this backend builds static shapes only")
+        static_graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    window = 7
+    with caplog.at_level("WARNING", logger="vil_kernels.longformer.flex"):
+        for index, (height, width) in enumerate(SIZES[:3]):
+            tensors = _flex_inputs(height, width, window, index)
+            with torch.no_grad():
+                actual = longformer_attention_flex(
+                    *(tensors[n] for n in NAMES), height, width, window, compiled=static_only
+                )
+                expected = longformer_attention_reference(*(tensors[n] for n in NAMES), height, width, window)
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert caplog.text.count("failed to compile") == 1
+    assert len(static_graphs) == 3
+    torch._dynamo.reset()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the flex path runs on CUDA; no GPU here")
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 def test_flex_on_cuda_compiles_once_across_map_sizes(dtype, tolerance):
