@@ -53,16 +53,17 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "swin_forward_4x_pixels",
     }
     groups = (
-        ("layer", ("vectorized", "blocked", "dense")),
+        ("layer", ("vectorized", "blocked")),
         ("layer_reference", ("reference", "blocked")),
-        ("kernel", ("vectorized", "blocked", "dense")),
+        ("kernel", ("vectorized", "blocked")),
     )
     for part, names in groups:
         assert {key.rsplit("_forward", 1)[0] for key in results[part]} == set(names)
         for name in names:
             assert results[part][f"{name}_forward"]["median_s"] > 0
             assert results[part][f"{name}_forward_backward"]["median_s"] > 0
-    assert results["layer_skipped"] == {"flex": "CUDA only"}
+    # 16x24 = 384 tokens: above the 330 up to which auto takes dense at window 7, so dense is not timed there
+    assert set(results["layer_skipped"]) == {"flex", "dense"}
     assert {
         "vil_over_swin_forward",
         "vil_over_swin_forward_backward",

@@ -22,8 +22,8 @@ from vil_hf.evaluation import (
     evaluate_coco,
     save_detection_grid,
     topk_correct,
+    visualize,
 )
-from vil_hf.evaluation import visualize
 from vil_hf.evaluation.visualize import MASK_ALPHA, place_label
 
 SIZE = 200

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vil_hf import ViLConfig, ViLModel
-from vil_kernels import longformer_attention, longformer_attention_reference, relative_bias_table_size
+from vil_kernels import longformer_attention, relative_bias_table_size
 
 from .test_modeling import TINY_ARCH, randomize
 

@@ -34,6 +34,7 @@ from .io_utils import atomic_write_text
 # depth (0.1, ViL's is 0) would make its train-mode steps do extra work that ViL's do not.
 VIL_MODEL = "small"
 SWIN_T = dict(embed_dim=96, depths=[2, 2, 6, 2], num_heads=[3, 6, 12, 24], window_size=7, drop_path_rate=0.0)
+LAYER_WINDOW = 7  # ViL-Small stage 1, the layer and kernel groups
 STAGES = ["stage1", "stage2", "stage3", "stage4"]
 DTYPES = ("float32", "bfloat16")  # bfloat16 runs under CPU/CUDA autocast
 # What a run can measure, in the order it does; `--only` picks some.
@@ -267,7 +268,9 @@ def _kernel_step(implementation: str, inputs: dict, height: int, width: int, bac
     from vil_kernels import longformer_attention
 
     with torch.set_grad_enabled(backward):
-        output = longformer_attention(**inputs, height=height, width=width, window=7, implementation=implementation)
+        output = longformer_attention(
+            **inputs, height=height, width=width, window=LAYER_WINDOW, implementation=implementation
+        )
         if backward:
             output.mean().backward()
 
@@ -383,6 +386,7 @@ def run(
 ) -> dict:
     """Measure ``parts`` (a selection of PARTS; ``memory=False`` drops "memory") and their ratios."""
     from vil_kernels import LONGFORMER_IMPLEMENTATIONS
+    from vil_kernels.longformer import resolve_implementation
 
     unknown = sorted(set(parts) - set(PARTS))
     if unknown:
@@ -481,6 +485,9 @@ def run(
 
     height, width = sizes.layer_map
     skipped = {} if device.startswith("cuda") else {"flex": "CUDA only"}
+    if resolve_implementation("auto", device, 0.0, height, width, LAYER_WINDOW)[0] != "dense":
+        # Its (L, L) scores grow with the square of the map (tens of GB per head at the detection map).
+        skipped["dense"] = f"for maps auto gives it; {height}x{width} is above its size"
     implementations = [name for name in LONGFORMER_IMPLEMENTATIONS if name not in skipped]
     fast_paths = [name for name in implementations if name != "reference"]
     if "layer" in parts or "kernel" in parts:

@@ -182,9 +182,7 @@ def _bags(rois, geometry, members, grid_hw, out_hw, hw, merge_taps=False):
     ty, tx = y_idx.shape[-1], x_idx.shape[-1]
     base = rois[members, 0].long() * (height * width)  # (k,)
     index = (
-        base[:, None, None, None, None]
-        + (y_idx * width).reshape(k, ph, 1, ty, 1)
-        + x_idx.reshape(k, 1, pw, 1, tx)
+        base[:, None, None, None, None] + (y_idx * width).reshape(k, ph, 1, ty, 1) + x_idx.reshape(k, 1, pw, 1, tx)
     )  # (k, ph, pw, ty, tx)
     weight = y_w.reshape(k, ph, 1, ty, 1) * x_w.reshape(k, 1, pw, 1, tx)
     count = (grid_h * grid_w).clamp(min=1).to(rois.dtype)  # (k,)
