@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from vil_hf import ViLConfig, ViLModel
-from vil_kernels import longformer_attention, relative_bias_table_size
+from vil_kernels import relative_bias_table_size
 
+from .test_kernels import _run_with_extents
 from .test_modeling import TINY_ARCH, randomize
 
 # Largest error allowed, as a fraction of the largest magnitude of the expected tensor.
@@ -48,19 +49,7 @@ def _values(batch, heads, height, width, num_global, head_dim, window, seed):
     }
 
 
-def _attention(implementation, tensors, height, width, window, exact, neighbor, key_extents):
-    return longformer_attention(
-        *(tensors[name] for name in INPUTS),
-        height,
-        width,
-        window,
-        exact=exact,
-        neighbor=neighbor,
-        relative_bias_table=tensors["relative_bias_table"],
-        local_to_global_bias=tensors["local_to_global_bias"],
-        implementation=implementation,
-        key_extents=key_extents,
-    )
+_attention = _run_with_extents
 
 
 def _assert_close(actual, expected, tolerance, what):
