@@ -257,6 +257,6 @@ def test_gpu_check_script_parses_and_names_what_exists(capsys):
     help_text = capsys.readouterr().out
     command = re.search(r"scripts/benchmark\.py((?:[^\n]*\\\n)*[^\n]*)", text).group(1)  # with its continuation lines
     options = set(re.findall(r"(--[a-z][a-z-]*)", command))
-    assert {"--device", "--no-memory", "--json"} <= options
+    assert {"--device", "--only", "--json"} <= options
     for option in options:
         assert option in help_text, option
