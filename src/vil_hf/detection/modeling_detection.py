@@ -73,6 +73,16 @@ def _xavier_fill(module: nn.Module) -> None:
         init.zeros_(module.bias)
 
 
+def _pytorch_default_fill(layer: nn.Module) -> None:
+    # What nn.Linear / nn.Conv2d / nn.ConvTranspose2d.reset_parameters do, through transformers' init functions
+    # (which leave loaded tensors alone). The fan-in is weight[0].numel() for all three: a transposed
+    # convolution's weight is (in, out, kh, kw) and PyTorch takes out x kh x kw as its fan-in.
+    init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+    if layer.bias is not None:
+        bound = 1 / math.sqrt(layer.weight[0].numel())
+        init.uniform_(layer.bias, -bound, bound)
+
+
 def _normal_fill(module: nn.Module, std: float, bias: float = 0.0) -> None:
     init.normal_(module.weight, std=std)
     if module.bias is not None:
@@ -90,6 +100,10 @@ _RECIPE_INIT_MODULES = (
     RetinaNetHead,
     SimpleFeaturePyramid,
 )
+
+
+# Mask R-CNN's layers that `MaskRCNNConfig.head_initialization="pytorch"` leaves at PyTorch's defaults.
+_MASK_RCNN_HEADS = (FeaturePyramidNetwork, RPNHead, BoxHead, BoxPredictor, MaskHead)
 
 
 class DetectionPreTrainedModel(PreTrainedModel):
@@ -129,6 +143,10 @@ class DetectionPreTrainedModel(PreTrainedModel):
                 init.copy_(getattr(module, f"cell_anchors_{level}"), module.cell_anchors(level))
         elif isinstance(module, RetinaNetDetector):
             init.constant_(module.loss_normalizer, module.initial_loss_normalizer)
+        elif isinstance(module, _MASK_RCNN_HEADS) and getattr(self.config, "head_initialization", None) == "pytorch":
+            for layer in module.modules():
+                if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+                    _pytorch_default_fill(layer)
         elif isinstance(module, FeaturePyramidNetwork):
             for conv in [*module.lateral_convs, *module.output_convs]:
                 _xavier_fill(conv)
@@ -154,10 +172,7 @@ class DetectionPreTrainedModel(PreTrainedModel):
             # from_pretrained creates is never constructed, and its norms start as identities.
             for layer in module.modules():
                 if isinstance(layer, nn.ConvTranspose2d):
-                    init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
-                    # ConvTranspose2d's weight is (in, out, kh, kw): its fan-in is out x kh x kw.
-                    bound = 1 / math.sqrt(layer.weight[0].numel())
-                    init.uniform_(layer.bias, -bound, bound)
+                    _pytorch_default_fill(layer)
                 elif isinstance(layer, LayerNorm2d):
                     init.ones_(layer.weight)
                     init.zeros_(layer.bias)
