@@ -63,7 +63,7 @@ class DemoSettings:
     num_train: int = 600
     num_val: int = 100
     image_size: int = 128
-    max_iter: int = 1300
+    max_iter: int = 1150
     batch_size: int = 8
     lr: float = 1.5e-3
     seed: int = 0
