@@ -43,7 +43,7 @@ DEMO_DETECTOR = {
 }
 
 
-# The same detector on other transformers backbones, sized like the demo ViL (0.78M backbone parameters, 2.0M
+# The same detector on other transformers backbones, sized like the demo ViL (0.78M backbone parameters, 1.9M
 # with the heads): `vil-hf demo --backbone NAME` and the side-by-side comparison (vil_hf.compare) train them with
 # the demo's recipe. Each is that family's layout at a width and depth that give about the ViL's count.
 DEMO_BACKBONES = {
