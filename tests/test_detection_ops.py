@@ -17,6 +17,7 @@ from vil_kernels.ops import (
     nms_greedy,
     roi_align,
     roi_align_gather,
+    roi_align_maps,
 )
 
 roi_align_module = importlib.import_module("vil_kernels.ops.roi_align")
@@ -358,13 +359,38 @@ def test_roi_align_merged_taps_against_plain_forward_and_backward():
     rois = torch.tensor([[0, 1.3, 2.2, 27.9, 26.4]], dtype=torch.float64)  # 26.6 x 24.2 px -> grid 4 x 4 at 7x7
     geometry = roi_align_module._geometry(rois, 1.0, 7, 7, 0, True)
     members = torch.arange(1)
-    plain_index, plain_weight, _ = roi_align_module._bags(rois, geometry, members, (4, 4), (7, 7), (33, 29))
-    merged_index, merged_weight, _ = roi_align_module._bags(rois, geometry, members, (4, 4), (7, 7), (33, 29), True)
+    layout = (torch.zeros(1, dtype=torch.long), *(torch.tensor([v]) for v in (29, 33, 29)))
+    plain_index, plain_weight, _ = roi_align_module._bags(geometry, layout, members, (4, 4), (7, 7))
+    merged_index, merged_weight, _ = roi_align_module._bags(geometry, layout, members, (4, 4), (7, 7), True)
     assert plain_index.shape[1] == 64 and merged_index.shape[1] <= 25
     table = features[0].permute(1, 2, 0).reshape(-1, 5)
     torch.testing.assert_close(
         (merged_weight[..., None] * table[merged_index]).sum(1), (plain_weight[..., None] * table[plain_index]).sum(1)
     )
+
+
+def test_bag_sum_backward_against_embedding_bags_own():
+    # The fast path's table gradient (a second embedding_bag over the taps sorted by row) against embedding_bag's
+    # own backward: bags of different sizes, an empty bag, rows read many times and rows never read.
+    generator = torch.Generator().manual_seed(15)
+    table = torch.randn(37, 6, generator=generator, dtype=torch.float64)
+    sizes = torch.tensor([3, 0, 7, 1, 12, 4, 9])
+    index = torch.randint(0, 30, (int(sizes.sum()),), generator=generator)  # rows 30-36 never read
+    weight = torch.rand(index.shape[0], generator=generator, dtype=torch.float64)
+    offsets = torch.cumsum(sizes, 0) - sizes
+    upstream = torch.randn(sizes.shape[0], 6, generator=generator, dtype=torch.float64)
+    grads = []
+    for ours in (True, False):
+        leaf = table.clone().requires_grad_(True)
+        if ours:
+            out = roi_align_module._BagSum.apply(leaf, index, offsets, weight)
+        else:
+            out = torch.nn.functional.embedding_bag(index, leaf, offsets, mode="sum", per_sample_weights=weight)
+        (out * upstream).sum().backward()
+        grads.append((out.detach(), leaf.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-12, atol=1e-12)
+    assert grads[0][1][30:].abs().sum() == 0 and grads[0][1][:30].abs().sum() > 0
 
 
 def test_roi_align_small_budget_splits_calls(monkeypatch):
@@ -400,6 +426,99 @@ def test_roi_align_boxes_as_list_and_dtypes():
     out64 = roi_align(features.double(), rois.double(), 4, 0.5, 2, True)
     assert out64.dtype == torch.float64
     torch.testing.assert_close(out64.float(), out, rtol=1e-5, atol=1e-6)
+
+
+# --- several maps in one call ---------------------------------------------------------------------------
+
+
+def _maps_case(generator, dtype=torch.float64):
+    """Three maps of different sizes and batches (an FPN's levels or per-image mask stacks), RoIs spread over them,
+    and extents that cut some images' maps (not multiples of anything; one map without extents)."""
+    shapes = [(2, 13, 19), (3, 7, 10), (1, 4, 5)]
+    maps = [torch.randn(n, 3, h, w, generator=generator, dtype=dtype) for n, h, w in shapes]
+    scales = [0.5, 0.25, 0.125]
+    extents = [torch.tensor([[13, 19], [9, 14]]), None, torch.tensor([[3, 5]])]
+    rois, map_index = [], []
+    for index, ((n, h, w), scale) in enumerate(zip(shapes, scales)):
+        rois.append(_random_rois(17, generator, n, h, w, scale, dtype))
+        map_index.append(torch.full((17,), index))
+    order = torch.randperm(51, generator=generator)  # the maps' RoIs interleaved
+    return maps, torch.cat(rois)[order], torch.cat(map_index)[order], scales, extents
+
+
+def _maps_one_by_one(maps, rois, map_index, scales, extents, output_size, sampling_ratio, aligned):
+    """The plain way: each RoI alone, on its image's map cut to its extent."""
+    rows = []
+    for roi, index in zip(rois, map_index.tolist()):
+        image = int(roi[0])
+        feature = maps[index][image : image + 1]
+        if extents is not None and extents[index] is not None:
+            height, width = extents[index][image].tolist()
+            feature = feature[:, :, :height, :width]
+        roi = torch.cat((roi.new_zeros(1), roi[1:]))[None]
+        rows.append(roi_align_gather(feature, roi, output_size, scales[index], sampling_ratio, aligned))
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("with_extents", [False, True])
+@pytest.mark.parametrize("sampling_ratio", [0, 2])
+def test_roi_align_maps_is_roi_align_on_each_roi_alone(with_extents, sampling_ratio):
+    generator = torch.Generator().manual_seed(20 + sampling_ratio + with_extents)
+    maps, rois, map_index, scales, extents = _maps_case(generator)
+    extents = extents if with_extents else None
+    upstream = torch.randn(rois.shape[0], 3, 5, 4, generator=generator, dtype=torch.float64)
+
+    def pooled_and_grads(pool):
+        inputs = [m.clone().requires_grad_(True) for m in maps]
+        out = pool(inputs)
+        (out * upstream).sum().backward()
+        return out, [m.grad for m in inputs]
+
+    expected, expected_grads = pooled_and_grads(
+        lambda inputs: _maps_one_by_one(inputs, rois, map_index, scales, extents, (5, 4), sampling_ratio, True)
+    )
+    assert expected.abs().sum() > 0 and all(g.abs().sum() > 0 for g in expected_grads)
+    for plain in (False, True):
+        out, grads = pooled_and_grads(
+            lambda inputs, plain=plain: roi_align_maps(
+                inputs, rois, map_index, (5, 4), scales, sampling_ratio, True, extents, plain
+            )
+        )
+        torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+def test_roi_align_maps_of_one_map_is_roi_align():
+    generator = torch.Generator().manual_seed(23)
+    features = torch.randn(3, 16, 40, 57, generator=generator)
+    rois = _random_rois(300, generator, 3, 40, 57, 0.25, torch.float32)
+    for aligned in (False, True):
+        expected = roi_align(features, rois, 7, 0.25, 0, aligned)
+        out = roi_align_maps([features], rois, torch.zeros(300, dtype=torch.long), 7, [0.25], 0, aligned)
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_roi_align_maps_bad_inputs_raise_clear_errors():
+    generator = torch.Generator().manual_seed(24)
+    maps, rois, map_index, scales, extents = _maps_case(generator)
+    with pytest.raises(ValueError, match="share channels"):
+        roi_align_maps([maps[0], maps[1][:, :2]], rois, map_index % 2, 7, scales[:2])
+    with pytest.raises(ValueError, match="one per map"):
+        roi_align_maps(maps, rois, map_index, 7, scales[:2])
+    with pytest.raises(ValueError, match=r"map_index must lie in \[0, 3\)"):
+        roi_align_maps(maps, rois, map_index + 1, 7, scales)
+    with pytest.raises(ValueError, match="one map per RoI"):
+        roi_align_maps(maps, rois, map_index[:-1], 7, scales)
+    with pytest.raises(ValueError, match="batch indices must lie within"):
+        roi_align_maps(maps, rois, torch.full_like(map_index, 2), 7, scales)  # map 2 holds one image
+    with pytest.raises(ValueError, match="within the map"):
+        roi_align_maps(maps, rois, map_index, 7, scales, extents=[extents[0] + 1, None, None])
+    with pytest.raises(ValueError, match="extents for 3 maps"):
+        roi_align_maps(maps, rois, map_index, 7, scales, extents=[None])
+    with pytest.raises(ValueError, match="spatial_scale must be a positive"):
+        roi_align_maps(maps, rois, map_index, 7, [0.5, 0.0, 1.0])
+    assert roi_align_maps(maps, rois[:0], map_index[:0], 7, scales).shape == (0, 3, 7, 7)
 
 
 # --- empty and bad inputs --------------------------------------------------------------------------------

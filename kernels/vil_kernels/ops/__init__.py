@@ -5,7 +5,7 @@ No compiled extension: these run wherever torch runs, and are checked against st
 
 from .boxes import box_area, box_iou
 from .nms import batched_nms, nms, nms_blocked, nms_greedy
-from .roi_align import roi_align, roi_align_gather
+from .roi_align import roi_align, roi_align_gather, roi_align_maps
 
 __all__ = [
     "batched_nms",
@@ -16,4 +16,5 @@ __all__ = [
     "nms_greedy",
     "roi_align",
     "roi_align_gather",
+    "roi_align_maps",
 ]

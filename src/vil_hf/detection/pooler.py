@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from vil_kernels.ops import roi_align
+from vil_kernels.ops import roi_align_maps
 
 
 def boxes_to_rois(boxes: list[torch.Tensor]) -> torch.Tensor:
@@ -55,40 +55,14 @@ class MultiScaleRoIAlign(nn.Module):
 
         extents: per level, (N, 2) each image's extent on that map, or None when every image fills the batch;
         each image's boxes are then pooled from its map cut to its extent, whose border the bilinear sampling
-        clamps to as it does alone.
+        clamps to as it does alone. All levels in one RoIAlign call (one reduction forward and backward).
         """
         rois = boxes_to_rois(boxes).to(features[0])
-        channels = features[0].shape[1]
-        if len(features) == 1 and extents is None:
-            return roi_align(features[0], rois, self.output_size, 1.0 / strides[0], self.sampling_ratio, self.aligned)
         levels = [int(round(math.log2(stride))) for stride in strides]
         level_of_box = assign_boxes_to_levels(
             rois[:, 1:], levels[0], levels[-1], self.canonical_box_size, self.canonical_level
         )
-        pooled = features[0].new_zeros(rois.shape[0], channels, self.output_size, self.output_size)
-        for index, (feature, stride) in enumerate(zip(features, strides)):
-            selected = torch.nonzero(level_of_box == index).squeeze(1)
-            if selected.numel() == 0:
-                continue
-            if extents is None:
-                pooled[selected] = roi_align(
-                    feature, rois[selected], self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned
-                )
-                continue
-            for members, rois_in_crop, crop in self._crops_by_extent(feature, rois[selected], extents[index]):
-                pooled[selected[members]] = roi_align(
-                    crop, rois_in_crop, self.output_size, 1.0 / stride, self.sampling_ratio, self.aligned
-                )
-        return pooled
-
-    @staticmethod
-    def _crops_by_extent(feature: torch.Tensor, rois: torch.Tensor, extents: torch.Tensor):
-        """Groups RoIs by their image's extent: (RoI positions, RoIs renumbered into the crop, (n, C, eh, ew) crop of
-        the group's images) per distinct extent."""
-        images = rois[:, 0].long()
-        distinct, group_of_roi = torch.unique(extents[images], dim=0, return_inverse=True)
-        for group, (extent_height, extent_width) in enumerate(distinct.tolist()):
-            members = torch.nonzero(group_of_roi == group).squeeze(1)
-            group_images, position = torch.unique(images[members], return_inverse=True)
-            rois_in_crop = torch.cat((position[:, None].to(rois.dtype), rois[members, 1:]), dim=1)
-            yield members, rois_in_crop, feature[group_images, :, :extent_height, :extent_width]
+        scales = [1.0 / stride for stride in strides]
+        return roi_align_maps(
+            features, rois, level_of_box, self.output_size, scales, self.sampling_ratio, self.aligned, extents
+        )

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vil_kernels.ops import batched_nms, box_iou, roi_align
+from vil_kernels.ops import batched_nms, box_iou, roi_align_maps
 
 from .box_coder import BoxCoder
 from .boxes import clip_boxes
@@ -157,20 +157,24 @@ class RoIHeads(nn.Module):
         if mask_logits.shape[0] == 0:
             return mask_logits.sum() * 0.0
         resolution = mask_logits.shape[-1]
-        mask_targets = []
+        masks, rois, image_of_roi = [], [], []
         for boxes, index, target in zip(proposals, gt_index, targets):
             if boxes.shape[0] == 0:
                 continue
             if "masks" not in target:
                 raise ValueError("mask training needs 'masks' (N, H, W) in every target; set mask_on=False otherwise")
-            masks = target["masks"].to(mask_logits.dtype)[:, None]  # (G, 1, H, W)
+            masks.append(target["masks"].to(mask_logits.dtype)[:, None])  # (G, 1, H, W)
             # Each proposal's RoI points at its own ground truth's mask: no (K, H, W) copy of the masks.
-            rois = torch.cat((index[:, None].to(boxes.dtype), boxes), dim=1).to(masks.dtype)
-            cropped = roi_align(masks, rois, resolution, 1.0, 0, aligned=True)
-            mask_targets.append((cropped[:, 0] >= 0.5).to(mask_logits.dtype))
+            rois.append(torch.cat((index[:, None].to(boxes.dtype), boxes), dim=1).to(mask_logits.dtype))
+            image_of_roi.append(torch.full_like(index, len(masks) - 1))
+        # each image's mask stack is a map of its own size: all RoIs in one call
+        cropped = roi_align_maps(
+            masks, torch.cat(rois), torch.cat(image_of_roi), resolution, [1.0] * len(masks), 0, aligned=True
+        )
+        mask_targets = (cropped[:, 0] >= 0.5).to(mask_logits.dtype)
         classes = torch.cat(classes)
         logits = mask_logits[torch.arange(mask_logits.shape[0], device=classes.device), classes]
-        return F.binary_cross_entropy_with_logits(logits, torch.cat(mask_targets), reduction="mean")
+        return F.binary_cross_entropy_with_logits(logits, mask_targets, reduction="mean")
 
     # ---------------------------------------------------------------------------------------------- forward
     def forward(
