@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from vil_hf.benchmark import QUICK, TARGETS, main, measure_peak_memory, random_detection_targets
+from vil_hf.benchmark import QUICK, TARGETS, cpu_bfloat16_support, main, measure_peak_memory, random_detection_targets
 
 # Every ViL-Small/Swin-T time ratio of a default run: the backbone (float32 keys carry no precision),
 # the classifier, in both precisions, and the whole Mask R-CNN in float32.
@@ -134,6 +134,11 @@ def test_backbones_in_bfloat16_at_batch_2(tmp_path):
     assert (results["setup"]["batch"], results["setup"]["dtype"]) == (2, "bfloat16")
     assert results["memory"]["vil_forward_backward"]["peak_bytes"] > 0
     assert "backbones in bfloat16 at batch 2" in results["markdown"]
+    # the CPU's bfloat16 support is recorded and said where it is missing (its bfloat16 rows are then emulated)
+    capability, native = cpu_bfloat16_support()
+    assert (results["setup"]["cpu_capability"], results["setup"]["native_bfloat16"]) == (capability, native)
+    assert ("without native bfloat16" in results["markdown"]) == (not native)
+    assert ("has no native bfloat16" in result.stdout + result.stderr) == (not native)
     # --dtype: this precision only
     assert set(results["backbone"]) == {
         f"{m}_{k}_bfloat16" for m in ("vil", "swin") for k in ("forward", "forward_backward")
@@ -198,3 +203,12 @@ def test_rejects_bad_sizes(capsys):
     with pytest.raises(SystemExit):
         main(["--only", "backbones"])
     assert "invalid choice: 'backbones'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "capabilities, native",
+    [({"avx2": True}, False), ({"avx512_bf16": True}, True), ({"amx_bf16": True, "avx512_bf16": False}, True)],
+)
+def test_native_bfloat16_is_avx512_bf16_or_amx(monkeypatch, capabilities, native):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert cpu_bfloat16_support() == (torch.backends.cpu.get_cpu_capability(), native)
