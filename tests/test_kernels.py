@@ -2,6 +2,7 @@
 
 import itertools
 import logging
+import zlib
 
 import pytest
 import torch
@@ -15,6 +16,12 @@ from vil_kernels import (
     relative_bias_table_size,
 )
 from vil_kernels.longformer import allowed_keys, resolve_implementation
+
+
+def case_seed(*case) -> int:
+    """A seed fixed by a test case's parameters. Not hash(): hash(None) changes from process to process before
+    Python 3.12, which made every case with neighbor=None draw new inputs (and a new use_bias) on each run."""
+    return zlib.crc32(repr(case).encode())
 
 
 def _inputs(batch, heads, height, width, num_global, head_dim, window, dtype, seed):
@@ -79,7 +86,7 @@ CPU_PATHS = sorted(set(LONGFORMER_IMPLEMENTATIONS) - {"reference", "flex"})
 @pytest.mark.parametrize("shape,window,num_global,exact,neighbor", CASES)
 def test_fast_path_matches_reference_forward_and_backward(implementation, shape, window, num_global, exact, neighbor):
     height, width = shape
-    seed = hash((shape, window, num_global, exact, neighbor)) % 2**31
+    seed = case_seed(shape, window, num_global, exact, neighbor)
     tensors = _inputs(2, 3, height, width, num_global, 8, window, torch.float64, seed)
     use_bias = (seed % 2) == 0 or exact  # cover both with and without relative bias
     expected = _run("reference", tensors, height, width, window, exact, neighbor, use_bias)
@@ -428,7 +435,7 @@ def test_fast_paths_with_key_extents_match_reference(
 ):
     height, width = shape
     extents = _extents_for(height, width)
-    seed = hash((shape, window, num_global, exact, neighbor)) % 2**31
+    seed = case_seed(shape, window, num_global, exact, neighbor)
     tensors = _inputs(3, 3, height, width, num_global, 8, window, torch.float64, seed)
     expected = _run_with_extents("reference", tensors, height, width, window, exact, neighbor, extents)
     if implementation == "blocked-operator":

@@ -10,7 +10,7 @@ import torch
 from vil_hf import ViLConfig, ViLModel
 from vil_kernels import relative_bias_table_size
 
-from .test_kernels import _run_with_extents
+from .test_kernels import _run_with_extents, case_seed
 from .test_modeling import TINY_ARCH, randomize
 
 # Largest error allowed, as a fraction of the largest magnitude of the expected tensor.
@@ -19,11 +19,13 @@ from .test_modeling import TINY_ARCH, randomize
 #   inputs writes bfloat16 scores, so each score (here up to about 10) is off by up to |score| * 2^-9
 #   inside exp(), and dP and dS are rounded likewise in the backward, as in any plain bfloat16
 #   attention: the reference itself run in bfloat16 errs by 1-4% of the scale (up to 11% on the
-#   3-element local-to-global table, a sum of terms that nearly cancel). Output 5%, gradients 8%.
-#   A wrong mask, bias entry or missing gradient term errs by tens of percent.
+#   3-element local-to-global table, a sum of terms that nearly cancel). Output 5%, gradients 8%; that table's
+#   gradient 35%: relative to its own (small) scale, the kernel's error on it reached 16% over 50 random draws
+#   and 29% in one other (an AVX2 CPU, where oneDNN emulates bfloat16). A wrong mask, bias entry or missing
+#   gradient term errs by tens of percent elsewhere, and float32 checks that table to 1e-4.
 TOLERANCES = {
     torch.float32: {"output": 1e-5, "grads": 1e-4, "l2g_grad": 1e-4},
-    torch.bfloat16: {"output": 5e-2, "grads": 8e-2, "l2g_grad": 0.2},
+    torch.bfloat16: {"output": 5e-2, "grads": 8e-2, "l2g_grad": 0.35},
 }
 
 INPUTS = ("local_queries", "local_keys", "local_values", "global_keys", "global_values")
@@ -77,7 +79,7 @@ def test_blocked_matches_the_float32_reference(mode, shape, window, num_global, 
     """bfloat16: every tensor converted (a model after .to(bfloat16)); autocast: float32 tensors and
     tables, cast by the kernel as a matrix product is; gradients reach the float32 leaves."""
     height, width = shape
-    values = _values(2, 3, height, width, num_global, 16, window, seed=hash((shape, exact, neighbor)) % 2**31)
+    values = _values(2, 3, height, width, num_global, 16, window, seed=case_seed(shape, exact, neighbor))
     key_extents = None if extents is None else torch.tensor(extents)
     geometry = (height, width, window, exact, neighbor, key_extents)
 
