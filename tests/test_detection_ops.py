@@ -331,7 +331,11 @@ def test_roi_align_fast_path_against_plain_random():
     rois = _random_rois(300, generator, 3, 40, 57, 0.25, torch.float32)
     for aligned in (False, True):
         plain = roi_align_gather(features, rois, 7, 0.25, 0, aligned)
-        torch.testing.assert_close(roi_align(features, rois, 7, 0.25, 0, aligned), plain, rtol=1e-5, atol=1e-5)
+        fast = roi_align(features, rois, 7, 0.25, 0, aligned)
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        # the same RoIs as the one map of roi_align_maps
+        one_map = roi_align_maps([features], rois, torch.zeros(300, dtype=torch.long), 7, [0.25], 0, aligned)
+        torch.testing.assert_close(one_map, fast, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(
             roi_align_gather(features, rois, 7, 0.25, 0, aligned, bucketed=True), plain, rtol=1e-5, atol=1e-5
         )
@@ -487,16 +491,6 @@ def test_roi_align_maps_is_roi_align_on_each_roi_alone(with_extents, sampling_ra
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
-
-
-def test_roi_align_maps_of_one_map_is_roi_align():
-    generator = torch.Generator().manual_seed(23)
-    features = torch.randn(3, 16, 40, 57, generator=generator)
-    rois = _random_rois(300, generator, 3, 40, 57, 0.25, torch.float32)
-    for aligned in (False, True):
-        expected = roi_align(features, rois, 7, 0.25, 0, aligned)
-        out = roi_align_maps([features], rois, torch.zeros(300, dtype=torch.long), 7, [0.25], 0, aligned)
-        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_roi_align_maps_bad_inputs_raise_clear_errors():
