@@ -17,15 +17,17 @@ from .test_modeling import TINY_ARCH, randomize
 # - float32: products and softmax accumulate in float32; errors are a few ulps times the number of terms.
 # - bfloat16 (8 significant bits, one rounding is up to 2^-9 = 0.2% relative): CPU bmm of bfloat16
 #   inputs writes bfloat16 scores, so each score (here up to about 10) is off by up to |score| * 2^-9
-#   inside exp(), and dP and dS are rounded likewise in the backward, as in any plain bfloat16
-#   attention: the reference itself run in bfloat16 errs by 1-4% of the scale (up to 11% on the
-#   3-element local-to-global table, a sum of terms that nearly cancel). Output 5%, gradients 8%; that table's
-#   gradient 35%: relative to its own (small) scale, the kernel's error on it reached 16% over 50 random draws
-#   and 29% in one other (an AVX2 CPU, where oneDNN emulates bfloat16). A wrong mask, bias entry or missing
-#   gradient term errs by tens of percent elsewhere, and float32 checks that table to 1e-4.
+#   inside exp(), and dP is rounded likewise in the backward, as in any plain bfloat16 attention: the
+#   reference itself run in bfloat16 errs by 1-4% of the scale. Output 5%, gradients 8%.
+# - The local-to-global table's gradient (one entry per head) sums the dS of every local query at its global
+#   slot, terms that nearly cancel: its own scale is often a small fraction of the terms, whose rounding sets
+#   the error. In bfloat16 it is judged against the scale of the relative table's gradient (the same dS values
+#   summed by offset): over 150 random draws of the (20, 23) sliding case the kernel's error reached 0.7% of
+#   that scale (the plain bfloat16 reference 1.7%), and 0.9% in the draw below, whose own scale is 1.8% of it.
+#   Limit 3%; float32 checks the table to 1e-4 of its own scale, where a missing term shows.
 TOLERANCES = {
     torch.float32: {"output": 1e-5, "grads": 1e-4, "l2g_grad": 1e-4},
-    torch.bfloat16: {"output": 5e-2, "grads": 8e-2, "l2g_grad": 0.35},
+    torch.bfloat16: {"output": 5e-2, "grads": 8e-2, "l2g_grad": 3e-2},
 }
 
 INPUTS = ("local_queries", "local_keys", "local_values", "global_keys", "global_values")
@@ -54,10 +56,11 @@ def _values(batch, heads, height, width, num_global, head_dim, window, seed):
 _attention = _run_with_extents
 
 
-def _assert_close(actual, expected, tolerance, what):
+def _assert_close(actual, expected, tolerance, what, scale=None):
+    """Largest error at most ``tolerance`` x ``scale`` (default: the largest magnitude of ``expected``)."""
     assert actual.shape == expected.shape, what
     error = (actual.float() - expected).abs().max().item()
-    scale = expected.abs().max().item()
+    scale = expected.abs().max().item() if scale is None else scale
     assert error <= tolerance * scale, f"{what}: max error {error:.3g} > {tolerance} x scale {scale:.3g}"
 
 
@@ -102,8 +105,12 @@ def test_blocked_matches_the_float32_reference(mode, shape, window, num_global, 
         if leaves[name].numel() == 0:  # the global tensors when G = 0 (the kernel leaves their grad unset)
             continue
         assert leaves[name].grad.dtype == leaves[name].dtype, name
-        kind = "l2g_grad" if name == "local_to_global_bias" else "grads"
-        _assert_close(leaves[name].grad, expected_leaves[name].grad, tolerance[kind], f"grad of {name}")
+        kind, scale = "grads", None
+        if name == "local_to_global_bias":
+            kind = "l2g_grad"
+            if dtype == torch.bfloat16:
+                scale = expected_leaves["relative_bias_table"].grad.abs().max().item()
+        _assert_close(leaves[name].grad, expected_leaves[name].grad, tolerance[kind], f"grad of {name}", scale)
 
 
 @pytest.mark.parametrize("exact", [False, True])

@@ -22,12 +22,12 @@ So the whole forward of a run of chunks is bmm, add, softmax, bmm.
 
 Reduced precision (bfloat16: tensors converted to it, or cast by autocast on entry). The products
 accumulate in float32 inside oneDNN, but a CPU ``bmm`` of bfloat16 inputs can only write bfloat16
-(``out_dtype`` is CUDA-only in torch 2.13), so scores are rounded to 8 significant bits before the
-softmax (which computes in float32 inside), as in any plain bfloat16 attention; the error is that
-of the reference run in bfloat16. Keeping scores in float32 (a fused CPU flash-attention call per
-run over the same window views, or float32 score products) measured 5-35% slower here, so the
-kernel does not. The bias-table gradient, a sum over every run of every image, is accumulated in
-float32 at least.
+(``out_dtype`` is CUDA-only in torch 2.13), so scores are rounded to 8 significant bits, as in any
+plain bfloat16 attention. From there the bias, the softmax and the backward's dS run in float32 on a
+copy of each run's scores (see ``_Scratch``), and the probabilities are rounded once for the next
+product: faster than bfloat16's own add and softmax, and more accurate. Float32 score products
+throughout, or a fused CPU flash-attention call per run over the same window views, measured 5-35%
+slower. The bias-table gradient, a sum over every run of every image, is accumulated in float32.
 
 Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
 custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
@@ -143,6 +143,68 @@ def _shared_scores_bias(
     return shared.masked_fill(~allowed, float("-inf")).contiguous()
 
 
+class _Scratch:
+    """Buffers of one run of chunks in reduced precision (bfloat16, float16), made once per workspace.
+
+    ``keys``/``values``: the run's key and value windows copied out of the overlapping buffer views. A CPU
+    ``bmm`` of bfloat16 inputs copies a transposed operand that overlaps itself before every product, more
+    slowly than this one plain copy (the score product with the copy 18-31% faster here; float32's ``bmm``
+    reads the views in place, and faster than after a copy). ``scores``/``grad_scores``: float32 scores, to
+    which the bias is added and whose softmax (and, in the backward, dS) is computed in float32: more
+    accurate than in bfloat16, and faster (the add and softmax over the copy took 0.82-0.85x the time of
+    bfloat16's own). The products still round their scores to the inputs' dtype, as any bfloat16 attention.
+    """
+
+    def __init__(self, most_chunks: int, most_scores: int, layout: _Layout, head_dim: int, dtype, device):
+        s = layout.window_keys
+        self.keys = torch.empty(most_chunks, s, head_dim + 1, dtype=dtype, device=device)
+        self.values = torch.empty(most_chunks, s, head_dim, dtype=dtype, device=device)
+        self.scores = torch.empty(most_scores, dtype=torch.float32, device=device)
+        self.grad_scores = torch.empty(most_scores, dtype=torch.float32, device=device)
+        self.window_keys = s
+        self._views: dict[tuple[int, int], _Scratch] = {}
+
+    @classmethod
+    def for_layout(cls, layout: _Layout, head_dim: int, dtype: torch.dtype, device) -> _Scratch | None:
+        """The scratch of a workspace: None in float32 and float64, which need none."""
+        if dtype.itemsize >= 4:
+            return None
+        runs = list(_runs(layout, dtype))
+        return cls(max(count for _, _, count, _ in runs), _most_scores(runs, layout), layout, head_dim, dtype, device)
+
+    def views(self, count: int, slots: int) -> _Scratch:
+        """This scratch cut to a run of ``count`` chunks with ``slots`` queries each (made once per size)."""
+        run = self._views.get((count, slots))
+        if run is None:
+            run = self._views[count, slots] = object.__new__(_Scratch)
+            size = count * slots * self.window_keys
+            run.keys, run.values = self.keys[:count], self.values[:count]
+            run.scores = self.scores[:size].view(count, slots, self.window_keys)
+            run.grad_scores = self.grad_scores[:size].view(count, slots, self.window_keys)
+            run.window_keys = self.window_keys
+        return run
+
+
+def _probabilities(queries, key_windows_t, bias, scores, scratch: _Scratch | None) -> torch.Tensor:
+    """softmax(queries . keys + bias) of one run, into ``scores`` (n, slots, S) in the inputs' dtype.
+
+    queries (n, slots, M+1); key_windows_t (n, M+1, S), overlapping views into the key buffer, transposed; bias
+    (1, slots, S) in float32 or wider. Returns the probabilities at float32 precision or better: ``scores``
+    itself, or in reduced precision the scratch's float32 copy (the one that ``scores`` was rounded from).
+    """
+    if scratch is None:
+        # bmm then add: cheaper than baddbmm, which first copies the broadcast bias into its output
+        torch.bmm(queries, key_windows_t, out=scores)
+        scores.add_(bias)
+        return torch.softmax(scores, -1, out=scores)
+    keys = scratch.keys.copy_(key_windows_t.transpose(1, 2))
+    torch.bmm(queries, keys.transpose(1, 2), out=scores)
+    probabilities = scratch.scores.copy_(scores).add_(bias)
+    torch.softmax(probabilities, -1, out=probabilities)
+    scores.copy_(probabilities)
+    return probabilities
+
+
 class _Workspace:
     """Query chunks and key/value buffers of a group of heads, refilled per group, reused across calls.
 
@@ -168,6 +230,7 @@ class _Workspace:
             _exchange(on_map, grid, first_row, first_col, layout, "to_grid")
         self.value_buffer = torch.zeros(group, layout.num_blocks, layout.block_keys, m, dtype=dtype, device=device)
         self.output_chunks = torch.empty(group, mx * my, w * w, m, dtype=dtype, device=device)
+        self.scratch = _Scratch.for_layout(layout, m, dtype, device)
         self._forward_runs = None
         self._key_extent = None  # (rows, cols) of the map keys currently not flagged; None: all of them
 
@@ -192,15 +255,15 @@ class _Workspace:
     def forward_runs(self) -> list[list[tuple]]:
         """Per head of the group, per run: the views its forward reads and writes.
 
-        (query chunks (n, slots, M+1), key windows transposed (n, M+1, S), value windows (n, S, M),
-        output chunks (n, slots, M), scores (n, slots, S), slots). Made once: the views alias
-        buffers that every call refills, and building them per call cost ~10% of the kernel's time.
+        (query chunks (n, slots, M+1), key windows transposed (n, M+1, S), value windows (n, S, M), output chunks
+        (n, slots, M), scores (n, slots, S), the run's reduced-precision scratch or None). Made once: the
+        views alias buffers that every call refills, and building them per call cost ~10% of the kernel's
+        time.
         """
         if self._forward_runs is None:
             layout, m = self.layout, self.head_dim
-            runs = list(_runs(layout, self.query_chunks.element_size()))
-            most = max(count * slots for _, _, count, slots in runs)
-            scores = self.query_chunks.new_empty(most * layout.window_keys)  # one run's scores at a time
+            runs = list(_runs(layout, self.query_chunks.dtype))
+            scores = self.query_chunks.new_empty(_most_scores(runs, layout))  # one run's scores at a time
             self._forward_runs = [
                 [
                     (
@@ -209,7 +272,7 @@ class _Workspace:
                         _windows(self.value_buffer[k], layout, block, count, m),
                         self.output_chunks[k, first : first + count, :slots],
                         scores[: count * slots * layout.window_keys].view(count, slots, layout.window_keys),
-                        slots,
+                        None if self.scratch is None else self.scratch.views(count, slots),
                     )
                     for first, block, count, slots in runs
                 ]
@@ -348,20 +411,27 @@ def _fold_key_buffer(grad: torch.Tensor, layout: _Layout, out: torch.Tensor, out
         out_global.copy_(grad[..., layout.block_keys - g :, :].sum(-3))
 
 
-def _runs(layout: _Layout, element_size: int):
+def _runs(layout: _Layout, dtype: torch.dtype):
     """Runs of query chunks within one chunk row, each small enough for its scores to stay in cache.
 
     Yields (first query chunk, first buffer block of its window, number of chunks, query slots).
     The query slots of a chunk are row-major, so where the last chunk row holds only r map rows,
     its queries are the first r * W slots and the rest (padding) is not computed at all.
     """
-    per_run = max(1, _BLOCK_BYTES // (layout.window**2 * layout.window_keys * element_size))
+    # reduced precision keeps a float32 copy of the scores beside them
+    score_bytes = dtype.itemsize
+    per_run = max(1, _BLOCK_BYTES // (layout.window**2 * layout.window_keys * score_bytes))
     my, w = layout.chunk_cols, layout.window
     last_rows = layout.height - (layout.chunk_rows - 1) * w
     for i in range(layout.chunk_rows):
         slots = w * (last_rows if i == layout.chunk_rows - 1 else w)
         for j in range(0, my, per_run):
             yield i * my + j, i * layout.block_pitch + j, min(per_run, my - j), slots
+
+
+def _most_scores(runs, layout: _Layout) -> int:
+    """Scores of the largest run."""
+    return max(count * slots for _, _, count, slots in runs) * layout.window_keys
 
 
 def _windows(buffer: torch.Tensor, layout: _Layout, first_block: int, count: int, features: int) -> torch.Tensor:
@@ -398,11 +468,10 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
             workspace.load(*inputs)
             for h, runs in zip(heads_here, workspace.forward_runs()):
                 head_bias = shared[h, None]  # (1, W^2, S)
-                for q_chunks, k_windows, v_windows, out_chunks, scores, slots in runs:
-                    # bmm then add: cheaper than baddbmm, which first copies the broadcast bias into its output
-                    torch.bmm(q_chunks, k_windows, out=scores)  # (n, slots, S)
-                    scores.add_(head_bias if slots == full_slots else head_bias[:, :slots])
-                    torch.softmax(scores, -1, out=scores)
+                for q_chunks, k_windows, v_windows, out_chunks, scores, scratch in runs:
+                    slots = q_chunks.shape[1]
+                    bias = head_bias if slots == full_slots else head_bias[:, :slots]
+                    _probabilities(q_chunks, k_windows, bias, scores, scratch)  # (n, slots, S)
                     torch.bmm(scores, v_windows, out=out_chunks)
             out_grid = _chunk_grid(workspace.output_chunks[: len(heads_here)], layout)
             _exchange(output[b, heads_here.start : heads_here.stop], out_grid, 0, 0, layout, "from_grid")
@@ -427,21 +496,24 @@ def _blocked_backward(
     """Gradients of the five inputs and of ``shared`` (None unless asked), recomputing each run's scores."""
     batch, heads, length, head_dim = queries.shape
     keys_per_block = layout.block_keys
+    # dS, delta and the shared bias's gradient (a sum over every run of every image): float32 at least
+    accumulate = torch.promote_types(queries.dtype, torch.float32)
     group = _heads_per_group(layout, head_dim, heads, queries.element_size())
     chunks = layout.chunk_rows * layout.chunk_cols
-    # softmax backward: dS = P * (dP - sum(dO * O)) per query
-    delta = (grad_output * output).sum(-1, keepdim=True)  # (B, H, L, 1)
+    workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
+    # softmax backward: dS = P * (dP - sum(dO * O)) per query, in float32 at least
+    delta = (grad_output * output.to(accumulate)).sum(-1, keepdim=True)  # (B, H, L, 1)
 
     grads = [t.new_empty(t.shape) for t in (queries, keys, values, global_keys, global_values)]
-    # a sum over every run of every image: accumulated in float32 at least, whatever the inputs' dtype
-    accumulate = torch.promote_types(shared.dtype, torch.float32)
     grad_shared = torch.zeros(shared.shape, dtype=accumulate, device=shared.device) if needs_grad_shared else None
-    workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
     grad_q = queries.new_empty(group, chunks, layout.window**2, head_dim)
     grad_k_buffer = queries.new_empty(group, layout.num_blocks, keys_per_block, head_dim)
     grad_v_buffer = torch.empty_like(grad_k_buffer)
     grad_chunks = queries.new_zeros(group, chunks, layout.window**2, head_dim)  # padding stays 0
-    delta_chunks = queries.new_zeros(group, chunks, layout.window**2, 1)
+    delta_chunks = delta.new_zeros(group, chunks, layout.window**2, 1)
+    runs = list(_runs(layout, queries.dtype))
+    scores = queries.new_empty(_most_scores(runs, layout))
+    window_keys = layout.window_keys
     try:
         for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
             workspace.set_key_extent(_image_extent(key_extents, b, layout))
@@ -456,25 +528,37 @@ def _blocked_backward(
             grad_k_buffer.zero_()
             grad_v_buffer.zero_()
             for k, h in enumerate(heads_here):
-                for first, block, count, slots in _runs(layout, queries.element_size()):
+                for first, block, count, slots in runs:
                     q_block = q_chunks[k, first : first + count, :slots]  # (n, slots, M+1)
                     k_block = _windows(k_buffer[k], layout, block, count, head_dim + 1)  # (n, S, M+1)
                     v_block = _windows(v_buffer[k], layout, block, count, head_dim)  # (n, S, M)
                     do_block = grad_chunks[k, first : first + count, :slots]  # (n, slots, M)
+                    d_block = delta_chunks[k, first : first + count, :slots]  # (n, slots, 1)
+                    probs = scores[: count * slots * window_keys].view(count, slots, window_keys)
+                    scratch = None if workspace.scratch is None else workspace.scratch.views(count, slots)
                     # recomputed: a fused softmax is cheaper than exp(S - logsumexp) over masked entries
-                    probs = torch.bmm(q_block, k_block.transpose(1, 2)).add_(shared[h, None, :slots])
-                    torch.softmax(probs, -1, out=probs)  # (n, slots, S)
+                    float_probs = _probabilities(
+                        q_block, k_block.transpose(1, 2), shared[h, None, :slots], probs, scratch
+                    )
                     # windows overlap: slot block s of chunk t's window is buffer block t + s, so each
                     # slot block's gradient is accumulated straight into its (contiguous) buffer blocks
                     for s in range(layout.span):
                         part = slice(s * keys_per_block, (s + 1) * keys_per_block)
                         target = grad_v_buffer[k, block + s : block + s + count]  # (n, keys per block, M)
                         target.baddbmm_(probs[:, :, part].transpose(1, 2), do_block)
-                    grad_scores = torch.bmm(do_block, v_block.transpose(1, 2))
-                    grad_scores.sub_(delta_chunks[k, first : first + count, :slots]).mul_(probs)  # dS, (n, slots, S)
+                    if scratch is None:
+                        grad_scores = torch.bmm(do_block, v_block.transpose(1, 2))  # dP, (n, slots, S)
+                        grad_scores.sub_(d_block).mul_(probs)  # dS
+                        float_grad_scores, key_features = grad_scores, k_block[..., :head_dim]
+                    else:
+                        # dP into the rounded probabilities' buffer (read for the last time above); dS in float32
+                        torch.bmm(do_block, scratch.values.copy_(v_block).transpose(1, 2), out=probs)
+                        float_grad_scores = scratch.grad_scores.copy_(probs).sub_(d_block).mul_(float_probs)
+                        grad_scores = probs.copy_(float_grad_scores)
+                        key_features = scratch.keys[..., :head_dim]  # the run's keys, copied out by _probabilities
                     if grad_shared is not None:
-                        grad_shared[h, :slots] += grad_scores.sum(0, dtype=accumulate)
-                    torch.bmm(grad_scores, k_block[..., :head_dim], out=grad_q[k, first : first + count, :slots])
+                        grad_shared[h, :slots] += float_grad_scores.sum(0, dtype=accumulate)
+                    torch.bmm(grad_scores, key_features, out=grad_q[k, first : first + count, :slots])
                     for s in range(layout.span):
                         part = slice(s * keys_per_block, (s + 1) * keys_per_block)
                         target = grad_k_buffer[k, block + s : block + s + count]
@@ -661,13 +745,14 @@ def longformer_attention_blocked(
         local_queries, local_keys, local_values, global_keys, global_values
     )
     num_global = global_keys.shape[-2]
+    # float32 in reduced precision, where bias and softmax are added and computed in float32 (see _Scratch)
     shared = _shared_scores_bias(
         window,
         neighbor,
         num_global,
         exact,
         heads,
-        local_queries.dtype,
+        torch.promote_types(local_queries.dtype, torch.float32),
         local_queries.device,
         relative_bias_table,
         local_to_global_bias,

@@ -79,7 +79,11 @@ class ViLFullAttention(ViLAttentionBase):
         batch, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         queries, keys, values = qkv[0], qkv[1], qkv[2]  # (B, H, N, M)
-        bias = self.relative_bias(height, width) if self.use_relative_bias else None
+        bias = None
+        if self.use_relative_bias:
+            # 4-D and in the queries' dtype (bfloat16 under autocast): on CPU a 3-D mask, or a float mask of
+            # another dtype, sends SDPA to its unfused math path instead of the fused kernel
+            bias = self.relative_bias(height, width).to(queries.dtype)[None]
         if key_extents is not None:
             if self.use_relative_bias:
                 raise ValueError(
