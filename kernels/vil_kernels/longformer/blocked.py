@@ -41,6 +41,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -143,6 +144,16 @@ def _shared_scores_bias(
     return shared.masked_fill(~allowed, float("-inf")).contiguous()
 
 
+class _RunScratch(NamedTuple):
+    """A run's views into the workspace's ``_Scratch``: keys (n, S, M+1), values (n, S, M), scores and
+    grad_scores (n, slots, S) in float32."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    grad_scores: torch.Tensor
+
+
 class _Scratch:
     """Buffers of one run of chunks in reduced precision (bfloat16, float16), made once per workspace.
 
@@ -162,7 +173,7 @@ class _Scratch:
         self.scores = torch.empty(most_scores, dtype=torch.float32, device=device)
         self.grad_scores = torch.empty(most_scores, dtype=torch.float32, device=device)
         self.window_keys = s
-        self._views: dict[tuple[int, int], _Scratch] = {}
+        self._views: dict[tuple[int, int], _RunScratch] = {}
 
     @classmethod
     def for_layout(cls, layout: _Layout, head_dim: int, dtype: torch.dtype, device) -> _Scratch | None:
@@ -172,20 +183,22 @@ class _Scratch:
         runs = list(_runs(layout, dtype))
         return cls(max(count for _, _, count, _ in runs), _most_scores(runs, layout), layout, head_dim, dtype, device)
 
-    def views(self, count: int, slots: int) -> _Scratch:
+    def views(self, count: int, slots: int) -> _RunScratch:
         """This scratch cut to a run of ``count`` chunks with ``slots`` queries each (made once per size)."""
         run = self._views.get((count, slots))
         if run is None:
-            run = self._views[count, slots] = object.__new__(_Scratch)
-            size = count * slots * self.window_keys
-            run.keys, run.values = self.keys[:count], self.values[:count]
-            run.scores = self.scores[:size].view(count, slots, self.window_keys)
-            run.grad_scores = self.grad_scores[:size].view(count, slots, self.window_keys)
-            run.window_keys = self.window_keys
+            size, shape = count * slots * self.window_keys, (count, slots, self.window_keys)
+            run = _RunScratch(
+                self.keys[:count],
+                self.values[:count],
+                self.scores[:size].view(shape),
+                self.grad_scores[:size].view(shape),
+            )
+            self._views[count, slots] = run
         return run
 
 
-def _probabilities(queries, key_windows_t, bias, scores, scratch: _Scratch | None) -> torch.Tensor:
+def _probabilities(queries, key_windows_t, bias, scores, scratch: _RunScratch | None) -> torch.Tensor:
     """softmax(queries . keys + bias) of one run, into ``scores`` (n, slots, S) in the inputs' dtype.
 
     queries (n, slots, M+1); key_windows_t (n, M+1, S), overlapping views into the key buffer, transposed; bias
@@ -418,9 +431,9 @@ def _runs(layout: _Layout, dtype: torch.dtype):
     The query slots of a chunk are row-major, so where the last chunk row holds only r map rows,
     its queries are the first r * W slots and the rest (padding) is not computed at all.
     """
-    # reduced precision keeps a float32 copy of the scores beside them
-    score_bytes = dtype.itemsize
-    per_run = max(1, _BLOCK_BYTES // (layout.window**2 * layout.window_keys * score_bytes))
+    # sized by the scores in the inputs' dtype; reduced precision's float32 copy of them (see _Scratch) is
+    # not counted: runs half as long, to keep both in the same bytes, measured slower (more, smaller products)
+    per_run = max(1, _BLOCK_BYTES // (layout.window**2 * layout.window_keys * dtype.itemsize))
     my, w = layout.chunk_cols, layout.window
     last_rows = layout.height - (layout.chunk_rows - 1) * w
     for i in range(layout.chunk_rows):
