@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="make the synthetic shapes set, train a small ViL Mask R-CNN on the CPU, evaluate it",
-        description="The whole product in 10-16 minutes on 2 CPU cores (the CPU decides), with nothing downloaded.",
+        description="The whole product in 8-16 minutes on 2 CPU cores (the CPU decides), with nothing downloaded.",
     )
     demo.add_argument("--output-dir", default=defaults.output_dir, help=f"default {defaults.output_dir}/")
     demo.add_argument(
