@@ -214,3 +214,21 @@ def test_full_attention_stages_take_the_fused_sdpa_kernel(autocast):
     assert "aten::_scaled_dot_product_flash_attention_for_cpu" in ops
     assert "aten::_safe_softmax" not in ops  # the math path's softmax
     _assert_close(actual, expected, MODEL_TOLERANCE if autocast else 1e-5, "output")
+
+
+def test_autocast_keeps_a_float32_residual_stream():
+    """A block's residual adds never narrow the stream: a float32 stream stays float32 under bfloat16 autocast,
+    though both branches come out of bfloat16 linear layers (an in-place add into them rounded it to bfloat16)."""
+    from vil_hf.modeling_vil import ViLLayer
+
+    torch.manual_seed(0)
+    config = ViLConfig(arch=MODEL_ARCH, image_size=64, longformer_implementation="blocked")
+    layer = randomize(ViLLayer(config, stage_index=0, drop_path_rate=0.0)).eval()
+    height, width = 9, 13
+    hidden_states = torch.randn(2, config.num_global_tokens[0] + height * width, config.hidden_sizes[0])
+    with torch.no_grad():
+        expected = layer(hidden_states, height, width)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            actual = layer(hidden_states, height, width)
+    assert actual.dtype == torch.float32
+    _assert_close(actual, expected, MODEL_TOLERANCE, "block output")
