@@ -231,7 +231,7 @@ class ViLLayer(GradientCheckpointingLayer):
 
 
 def _add_residual(branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-    """branch + residual, in the residual stream's dtype.
+    """branch + residual, never narrower than the residual stream.
 
     Where both share a dtype the sum goes in place into the branch's output, a fresh tensor that no backward
     needs (two (B, G + L, d) tensors fewer per block). Under autocast the branch comes out of a bfloat16 linear
