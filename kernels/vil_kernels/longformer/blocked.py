@@ -175,14 +175,6 @@ class _Scratch:
         self.window_keys = s
         self._views: dict[tuple[int, int], _RunScratch] = {}
 
-    @classmethod
-    def for_layout(cls, layout: _Layout, head_dim: int, dtype: torch.dtype, device) -> _Scratch | None:
-        """The scratch of a workspace: None in float32 and float64, which need none."""
-        if dtype.itemsize >= 4:
-            return None
-        runs = list(_runs(layout, dtype))
-        return cls(max(count for _, _, count, _ in runs), _most_scores(runs, layout), layout, head_dim, dtype, device)
-
     def views(self, count: int, slots: int) -> _RunScratch:
         """This scratch cut to a run of ``count`` chunks with ``slots`` queries each (made once per size)."""
         run = self._views.get((count, slots))
@@ -243,7 +235,15 @@ class _Workspace:
             _exchange(on_map, grid, first_row, first_col, layout, "to_grid")
         self.value_buffer = torch.zeros(group, layout.num_blocks, layout.block_keys, m, dtype=dtype, device=device)
         self.output_chunks = torch.empty(group, mx * my, w * w, m, dtype=dtype, device=device)
-        self.scratch = _Scratch.for_layout(layout, m, dtype, device)
+        # (first query chunk, first buffer block, chunks, query slots) of each run of a head, and one run's
+        # scores at a time, for the forward and the backward alike
+        self.runs = list(_runs(layout, dtype))
+        most_scores = max(count * slots for _, _, count, slots in self.runs) * layout.window_keys
+        self.scores = torch.empty(most_scores, dtype=dtype, device=device)
+        self.scratch = None  # float32 and float64 need none
+        if dtype.itemsize < 4:
+            most_chunks = max(count for _, _, count, _ in self.runs)
+            self.scratch = _Scratch(most_chunks, most_scores, layout, m, dtype, device)
         self._forward_runs = None
         self._key_extent = None  # (rows, cols) of the map keys currently not flagged; None: all of them
 
@@ -275,8 +275,7 @@ class _Workspace:
         """
         if self._forward_runs is None:
             layout, m = self.layout, self.head_dim
-            runs = list(_runs(layout, self.query_chunks.dtype))
-            scores = self.query_chunks.new_empty(_most_scores(runs, layout))  # one run's scores at a time
+            scores = self.scores
             self._forward_runs = [
                 [
                     (
@@ -287,7 +286,7 @@ class _Workspace:
                         scores[: count * slots * layout.window_keys].view(count, slots, layout.window_keys),
                         None if self.scratch is None else self.scratch.views(count, slots),
                     )
-                    for first, block, count, slots in runs
+                    for first, block, count, slots in self.runs
                 ]
                 for k in range(self.query_chunks.shape[0])
             ]
@@ -442,11 +441,6 @@ def _runs(layout: _Layout, dtype: torch.dtype):
             yield i * my + j, i * layout.block_pitch + j, min(per_run, my - j), slots
 
 
-def _most_scores(runs, layout: _Layout) -> int:
-    """Scores of the largest run."""
-    return max(count * slots for _, _, count, slots in runs) * layout.window_keys
-
-
 def _windows(buffer: torch.Tensor, layout: _Layout, first_block: int, count: int, features: int) -> torch.Tensor:
     """(count, S, features) overlapping key windows of ``count`` chunks, a view into the buffer."""
     rows, cols = buffer.stride(0), buffer.stride(1)
@@ -524,9 +518,7 @@ def _blocked_backward(
     grad_v_buffer = torch.empty_like(grad_k_buffer)
     grad_chunks = queries.new_zeros(group, chunks, layout.window**2, head_dim)  # padding stays 0
     delta_chunks = delta.new_zeros(group, chunks, layout.window**2, 1)
-    runs = list(_runs(layout, queries.dtype))
-    scores = queries.new_empty(_most_scores(runs, layout))
-    window_keys = layout.window_keys
+    scores, window_keys = workspace.scores, layout.window_keys
     try:
         for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
             workspace.set_key_extent(_image_extent(key_extents, b, layout))
@@ -541,7 +533,7 @@ def _blocked_backward(
             grad_k_buffer.zero_()
             grad_v_buffer.zero_()
             for k, h in enumerate(heads_here):
-                for first, block, count, slots in runs:
+                for first, block, count, slots in workspace.runs:
                     q_block = q_chunks[k, first : first + count, :slots]  # (n, slots, M+1)
                     k_block = _windows(k_buffer[k], layout, block, count, head_dim + 1)  # (n, S, M+1)
                     v_block = _windows(v_buffer[k], layout, block, count, head_dim)  # (n, S, M)
