@@ -325,17 +325,72 @@ def test_blocked_path_in_head_groups_of_every_size(monkeypatch):
     layout = blocked._layout(height, width, window, None, 2)
     for budget_heads, group in ((1, 1), (2, 2), (4, 3), (5, 5)):  # 5 heads: groups 1x5, 2+2+1, 3+2, 5
         monkeypatch.setattr(blocked, "_GROUP_BYTES", 0)
-        assert blocked._heads_per_group(layout, 8, 5, 8) == 1
+        assert blocked._group_shape(layout, 8, 1, 5, 8) == (1, 1)
         per_head = (
             (layout.chunk_rows * layout.chunk_cols * window**2 + 2 * layout.num_blocks * layout.block_keys) * 9 * 8
         )
         monkeypatch.setattr(blocked, "_GROUP_BYTES", budget_heads * per_head)
-        assert blocked._heads_per_group(layout, 8, 5, 8) == group
+        assert blocked._group_shape(layout, 8, 1, 5, 8) == (1, group)
         actual = _run("blocked", tensors, height, width, window, False, None, True)
         torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10)
         actual_grads = _grads(actual, tensors, grad_output)
         for name in tensors:
             torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+
+
+# Runs of the blocked kernel on an 11x16 map at window 5 (3x4 chunks; the last chunk row holds one map row):
+# how many chunks' scores fit in _BLOCK_BYTES, and the runs that makes. Three images of a padded batch, with
+# their own key extents, in groups of two images: the last group is smaller.
+RUN_KINDS = {
+    1: "single chunks",
+    3: "parts of a chunk row",
+    4: "whole chunk rows",
+    8: "two chunk rows and one",
+    12: "whole maps, one per run",
+    24: "whole maps, two per run",
+}
+
+
+@pytest.mark.parametrize("chunks_per_run", sorted(RUN_KINDS))
+@pytest.mark.parametrize("exact,neighbor", [(False, None), (True, None), (False, 2)])
+def test_blocked_runs_of_every_kind_match_reference(chunks_per_run, exact, neighbor, monkeypatch):
+    from vil_kernels.longformer import blocked
+
+    height, width, window, heads, num_global = 11, 16, 5, 2, 2
+    layout = blocked._layout(height, width, window, neighbor, num_global)
+    monkeypatch.setattr(blocked, "_BLOCK_BYTES", chunks_per_run * window**2 * layout.window_keys * 8)
+    per_map = (12 * window**2 + 2 * layout.num_blocks * layout.block_keys) * 9 * 8
+    monkeypatch.setattr(blocked, "_GROUP_BYTES", 2 * heads * per_map)
+    assert blocked._group_shape(layout, 8, 3, heads, 8) == (2, heads)
+    runs = list(blocked._runs(layout, torch.float64, 2 * heads))
+    shapes = {(run.maps, run.rows, run.cols) for run in runs}
+    assert (
+        shapes
+        == {
+            1: {(1, 1, 1)},
+            3: {(1, 1, 2)},  # 4 columns in two runs of 2
+            4: {(1, 1, 4)},
+            8: {(1, 2, 4), (1, 1, 4)},
+            12: {(1, 3, 4)},
+            24: {(2, 3, 4)},
+        }[chunks_per_run]
+    ), RUN_KINDS[chunks_per_run]
+    assert sum(run.chunks for run in runs) == 2 * heads * 12
+    # the last chunk row alone computes only its map row's slots; runs of several rows compute every slot
+    assert {run.slots for run in runs if run.first_row + run.rows == 3} == ({5} if chunks_per_run <= 8 else {25})
+
+    blocked.release_workspaces()
+    extents = torch.tensor([[height, width], [height - 3, width - 4], [2, 3]])
+    tensors = _inputs(3, heads, height, width, num_global, 8, window, torch.float64, chunks_per_run)
+    expected = _run_with_extents("reference", tensors, height, width, window, exact, neighbor, extents)
+    actual = _run_with_extents("blocked", tensors, height, width, window, exact, neighbor, extents)
+    inside = _inside(extents, height, width)
+    torch.testing.assert_close(actual * inside, expected * inside, rtol=1e-10, atol=1e-10)
+    grad_output = torch.randn_like(expected) * inside
+    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
+    for name in tensors:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+    blocked.release_workspaces()
 
 
 def test_blocked_workspaces_are_reused_and_can_be_released():

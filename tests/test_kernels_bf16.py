@@ -77,12 +77,28 @@ CASES = [
 ]
 
 
+def _runs_of_one_chunk_row(monkeypatch, height, width, window, num_global, neighbor):
+    """Make the blocked kernel's runs one chunk row each (small maps otherwise run whole maps at once)."""
+    from vil_kernels.longformer import blocked
+
+    layout = blocked._layout(height, width, window, neighbor, num_global)
+    row_bytes = layout.chunk_cols * window**2 * layout.window_keys * 2  # bfloat16 scores
+    monkeypatch.setattr(blocked, "_BLOCK_BYTES", row_bytes)
+    assert {run.rows for run in blocked._runs(layout, torch.bfloat16, 6)} == {1}
+
+
+@pytest.mark.parametrize("runs", ["whole maps", "chunk rows"])
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "autocast"])
 @pytest.mark.parametrize("shape,window,num_global,exact,neighbor,extents", CASES)
-def test_blocked_matches_the_float32_reference(mode, shape, window, num_global, exact, neighbor, extents):
+def test_blocked_matches_the_float32_reference(
+    mode, runs, shape, window, num_global, exact, neighbor, extents, monkeypatch
+):
     """bfloat16: every tensor converted (a model after .to(bfloat16)); autocast: float32 tensors and
-    tables, cast by the kernel as a matrix product is; gradients reach the float32 leaves."""
+    tables, cast by the kernel as a matrix product is; gradients reach the float32 leaves. Runs of whole maps
+    (their windows copied out) and of single chunk rows (windows read in place in float32)."""
     height, width = shape
+    if runs == "chunk rows":
+        _runs_of_one_chunk_row(monkeypatch, height, width, window, num_global, neighbor)
     values = _values(2, 3, height, width, num_global, 16, window, seed=case_seed(shape, exact, neighbor))
     key_extents = None if extents is None else torch.tensor(extents)
     geometry = (height, width, window, exact, neighbor, key_extents)
@@ -147,10 +163,11 @@ def test_mixed_dtypes_outside_autocast_are_a_clear_error():
         _attention("blocked", values, 9, 13, 5, False, None, None)
 
 
-def test_bias_gradient_accumulates_in_float32_over_many_runs():
+def test_bias_gradient_accumulates_in_float32_over_many_runs(monkeypatch):
     """The table's gradient sums over every run of every image; accumulated in bfloat16 it would stall
     once the running sum dwarfs each run's part. Many runs: a tall map, batch 4, one head."""
     height, width, window = 70, 9, 3  # 24 chunk rows, one run each, x 4 images
+    _runs_of_one_chunk_row(monkeypatch, height, width, window, 1, None)
     values = _values(4, 1, height, width, 1, 8, window, seed=5)
     values["local_queries"] = values["local_queries"] * 0  # the same softmax weights everywhere
     expected_table = values["relative_bias_table"].clone().requires_grad_()

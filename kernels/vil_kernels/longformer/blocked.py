@@ -20,11 +20,18 @@ Masks. Which keys a query may see is the product of two simpler rules:
   (so its gradient flows back to them through ordinary autograd).
 So the whole forward of a run of chunks is bmm, add, softmax, bmm.
 
+Runs. Large maps run a chunk row (or part of one) at a time, reading the windows in place. Small maps
+(224x224 classifiers: 4-8 chunks a row, batch 32) would make that a Python loop over thousands of tiny
+products, so their runs take several chunk rows, or whole maps of several heads and images loaded
+together, and copy those windows out (one copy per run: the rows of the buffer end in two padding
+blocks, so no single view spans them). At batch 32 this took the 28x28 and 56x56 maps' forward +
+backward to 0.45x and 0.71x of single-row runs in bfloat16, 0.68x and 0.99x in float32.
+
 Reduced precision (bfloat16: tensors converted to it, or cast by autocast on entry). The products
 accumulate in float32 inside oneDNN, but a CPU ``bmm`` of bfloat16 inputs can only write bfloat16
 (``out_dtype`` is CUDA-only in torch 2.13), so scores are rounded to 8 significant bits, as in any
 plain bfloat16 attention. From there the bias, the softmax and the backward's dS run in float32 on a
-copy of each run's scores (see ``_Scratch``), and the probabilities are rounded once for the next
+copy of each run's scores (see ``_Workspace``), and the probabilities are rounded once for the next
 product: faster than bfloat16's own add and softmax, and more accurate. Float32 score products
 throughout, or a fused CPU flash-attention call per run over the same window views, measured 5-35%
 slower. The bias-table gradient, a sum over every run of every image, is accumulated in float32.
@@ -144,84 +151,112 @@ def _shared_scores_bias(
     return shared.masked_fill(~allowed, float("-inf")).contiguous()
 
 
-class _RunScratch(NamedTuple):
-    """A run's views into the workspace's ``_Scratch``: keys (n, S, M+1), values (n, S, M), scores and
-    grad_scores (n, slots, S) in float32."""
+class _Run(NamedTuple):
+    """Query chunks computed together, with one product per step: chunk columns [first_col, + cols) of chunk
+    rows [first_row, + rows) of the group's maps [first_map, + maps). A run of several rows takes whole rows,
+    and one of several maps whole maps."""
 
-    keys: torch.Tensor
-    values: torch.Tensor
-    scores: torch.Tensor
-    grad_scores: torch.Tensor
+    first_map: int
+    maps: int
+    first_row: int
+    rows: int
+    first_col: int
+    cols: int
+    slots: int  # query slots per chunk: W^2, or the first r * W where the run is the last chunk row only
+
+    @property
+    def chunks(self) -> int:
+        return self.maps * self.rows * self.cols
+
+    @property
+    def gathered(self) -> bool:
+        """The key windows of one chunk row are a single strided view into the buffer; those of several rows
+        or maps are not (two padding blocks end each buffer row), so they are copied out ("gathered")."""
+        return self.maps > 1 or self.rows > 1
+
+    def first_chunk(self, layout: _Layout) -> int:
+        return (self.first_map * layout.chunk_rows + self.first_row) * layout.chunk_cols + self.first_col
+
+    def first_block(self, layout: _Layout) -> int:
+        return self.first_map * layout.num_blocks + self.first_row * layout.block_pitch + self.first_col
 
 
-class _Scratch:
-    """Buffers of one run of chunks in reduced precision (bfloat16, float16), made once per workspace.
+class _RunViews(NamedTuple):
+    """What a run reads and writes, as views into its workspace (made once per workspace and group size).
 
-    ``keys``/``values``: the run's key and value windows copied out of the overlapping buffer views. A CPU
-    ``bmm`` of bfloat16 inputs copies a transposed operand that overlaps itself before every product, more
-    slowly than this one plain copy (the score product with the copy 18-31% faster here; float32's ``bmm``
-    reads the views in place, and faster than after a copy). ``scores``/``grad_scores``: float32 scores, to
-    which the bias is added and whose softmax (and, in the backward, dS) is computed in float32: more
-    accurate than in bfloat16, and faster (the add and softmax over the copy took 0.82-0.85x the time of
-    bfloat16's own). The products still round their scores to the inputs' dtype, as any bfloat16 attention.
+    queries (n, slots, M+1), outputs (n, slots, M), scores (n, slots, S) in the inputs' dtype; key_windows
+    (n, S, M+1) and value_windows (n, S, M), overlapping views into the buffers, or for gathered runs
+    (maps, rows, cols, S, F) views to copy out; keys/values: where they are copied to (n, S, F), or None where
+    the products read the views themselves; float_scores/float_grad_scores: float32 copies of the scores in
+    reduced precision, else None; window_grads (n, S, M): a gathered run's key or value window gradients
+    before they are folded into the buffer, else None.
     """
 
-    def __init__(self, most_chunks: int, most_scores: int, layout: _Layout, head_dim: int, dtype, device):
-        s = layout.window_keys
-        self.keys = torch.empty(most_chunks, s, head_dim + 1, dtype=dtype, device=device)
-        self.values = torch.empty(most_chunks, s, head_dim, dtype=dtype, device=device)
-        self.scores = torch.empty(most_scores, dtype=torch.float32, device=device)
-        self.grad_scores = torch.empty(most_scores, dtype=torch.float32, device=device)
-        self.window_keys = s
-        self._views: dict[tuple[int, int], _RunScratch] = {}
-
-    def views(self, count: int, slots: int) -> _RunScratch:
-        """This scratch cut to a run of ``count`` chunks with ``slots`` queries each (made once per size)."""
-        run = self._views.get((count, slots))
-        if run is None:
-            size, shape = count * slots * self.window_keys, (count, slots, self.window_keys)
-            run = _RunScratch(
-                self.keys[:count],
-                self.values[:count],
-                self.scores[:size].view(shape),
-                self.grad_scores[:size].view(shape),
-            )
-            self._views[count, slots] = run
-        return run
+    run: _Run
+    queries: torch.Tensor
+    outputs: torch.Tensor
+    scores: torch.Tensor
+    key_windows: torch.Tensor
+    value_windows: torch.Tensor
+    keys: torch.Tensor | None
+    values: torch.Tensor | None
+    float_scores: torch.Tensor | None
+    float_grad_scores: torch.Tensor | None
+    window_grads: torch.Tensor | None
 
 
-def _probabilities(queries, key_windows_t, bias, scores, scratch: _RunScratch | None) -> torch.Tensor:
+def _gather(target: torch.Tensor | None, windows: torch.Tensor) -> torch.Tensor:
+    """The windows as a (n, S, F) tensor: copied into ``target`` where one is given, else the view itself."""
+    if target is None:
+        return windows
+    target.view(windows.shape).copy_(windows)
+    return target
+
+
+def _add_bias(scores: torch.Tensor, bias: torch.Tensor) -> None:
+    """scores (n, slots, S) += bias (maps, 1, slots, S), map by map (the run's chunks are map-major)."""
+    scores.view(bias.shape[0], -1, *scores.shape[1:]).add_(bias)
+
+
+def _probabilities(queries, keys, bias, scores, float_scores) -> torch.Tensor:
     """softmax(queries . keys + bias) of one run, into ``scores`` (n, slots, S) in the inputs' dtype.
 
-    queries (n, slots, M+1); key_windows_t (n, M+1, S), overlapping views into the key buffer, transposed; bias
-    (1, slots, S) in float32 or wider. Returns the probabilities at float32 precision or better: ``scores``
-    itself, or in reduced precision the scratch's float32 copy (the one that ``scores`` was rounded from).
+    queries (n, slots, M+1); keys (n, S, M+1); bias (maps, 1, slots, S) in float32 or wider. In reduced
+    precision (``float_scores`` given) the bias and the softmax run on a float32 copy of the scores, which is
+    returned (``scores`` is rounded from it); otherwise ``scores`` itself is returned.
     """
-    if scratch is None:
-        # bmm then add: cheaper than baddbmm, which first copies the broadcast bias into its output
-        torch.bmm(queries, key_windows_t, out=scores)
-        scores.add_(bias)
-        return torch.softmax(scores, -1, out=scores)
-    keys = scratch.keys.copy_(key_windows_t.transpose(1, 2))
     torch.bmm(queries, keys.transpose(1, 2), out=scores)
-    probabilities = scratch.scores.copy_(scores).add_(bias)
+    if float_scores is None:
+        # bmm then add: cheaper than baddbmm, which first copies the broadcast bias into its output
+        _add_bias(scores, bias)
+        return torch.softmax(scores, -1, out=scores)
+    probabilities = float_scores.copy_(scores)
+    _add_bias(probabilities, bias)
     torch.softmax(probabilities, -1, out=probabilities)
     scores.copy_(probabilities)
     return probabilities
 
 
 class _Workspace:
-    """Query chunks and key/value buffers of a group of heads, refilled per group, reused across calls.
+    """Query chunks and key/value buffers of a group of maps (one image's heads, or several images' heads),
+    refilled per group and reused across calls.
 
     Fresh multi-megabyte buffers cost page faults and zero-filling on every call; here the padding
     parts (zeros, the padding flags, the queries' constant feature) are written once, when the
     workspace is made, and each group only overwrites the parts that hold map tokens. Small maps
-    take several heads per group, so the copies are few and large rather than many and small.
+    take several maps per group, so the copies are few and large rather than many and small.
+
+    Reduced precision (see ``_probabilities``): a CPU ``bmm`` of bfloat16 inputs copies a transposed operand
+    that overlaps itself before every product, more slowly than one plain copy of the key windows (the score
+    product with the copy 18-31% faster here), so every run's key windows are copied out first, and its value
+    windows for the backward's dP; float32 reads single-row windows in place (faster than after a copy).
+    The bias and softmax run on a float32 copy of the scores: more accurate than bfloat16's own add and
+    softmax and faster (0.82-0.85x their time).
     """
 
     def __init__(self, layout: _Layout, head_dim: int, group: int, dtype: torch.dtype, device: torch.device):
         w, mx, my, m, g = layout.window, layout.chunk_rows, layout.chunk_cols, head_dim, layout.num_global
-        self.layout, self.head_dim = layout, m
+        self.layout, self.head_dim, self.dtype = layout, m, dtype
         # queries with one extra feature 1; queries in the padding are all ones (their outputs are
         # dropped and their gradients are zero)
         self.query_chunks = torch.ones(group, mx * my, w * w, m + 1, dtype=dtype, device=device)
@@ -235,76 +270,88 @@ class _Workspace:
             _exchange(on_map, grid, first_row, first_col, layout, "to_grid")
         self.value_buffer = torch.zeros(group, layout.num_blocks, layout.block_keys, m, dtype=dtype, device=device)
         self.output_chunks = torch.empty(group, mx * my, w * w, m, dtype=dtype, device=device)
-        # (first query chunk, first buffer block, chunks, query slots) of each run of a head, and one run's
-        # scores at a time, for the forward and the backward alike
-        self.runs = list(_runs(layout, dtype))
-        most_scores = max(count * slots for _, _, count, slots in self.runs) * layout.window_keys
+        # runs for every group size up to this one (the last group of a batch may be smaller); one run's
+        # scores, copies and window gradients at a time, for the forward and the backward alike
+        self._runs = {maps: list(_runs(layout, dtype, maps)) for maps in range(1, group + 1)}
+        every_run = [run for runs in self._runs.values() for run in runs]
+        most_chunks = max(run.chunks for run in every_run)
+        most_scores = max(run.chunks * run.slots for run in every_run) * layout.window_keys
+        reduced, gathered = dtype.itemsize < 4, any(run.gathered for run in every_run)
+        s = layout.window_keys
         self.scores = torch.empty(most_scores, dtype=dtype, device=device)
-        self.scratch = None  # float32 and float64 need none
-        if dtype.itemsize < 4:
-            most_chunks = max(count for _, _, count, _ in self.runs)
-            self.scratch = _Scratch(most_chunks, most_scores, layout, m, dtype, device)
-        self._forward_runs = None
-        self._key_extent = None  # (rows, cols) of the map keys currently not flagged; None: all of them
+        self.keys = self.values = self.window_grads = self.float_scores = self.float_grad_scores = None
+        if reduced or gathered:
+            self.keys = torch.empty(most_chunks, s, m + 1, dtype=dtype, device=device)
+            self.values = torch.empty(most_chunks, s, m, dtype=dtype, device=device)
+        if gathered:
+            self.window_grads = torch.empty(most_chunks, s, m, dtype=dtype, device=device)
+        if reduced:
+            self.float_scores = torch.empty(most_scores, dtype=torch.float32, device=device)
+            self.float_grad_scores = torch.empty(most_scores, dtype=torch.float32, device=device)
+        self._run_views: dict[int, list[_RunViews]] = {}
+        self._key_extents = None  # per map (rows, cols) of the keys currently not flagged; None: all of them
 
-    def set_key_extent(self, extent: tuple[int, int] | None) -> None:
-        """Flag the map keys at or beyond (rows, cols) like the padding (one image's extent); None: none.
-
-        The flags live in the keys' extra feature, which ``load`` never touches, so they hold for
-        every group of heads until changed; callers restore None before the workspace is reused.
-        """
-        if extent == self._key_extent:
+    def set_key_extents(self, extents: tuple[tuple[int, int], ...] | None) -> None:
+        """Flag map m's keys at or beyond extents[m] = (rows, cols) like the padding (its image's extent); None:
+        none. The flags live in the keys' extra feature, which ``load`` never touches, so they hold until
+        changed; callers restore None before the workspace is reused."""
+        if extents == self._key_extents:
             return
         layout, m = self.layout, self.head_dim
         flags = self.key_buffer.new_zeros(self.key_buffer.shape[0], layout.height, layout.width, 1)
-        if extent is not None:
-            rows, cols = extent
-            flags[:, rows:] = self.flag
-            flags[:, :, cols:] = self.flag
+        for index, (rows, cols) in enumerate(extents or ()):
+            flags[index, rows:] = self.flag
+            flags[index, :, cols:] = self.flag
         for grid, first_row, first_col in _key_grids(self.key_buffer[..., m:], layout):
             _exchange(flags.flatten(1, 2), grid, first_row, first_col, layout, "to_grid")
-        self._key_extent = extent
+        self._key_extents = extents
 
-    def forward_runs(self) -> list[list[tuple]]:
-        """Per head of the group, per run: the views its forward reads and writes.
+    def run_views(self, maps: int) -> list[_RunViews]:
+        """The runs of a group of ``maps`` maps, with their views. Made once: the views alias buffers that every
+        call refills, and building them per call cost ~10% of the kernel's time."""
+        views = self._run_views.get(maps)
+        if views is None:
+            views = self._run_views[maps] = [self._views(run) for run in self._runs[maps]]
+        return views
 
-        (query chunks (n, slots, M+1), key windows transposed (n, M+1, S), value windows (n, S, M), output chunks
-        (n, slots, M), scores (n, slots, S), the run's reduced-precision scratch or None). Made once: the
-        views alias buffers that every call refills, and building them per call cost ~10% of the kernel's
-        time.
-        """
-        if self._forward_runs is None:
-            layout, m = self.layout, self.head_dim
-            scores = self.scores
-            self._forward_runs = [
-                [
-                    (
-                        self.query_chunks[k, first : first + count, :slots],
-                        _windows(self.key_buffer[k], layout, block, count, m + 1).transpose(1, 2),
-                        _windows(self.value_buffer[k], layout, block, count, m),
-                        self.output_chunks[k, first : first + count, :slots],
-                        scores[: count * slots * layout.window_keys].view(count, slots, layout.window_keys),
-                        None if self.scratch is None else self.scratch.views(count, slots),
-                    )
-                    for first, block, count, slots in self.runs
-                ]
-                for k in range(self.query_chunks.shape[0])
-            ]
-        return self._forward_runs
+    def _views(self, run: _Run) -> _RunViews:
+        layout, s = self.layout, self.layout.window_keys
+        first, n, slots = run.first_chunk(layout), run.chunks, run.slots
+
+        def cut(buffer):
+            return None if buffer is None else buffer[: n * slots * s].view(n, slots, s)
+
+        copy_keys = run.gathered or self.float_scores is not None
+        return _RunViews(
+            run,
+            self.query_chunks.flatten(0, 1)[first : first + n, :slots],
+            self.output_chunks.flatten(0, 1)[first : first + n, :slots],
+            cut(self.scores),
+            _windows(self.key_buffer, layout, run),
+            _windows(self.value_buffer, layout, run),
+            self.keys[:n] if copy_keys else None,
+            self.values[:n] if run.gathered or self.float_scores is not None else None,
+            cut(self.float_scores),
+            cut(self.float_grad_scores),
+            self.window_grads[:n] if run.gathered else None,
+        )
 
     def load(self, queries, keys, values, global_keys, global_values):
-        """Fill the buffers with a group of heads: (g, L, M) tokens and (g, G, M) globals."""
-        layout, m, g, size = self.layout, self.head_dim, self.layout.num_global, queries.shape[0]
+        """Fill the buffers with a group of maps: (images, heads, L, M) tokens and (images, heads, G, M) globals."""
+        layout, m, g = self.layout, self.head_dim, self.layout.num_global
+        images, heads = queries.shape[:2]
+        size = images * heads
         q_chunks, k_buffer, v_buffer = self.query_chunks[:size], self.key_buffer[:size], self.value_buffer[:size]
-        grid = q_chunks.unflatten(1, (layout.chunk_rows, layout.chunk_cols)).unflatten(3, (layout.window,) * 2)
-        _exchange(queries, grid[..., :m], 0, 0, layout, "to_grid")
-        for grid, first_row, first_col in _key_grids(k_buffer[..., :m], layout):
+        _exchange(
+            queries, _chunk_grid(q_chunks, layout)[..., :m].unflatten(0, (images, heads)), 0, 0, layout, "to_grid"
+        )
+        for grid, first_row, first_col in _key_grids(k_buffer[..., :m].unflatten(0, (images, heads)), layout):
             _exchange(keys, grid, first_row, first_col, layout, "to_grid")
-        for grid, first_row, first_col in _key_grids(v_buffer, layout):
+        for grid, first_row, first_col in _key_grids(v_buffer.unflatten(0, (images, heads)), layout):
             _exchange(values, grid, first_row, first_col, layout, "to_grid")
         if g:
-            k_buffer[:, :, -g:, :m] = global_keys[:, None]
-            v_buffer[:, :, -g:] = global_values[:, None]
+            k_buffer[:, :, -g:, :m] = global_keys.reshape(size, 1, g, m)
+            v_buffer[:, :, -g:] = global_values.reshape(size, 1, g, m)
         return q_chunks, k_buffer, v_buffer
 
 
@@ -313,13 +360,24 @@ def release_workspaces() -> None:
     _workspaces.cache = OrderedDict()
 
 
-def _heads_per_group(layout: _Layout, head_dim: int, heads: int, element_size: int) -> int:
-    """Heads loaded together: as many as fit in _GROUP_BYTES of buffers, in groups of equal size."""
-    per_head = layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys
-    per_head *= (head_dim + 1) * element_size
-    most = max(1, min(heads, _GROUP_BYTES // per_head))
-    groups = -(-heads // most)
-    return -(-heads // groups)
+def _group_shape(layout: _Layout, head_dim: int, batch: int, heads: int, element_size: int) -> tuple[int, int]:
+    """(images, heads) loaded together: as many maps as fit in _GROUP_BYTES of buffers, in groups of equal
+    size; all of an image's heads before a second image."""
+    per_map = layout.chunk_rows * layout.chunk_cols * layout.window**2 + 2 * layout.num_blocks * layout.block_keys
+    per_map *= (head_dim + 1) * element_size
+    most = max(1, _GROUP_BYTES // per_map)
+    if most < heads or batch == 1:
+        groups = -(-heads // min(most, heads))
+        return 1, -(-heads // groups)
+    groups = -(-batch // min(batch, most // heads))
+    return -(-batch // groups), heads
+
+
+def _groups(batch: int, heads: int, images: int, heads_per_group: int):
+    """(first image, images, first head, heads) of each group."""
+    for first_image in range(0, batch, images):
+        for first_head in range(0, heads, heads_per_group):
+            yield first_image, min(images, batch - first_image), first_head, min(heads_per_group, heads - first_head)
 
 
 _workspaces = threading.local()
@@ -423,67 +481,107 @@ def _fold_key_buffer(grad: torch.Tensor, layout: _Layout, out: torch.Tensor, out
         out_global.copy_(grad[..., layout.block_keys - g :, :].sum(-3))
 
 
-def _runs(layout: _Layout, dtype: torch.dtype):
-    """Runs of query chunks within one chunk row, each small enough for its scores to stay in cache.
+def _runs(layout: _Layout, dtype: torch.dtype, maps: int):
+    """The runs of a group of ``maps`` maps, each small enough for its scores to stay near _BLOCK_BYTES.
 
-    Yields (first query chunk, first buffer block of its window, number of chunks, query slots).
-    The query slots of a chunk are row-major, so where the last chunk row holds only r map rows,
-    its queries are the first r * W slots and the rest (padding) is not computed at all.
+    Large maps: runs of chunks within one chunk row. Where a whole chunk row fits, runs of whole rows; where a
+    whole map fits, runs of whole maps: few large products instead of a Python loop over many small ones (at
+    224x224 a chunk row holds 4-8 chunks). The query slots of a chunk are row-major, so where a run is the last
+    chunk row alone and that row holds only r map rows, its queries are the first r * W slots; runs of several
+    rows compute every slot (the padding queries' outputs are dropped, their gradients are zero).
     """
-    # sized by the scores in the inputs' dtype; reduced precision's float32 copy of them (see _Scratch) is
-    # not counted: runs half as long, to keep both in the same bytes, measured slower (more, smaller products)
+    # sized by the scores in the inputs' dtype; reduced precision's float32 copy of them is not counted: runs half
+    # as long, to keep both in the same bytes, measured slower (more, smaller products)
     per_run = max(1, _BLOCK_BYTES // (layout.window**2 * layout.window_keys * dtype.itemsize))
-    my, w = layout.chunk_cols, layout.window
-    last_rows = layout.height - (layout.chunk_rows - 1) * w
-    for i in range(layout.chunk_rows):
-        slots = w * (last_rows if i == layout.chunk_rows - 1 else w)
-        for j in range(0, my, per_run):
-            yield i * my + j, i * layout.block_pitch + j, min(per_run, my - j), slots
+    mx, my, w = layout.chunk_rows, layout.chunk_cols, layout.window
+    last_slots = w * (layout.height - (mx - 1) * w)
+    if mx * my <= per_run and maps > 1:
+        per = _balanced(maps, per_run // (mx * my))
+        for first in range(0, maps, per):
+            yield _Run(first, min(per, maps - first), 0, mx, 0, my, w * w)
+        return
+    rows_per_run = _balanced(mx, per_run // my) if my <= per_run else 1
+    cols_per_run = _balanced(my, per_run)
+    for first_map in range(maps):
+        for i in range(0, mx, rows_per_run):
+            rows = min(rows_per_run, mx - i)
+            slots = last_slots if rows == 1 and i == mx - 1 else w * w
+            for j in range(0, my, cols_per_run):
+                yield _Run(first_map, 1, i, rows, j, min(cols_per_run, my - j), slots)
 
 
-def _windows(buffer: torch.Tensor, layout: _Layout, first_block: int, count: int, features: int) -> torch.Tensor:
-    """(count, S, features) overlapping key windows of ``count`` chunks, a view into the buffer."""
-    rows, cols = buffer.stride(0), buffer.stride(1)
-    return buffer.as_strided(
-        (count, layout.window_keys, features), (rows, cols, 1), buffer.storage_offset() + first_block * rows
+def _balanced(total: int, most: int) -> int:
+    """The size of ceil(total / most) near-equal parts of ``total``."""
+    return -(-total // -(-total // max(1, most)))
+
+
+def _windows(buffer: torch.Tensor, layout: _Layout, run: _Run, keys: int | None = None, block: int = 0):
+    """``keys`` key rows (default: the S of a window) of each chunk of the run, from buffer block ``block`` of its
+    window on: a view into buffers (group, blocks, block_keys, F), (n, keys, F) for a run within one chunk row,
+    (maps, rows, cols, keys, F) otherwise. Windows overlap (chunk t's window is blocks t, t+1, t+2)."""
+    keys = layout.window_keys if keys is None else keys
+    map_stride, block_stride, key_stride = buffer.stride()[:3]
+    windows = buffer.as_strided(
+        (run.maps, run.rows, run.cols, keys, buffer.shape[-1]),
+        (map_stride, layout.block_pitch * block_stride, block_stride, key_stride, 1),
+        buffer.storage_offset() + (run.first_block(layout) + block) * block_stride,
     )
+    return windows if run.gathered else windows.flatten(0, 2)
 
 
-def _image_extent(key_extents, b: int, layout: _Layout) -> tuple[int, int] | None:
-    """Image b's key extent, or None where every key of the map is its own."""
-    if key_extents is None or key_extents[b] == (layout.height, layout.width):
+def _add_window_grads(window_grads: torch.Tensor, grad_buffer: torch.Tensor, layout: _Layout, run: _Run) -> None:
+    """Adjoint of reading a gathered run's windows: window_grads (n, S, M) summed into grad_buffer (group, blocks,
+    block_keys, M). Slot block s of chunk t's window is buffer block t + s: one add per s, whose targets are
+    distinct blocks."""
+    parts = window_grads.view(run.maps, run.rows, run.cols, layout.span, layout.block_keys, -1)
+    for s in range(layout.span):
+        _windows(grad_buffer, layout, run, layout.block_keys, s).add_(parts[:, :, :, s])
+
+
+def _map_extents(key_extents, first_image: int, images: int, heads: int, layout: _Layout):
+    """Per map of a group, its image's key extent; None where every key of every map is its own."""
+    if key_extents is None:
         return None
-    return key_extents[b]
+    whole = (layout.height, layout.width)
+    extents = [tuple(key_extents[b]) for b in range(first_image, first_image + images)]
+    if all(extent == whole for extent in extents):
+        return None
+    return tuple(extent for extent in extents for _ in range(heads))
+
+
+def _map_bias(shared: torch.Tensor, images: int, first_head: int, heads: int) -> torch.Tensor:
+    """(maps, W^2, S): the shared bias of each map's head, maps image-major as in the workspace."""
+    bias = shared[first_head : first_head + heads]
+    return bias if images == 1 else bias.repeat(images, 1, 1)
 
 
 def _blocked_forward(queries, keys, values, global_keys, global_values, shared, layout, key_extents):
-    """Forward, a group of heads at a time; key_extents: per image (rows, cols), or None."""
+    """Forward, a group of maps at a time; key_extents: per image (rows, cols), or None."""
     # queries, keys, values: (B, H, L, M); global_*: (B, H, G, M); shared: (H, W^2, S)
     batch, heads, length, head_dim = queries.shape
-    group = _heads_per_group(layout, head_dim, heads, queries.element_size())
+    images, heads_per_group = _group_shape(layout, head_dim, batch, heads, queries.element_size())
     # (B, L, H, M) storage: what the output projection reads, so its reshape needs no copy
     output = queries.new_empty(batch, length, heads, head_dim).permute(0, 2, 1, 3)
-    workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
-    full_slots = layout.window**2
+    workspace = _workspace(layout, head_dim, images * heads_per_group, queries.dtype, queries.device)
+    inputs = (queries, keys, values, global_keys, global_values)
     try:
-        for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
-            workspace.set_key_extent(_image_extent(key_extents, b, layout))
-            heads_here = range(start, min(start + group, heads))
-            inputs = (
-                t[b, heads_here.start : heads_here.stop] for t in (queries, keys, values, global_keys, global_values)
-            )
-            workspace.load(*inputs)
-            for h, runs in zip(heads_here, workspace.forward_runs()):
-                head_bias = shared[h, None]  # (1, W^2, S)
-                for q_chunks, k_windows, v_windows, out_chunks, scores, scratch in runs:
-                    slots = q_chunks.shape[1]
-                    bias = head_bias if slots == full_slots else head_bias[:, :slots]
-                    _probabilities(q_chunks, k_windows, bias, scores, scratch)  # (n, slots, S)
-                    torch.bmm(scores, v_windows, out=out_chunks)
-            out_grid = _chunk_grid(workspace.output_chunks[: len(heads_here)], layout)
-            _exchange(output[b, heads_here.start : heads_here.stop], out_grid, 0, 0, layout, "from_grid")
+        for first_image, group_images, first_head, group_heads in _groups(batch, heads, images, heads_per_group):
+            here = (slice(first_image, first_image + group_images), slice(first_head, first_head + group_heads))
+            workspace.set_key_extents(_map_extents(key_extents, first_image, group_images, group_heads, layout))
+            workspace.load(*(t[here] for t in inputs))
+            maps = group_images * group_heads
+            bias = _map_bias(shared, group_images, first_head, group_heads)
+            for views in workspace.run_views(maps):
+                run = views.run
+                keys_here = _gather(views.keys, views.key_windows)
+                run_bias = bias[run.first_map : run.first_map + run.maps, None, : run.slots]
+                _probabilities(views.queries, keys_here, run_bias, views.scores, views.float_scores)
+                values_here = _gather(views.values, views.value_windows) if run.gathered else views.value_windows
+                torch.bmm(views.scores, values_here, out=views.outputs)
+            out_grid = _chunk_grid(workspace.output_chunks[:maps], layout).unflatten(0, (group_images, group_heads))
+            _exchange(output[here], out_grid, 0, 0, layout, "from_grid")
     finally:
-        workspace.set_key_extent(None)
+        workspace.set_key_extents(None)
     return output
 
 
@@ -502,78 +600,92 @@ def _blocked_backward(
 ):
     """Gradients of the five inputs and of ``shared`` (None unless asked), recomputing each run's scores."""
     batch, heads, length, head_dim = queries.shape
-    keys_per_block = layout.block_keys
     # dS, delta and the shared bias's gradient (a sum over every run of every image): float32 at least
     accumulate = torch.promote_types(queries.dtype, torch.float32)
-    group = _heads_per_group(layout, head_dim, heads, queries.element_size())
-    chunks = layout.chunk_rows * layout.chunk_cols
+    images, heads_per_group = _group_shape(layout, head_dim, batch, heads, queries.element_size())
+    group = images * heads_per_group
+    chunks, slots_per_chunk = layout.chunk_rows * layout.chunk_cols, layout.window**2
     workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
     # softmax backward: dS = P * (dP - sum(dO * O)) per query, in float32 at least
     delta = (grad_output * output.to(accumulate)).sum(-1, keepdim=True)  # (B, H, L, 1)
 
     grads = [t.new_empty(t.shape) for t in (queries, keys, values, global_keys, global_values)]
     grad_shared = torch.zeros(shared.shape, dtype=accumulate, device=shared.device) if needs_grad_shared else None
-    grad_q = queries.new_empty(group, chunks, layout.window**2, head_dim)
-    grad_k_buffer = queries.new_empty(group, layout.num_blocks, keys_per_block, head_dim)
+    grad_map_bias = torch.empty(group, *shared.shape[1:], dtype=accumulate, device=shared.device)
+    grad_q = queries.new_empty(group, chunks, slots_per_chunk, head_dim)
+    grad_k_buffer = queries.new_empty(group, layout.num_blocks, layout.block_keys, head_dim)
     grad_v_buffer = torch.empty_like(grad_k_buffer)
-    grad_chunks = queries.new_zeros(group, chunks, layout.window**2, head_dim)  # padding stays 0
-    delta_chunks = delta.new_zeros(group, chunks, layout.window**2, 1)
-    scores, window_keys = workspace.scores, layout.window_keys
+    grad_chunks = queries.new_zeros(group, chunks, slots_per_chunk, head_dim)  # padding stays 0
+    delta_chunks = delta.new_zeros(group, chunks, slots_per_chunk, 1)
+    inputs = (queries, keys, values, global_keys, global_values)
     try:
-        for b, start in ((b, h) for b in range(batch) for h in range(0, heads, group)):
-            workspace.set_key_extent(_image_extent(key_extents, b, layout))
-            heads_here = range(start, min(start + group, heads))
-            size, here = len(heads_here), slice(heads_here.start, heads_here.stop)
+        for first_image, group_images, first_head, group_heads in _groups(batch, heads, images, heads_per_group):
+            here = (slice(first_image, first_image + group_images), slice(first_head, first_head + group_heads))
+            maps, by_map = group_images * group_heads, (group_images, group_heads)
+            workspace.set_key_extents(_map_extents(key_extents, first_image, group_images, group_heads, layout))
             # rebuilt rather than saved: a copy each, cheaper than keeping them alive between passes
-            q_chunks, k_buffer, v_buffer = workspace.load(
-                *(t[b, here] for t in (queries, keys, values, global_keys, global_values))
+            workspace.load(*(t[here] for t in inputs))
+            _exchange(
+                grad_output[here], _chunk_grid(grad_chunks[:maps], layout).unflatten(0, by_map), 0, 0, layout, "to_grid"
             )
-            _exchange(grad_output[b, here], _chunk_grid(grad_chunks[:size], layout), 0, 0, layout, "to_grid")
-            _exchange(delta[b, here], _chunk_grid(delta_chunks[:size], layout), 0, 0, layout, "to_grid")
+            _exchange(
+                delta[here], _chunk_grid(delta_chunks[:maps], layout).unflatten(0, by_map), 0, 0, layout, "to_grid"
+            )
             grad_k_buffer.zero_()
             grad_v_buffer.zero_()
-            for k, h in enumerate(heads_here):
-                for first, block, count, slots in workspace.runs:
-                    q_block = q_chunks[k, first : first + count, :slots]  # (n, slots, M+1)
-                    k_block = _windows(k_buffer[k], layout, block, count, head_dim + 1)  # (n, S, M+1)
-                    v_block = _windows(v_buffer[k], layout, block, count, head_dim)  # (n, S, M)
-                    do_block = grad_chunks[k, first : first + count, :slots]  # (n, slots, M)
-                    d_block = delta_chunks[k, first : first + count, :slots]  # (n, slots, 1)
-                    probs = scores[: count * slots * window_keys].view(count, slots, window_keys)
-                    scratch = None if workspace.scratch is None else workspace.scratch.views(count, slots)
-                    # recomputed: a fused softmax is cheaper than exp(S - logsumexp) over masked entries
-                    float_probs = _probabilities(
-                        q_block, k_block.transpose(1, 2), shared[h, None, :slots], probs, scratch
-                    )
-                    # windows overlap: slot block s of chunk t's window is buffer block t + s, so each
-                    # slot block's gradient is accumulated straight into its (contiguous) buffer blocks
-                    for s in range(layout.span):
-                        part = slice(s * keys_per_block, (s + 1) * keys_per_block)
-                        target = grad_v_buffer[k, block + s : block + s + count]  # (n, keys per block, M)
-                        target.baddbmm_(probs[:, :, part].transpose(1, 2), do_block)
-                    if scratch is None:
-                        grad_scores = torch.bmm(do_block, v_block.transpose(1, 2))  # dP, (n, slots, S)
-                        grad_scores.sub_(d_block).mul_(probs)  # dS
-                        float_grad_scores, key_features = grad_scores, k_block[..., :head_dim]
-                    else:
-                        # dP into the rounded probabilities' buffer (read for the last time above); dS in float32
-                        torch.bmm(do_block, scratch.values.copy_(v_block).transpose(1, 2), out=probs)
-                        float_grad_scores = scratch.grad_scores.copy_(probs).sub_(d_block).mul_(float_probs)
-                        grad_scores = probs.copy_(float_grad_scores)
-                        key_features = scratch.keys[..., :head_dim]  # the run's keys, copied out by _probabilities
-                    if grad_shared is not None:
-                        grad_shared[h, :slots] += float_grad_scores.sum(0, dtype=accumulate)
-                    torch.bmm(grad_scores, key_features, out=grad_q[k, first : first + count, :slots])
-                    for s in range(layout.span):
-                        part = slice(s * keys_per_block, (s + 1) * keys_per_block)
-                        target = grad_k_buffer[k, block + s : block + s + count]
-                        target.baddbmm_(grad_scores[:, :, part].transpose(1, 2), q_block[..., :head_dim])
-            _exchange(grads[0][b, here], _chunk_grid(grad_q[:size], layout), 0, 0, layout, "from_grid")
-            _fold_key_buffer(grad_k_buffer[:size], layout, grads[1][b, here], grads[3][b, here])
-            _fold_key_buffer(grad_v_buffer[:size], layout, grads[2][b, here], grads[4][b, here])
+            grad_map_bias.zero_()
+            bias = _map_bias(shared, group_images, first_head, group_heads)
+            for views in workspace.run_views(maps):
+                run, slots = views.run, views.run.slots
+                first, n = run.first_chunk(layout), run.chunks
+                do_block = grad_chunks.flatten(0, 1)[first : first + n, :slots]  # (n, slots, M)
+                d_block = delta_chunks.flatten(0, 1)[first : first + n, :slots]  # (n, slots, 1)
+                q_block = views.queries  # (n, slots, M+1)
+                keys_here = _gather(views.keys, views.key_windows)  # (n, S, M+1)
+                # recomputed: a fused softmax is cheaper than exp(S - logsumexp) over masked entries
+                run_bias = bias[run.first_map : run.first_map + run.maps, None, :slots]
+                probs = views.scores
+                float_probs = _probabilities(q_block, keys_here, run_bias, probs, views.float_scores)
+                _add_grad_windows(probs.transpose(1, 2), do_block, grad_v_buffer, views, layout)
+                values_here = _gather(views.values, views.value_windows)  # (n, S, M)
+                if views.float_scores is None:
+                    grad_scores = torch.bmm(do_block, values_here.transpose(1, 2))  # dP, (n, slots, S)
+                    grad_scores.sub_(d_block).mul_(probs)  # dS
+                    float_grad_scores = grad_scores
+                else:
+                    # dP into the rounded probabilities' buffer (read for the last time above); dS in float32
+                    torch.bmm(do_block, values_here.transpose(1, 2), out=probs)
+                    float_grad_scores = views.float_grad_scores.copy_(probs).sub_(d_block).mul_(float_probs)
+                    grad_scores = probs.copy_(float_grad_scores)
+                if grad_shared is not None:
+                    per_map = float_grad_scores.view(run.maps, -1, slots, layout.window_keys)
+                    grad_map_bias[run.first_map : run.first_map + run.maps, :slots] += per_map.sum(1, dtype=accumulate)
+                torch.bmm(grad_scores, keys_here[..., :head_dim], out=grad_q.flatten(0, 1)[first : first + n, :slots])
+                _add_grad_windows(grad_scores.transpose(1, 2), q_block[..., :head_dim], grad_k_buffer, views, layout)
+            _exchange(
+                grads[0][here], _chunk_grid(grad_q[:maps], layout).unflatten(0, by_map), 0, 0, layout, "from_grid"
+            )
+            _fold_key_buffer(grad_k_buffer[:maps].unflatten(0, by_map), layout, grads[1][here], grads[3][here])
+            _fold_key_buffer(grad_v_buffer[:maps].unflatten(0, by_map), layout, grads[2][here], grads[4][here])
+            if grad_shared is not None:
+                grad_shared[here[1]] += grad_map_bias[:maps].view(*by_map, *shared.shape[1:]).sum(0)
     finally:
-        workspace.set_key_extent(None)
+        workspace.set_key_extents(None)
     return (*grads, None if grad_shared is None else grad_shared.to(shared.dtype))
+
+
+def _add_grad_windows(left, right, grad_buffer, views: _RunViews, layout: _Layout) -> None:
+    """grad_buffer += the run's window gradients left @ right (n, S, M): straight into the (contiguous) buffer
+    blocks of each slot block for a run within one chunk row, through ``window_grads`` for a gathered one."""
+    run = views.run
+    if run.gathered:
+        torch.bmm(left, right, out=views.window_grads)
+        _add_window_grads(views.window_grads, grad_buffer, layout, run)
+        return
+    keys_per_block = layout.block_keys
+    for s in range(layout.span):
+        target = _windows(grad_buffer, layout, run, keys_per_block, s)  # (n, keys per block, M)
+        target.baddbmm_(left[:, s * keys_per_block : (s + 1) * keys_per_block], right)
 
 
 class _BlockedLongformerAttention(torch.autograd.Function):
@@ -750,7 +862,7 @@ def longformer_attention_blocked(
         local_queries, local_keys, local_values, global_keys, global_values
     )
     num_global = global_keys.shape[-2]
-    # float32 in reduced precision, where bias and softmax are added and computed in float32 (see _Scratch)
+    # float32 in reduced precision, where bias and softmax are added and computed in float32 (see _Workspace)
     shared = _shared_scores_bias(
         window,
         neighbor,
