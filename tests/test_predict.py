@@ -168,8 +168,13 @@ def test_bad_inputs_are_clear_errors(setup, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"garbage")
     with pytest.raises(PredictError, match="none of the 1 inputs could be read"):
-        predict(root / "model", [broken], tmp_path / "out", progress=False)
-    assert not (tmp_path / "out" / "detections.json").exists()
+        predict(root / "model", [broken], tmp_path / "out" / "nested", progress=False)
+    assert not (tmp_path / "out").exists()  # no file, and not the folders it made for them either
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("someone else's file")
+    with pytest.raises(PredictError, match="none of the 1 inputs could be read"):
+        predict(root / "model", [broken], tmp_path / "kept", progress=False)
+    assert sorted(path.name for path in (tmp_path / "kept").iterdir()) == ["notes.txt"]
     (tmp_path / "empty").mkdir()
     with pytest.raises(PredictError, match="--recursive"):
         predict(root / "model", [tmp_path / "empty"], tmp_path / "out")

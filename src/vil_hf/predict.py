@@ -305,6 +305,25 @@ def _total(sources: Sequence[Source]) -> int | None:
     return total
 
 
+def _make_folders(folders) -> list[Path]:
+    """Create the folders (and missing parents); returns those this call created, deepest first."""
+    made = []
+    for folder in folders:
+        missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        made.extend(missing)
+    return sorted(set(made), key=lambda path: len(path.parts), reverse=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders that are still empty (deepest first), so a run that wrote nothing leaves nothing."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (or gone): someone else's files stay
+            pass
+
+
 def predict(
     model_dir: str | os.PathLike,
     inputs: Sequence[str | os.PathLike],
@@ -340,8 +359,7 @@ def predict(
     identity = {label: label for label in id2label}
 
     out = Path(output_dir)
-    for source in sources:
-        source.output_file(out).parent.mkdir(parents=True, exist_ok=True)
+    made_folders = _make_folders({source.output_file(out).parent for source in sources})
 
     report = PredictionReport()
     results: list[dict[str, Any]] = []
@@ -408,6 +426,7 @@ def predict(
                 report.outputs.append(source.output_file(out))
 
     if not image_entries:
+        _remove_empty(made_folders)
         raise PredictError(
             f"none of the {len(sources)} inputs could be read ("
             + "; ".join(f"{path}: {reason}" for path, reason in report.skipped[:3])
