@@ -384,12 +384,7 @@ def test_blocked_runs_of_every_kind_match_reference(chunks_per_run, exact, neigh
     tensors = _inputs(3, heads, height, width, num_global, 8, window, torch.float64, chunks_per_run)
     expected = _run_with_extents("reference", tensors, height, width, window, exact, neighbor, extents)
     actual = _run_with_extents("blocked", tensors, height, width, window, exact, neighbor, extents)
-    inside = _inside(extents, height, width)
-    torch.testing.assert_close(actual * inside, expected * inside, rtol=1e-10, atol=1e-10)
-    grad_output = torch.randn_like(expected) * inside
-    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
-    for name in tensors:
-        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+    _assert_matches_inside_extents(actual, expected, tensors, extents, height, width)
     blocked.release_workspaces()
 
 
@@ -432,6 +427,16 @@ def _inside(extents, height, width):
     rows, cols = torch.arange(height)[:, None], torch.arange(width)[None]
     inside = (rows < extents[:, 0, None, None]) & (cols < extents[:, 1, None, None])
     return inside.flatten(1)[:, None, :, None]
+
+
+def _assert_matches_inside_extents(actual, expected, tensors, extents, height, width):
+    """Outputs inside each image's extent, and every gradient of outputs there, equal the reference's (float64)."""
+    inside = _inside(extents, height, width)
+    torch.testing.assert_close(actual * inside, expected * inside, rtol=1e-10, atol=1e-10)
+    grad_output = torch.randn_like(expected) * inside
+    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
+    for name in tensors:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
 
 
 def _run_with_extents(implementation, tensors, height, width, window, exact, neighbor, key_extents):
@@ -499,13 +504,7 @@ def test_fast_paths_with_key_extents_match_reference(
     actual = _run_with_extents(implementation, tensors, height, width, window, exact, neighbor, extents)
     monkeypatch.undo()
     assert torch.isfinite(actual).all()
-    inside = _inside(extents, height, width)
-    torch.testing.assert_close(actual * inside, expected * inside, rtol=1e-10, atol=1e-10)
-
-    grad_output = torch.randn_like(expected) * inside
-    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
-    for name in tensors:
-        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-9, atol=1e-9, msg=name)
+    _assert_matches_inside_extents(actual, expected, tensors, extents, height, width)
 
 
 def test_blocked_workspace_forgets_an_images_extent():
