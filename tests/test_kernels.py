@@ -388,6 +388,25 @@ def test_blocked_runs_of_every_kind_match_reference(chunks_per_run, exact, neigh
     blocked.release_workspaces()
 
 
+@pytest.mark.parametrize(
+    "chunks_per_run,says", [(24, "2 whole maps each"), (8, "2 chunk rows each"), (4, "one chunk row each")]
+)
+def test_blocked_logs_how_it_cuts_a_map_size(chunks_per_run, says, monkeypatch, caplog):
+    from vil_kernels.longformer import blocked
+
+    height, width, window = 11, 16, 5
+    layout = blocked._layout(height, width, window, None, 1)
+    monkeypatch.setattr(blocked, "_BLOCK_BYTES", chunks_per_run * window**2 * layout.window_keys * 4)
+    blocked.release_workspaces()
+    tensors = _inputs(2, 2, height, width, 1, 8, window, torch.float32, 0)
+    with caplog.at_level(logging.DEBUG, logger="vil_kernels.longformer"):
+        _run("blocked", tensors, height, width, window, False, None, True)
+        _run("blocked", tensors, height, width, window, False, None, True)  # the same workspace: said once
+    lines = [record.getMessage() for record in caplog.records if record.name.endswith("blocked")]
+    assert len(lines) == 1 and "11x16 map, window 5" in lines[0] and "4 maps" in lines[0] and says in lines[0]
+    blocked.release_workspaces()
+
+
 def test_blocked_workspaces_are_reused_and_can_be_released():
     from vil_kernels.longformer import blocked
 

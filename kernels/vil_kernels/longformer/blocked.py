@@ -44,6 +44,7 @@ exp(S - logsumexp) over masked entries), so no (C, W^2, S) tensor is ever stored
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -54,6 +55,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
+
+logger = logging.getLogger(__name__)
 
 # Scores of one block of chunks are kept near this size, so that softmax and the second product
 # read them from cache.
@@ -395,6 +398,16 @@ def _workspace(layout: _Layout, head_dim: int, group: int, dtype: torch.dtype, d
         cache.move_to_end(key)
         return cache[key]
     cache[key] = workspace = _Workspace(layout, head_dim, group, dtype, device)
+    if logger.isEnabledFor(logging.DEBUG):
+        logger.debug(
+            "blocked: %dx%d map, window %d, %s: %d maps (image x head) loaded together, %s",
+            layout.height,
+            layout.width,
+            layout.window,
+            dtype,
+            group,
+            _describe_runs(layout, workspace.run_views(group)),
+        )
     while len(cache) > _CACHED_WORKSPACES:
         cache.popitem(last=False)
     return workspace
@@ -510,6 +523,19 @@ def _runs(layout: _Layout, dtype: torch.dtype, maps: int):
             slots = last_slots if rows == 1 and i == mx - 1 else w * w
             for j in range(0, my, cols_per_run):
                 yield _Run(first_map, 1, i, rows, j, min(cols_per_run, my - j), slots)
+
+
+def _describe_runs(layout: _Layout, views: list[_RunViews]) -> str:
+    """How a group's runs cut it, and why, for the log."""
+    run = max((view.run for view in views), key=lambda run: run.chunks)
+    count = f"{len(views)} runs of up to {run.chunks} chunks"
+    if run.maps > 1:
+        return f"{count}: {run.maps} whole maps each (a map's scores fit in a run; windows copied out)"
+    if run.rows > 1:
+        return f"{count}: {run.rows} chunk rows each (a chunk row's scores fit in a run; windows copied out)"
+    if run.cols == layout.chunk_cols:
+        return f"{count}: one chunk row each (a row's windows are one strided view)"
+    return f"{count}: parts of a chunk row (a row's scores exceed a run)"
 
 
 def _balanced(total: int, most: int) -> int:
