@@ -33,16 +33,16 @@ IMPLEMENTATIONS = {
 
 # `auto` takes `dense` on CPU while the map has at most this fraction of the 9 W^2 key slots of a
 # chunked window as tokens: dense scores every query against L keys, blocked against 9 W^2, but
-# blocked pays Python overhead per image, head and run of chunks. Measured crossover (forward +
-# backward of one call, window 7, head_dim 32, one global token, 1 thread, dense/blocked time
-# interleaved in one process, two runs on a shared 2-core VM):
+# blocked pays Python overhead per group of maps and run of chunks. Measured dense/blocked time
+# (forward + backward of one call, window 7, head_dim 32, one global token, 1 thread, interleaved
+# in one process, medians of 5; blocked with runs of several chunk rows and maps):
 #   map     B1 H2   B1 H12  B8 H2   B8 H12
-#   16x16   0.31    0.71    0.24    0.48
-#   18x18   0.45    1.00    0.58    0.86
-#   20x20   0.62    1.24    0.75    1.30
-#   21x21   1.01    1.38    0.77    1.54
-#   28x28   2.77    4.43    2.58    3.10
-# so up to 18x18 = 324 tokens at window 7 (0.75 x 441 = 330).
+#   16x16   0.32    0.39    0.27    0.51
+#   18x18   0.41    0.62    0.43    0.91
+#   20x20   0.64    0.94    0.63    1.33
+#   24x24   0.87    1.36    1.13    1.46
+# so up to 18x18 = 324 tokens at window 7 (0.75 x 441 = 330); the crossover measured the same with
+# blocked's earlier one-chunk-row runs (21x21 near 1.0 there).
 DENSE_MAX_TOKENS_PER_WINDOW = 0.75
 
 
