@@ -79,32 +79,29 @@ class ViLFullAttention(ViLAttentionBase):
         batch, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         queries, keys, values = qkv[0], qkv[1], qkv[2]  # (B, H, N, M)
-        bias = None
+        if key_extents is not None and self.use_relative_bias:
+            raise ValueError("Full attention with relative position bias cannot mask keys: run each image size alone.")
         if self.use_relative_bias:
             relative_bias = self.relative_bias(height, width)  # (H, N, N)
             if relative_bias.requires_grad and queries.device.type == "cpu":
                 context = self._attend_with_bias_gradient(queries, keys, values, relative_bias)
-                return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))
-            # 4-D and in the queries' dtype (bfloat16 under autocast): on CPU a 3-D mask, or a float mask of
-            # another dtype, sends SDPA to its unfused math path instead of the fused kernel
-            bias = relative_bias.to(queries.dtype)[None]
-        if key_extents is not None:
-            if self.use_relative_bias:
-                raise ValueError(
-                    "Full attention with relative position bias cannot mask keys: run each image size alone."
-                )
+            else:
+                # 4-D and in the queries' dtype (bfloat16 under autocast): on CPU a 3-D mask, or a float mask of
+                # another dtype, sends SDPA to its unfused math path instead of the fused kernel
+                context = self._sdpa(queries, keys, values, relative_bias.to(queries.dtype)[None])
+        elif key_extents is not None:
             inside = extent_mask(key_extents, height, width).flatten(1)  # (B, L)
             globals_seen = inside.new_ones(batch, length - height * width)
-            bias = torch.cat([globals_seen, inside], dim=1)[:, None, None]  # (B, 1, 1, G + L): True = attend
-        context = F.scaled_dot_product_attention(
-            queries,
-            keys,
-            values,
-            attn_mask=bias,
-            dropout_p=self.dropout_probability(),
-            scale=self.scale,
-        )
+            mask = torch.cat([globals_seen, inside], dim=1)[:, None, None]  # (B, 1, 1, G + L): True = attend
+            context = self._sdpa(queries, keys, values, mask)
+        else:
+            context = self._sdpa(queries, keys, values, None)
         return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))
+
+    def _sdpa(self, queries, keys, values, mask):
+        return F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask, dropout_p=self.dropout_probability(), scale=self.scale
+        )
 
     def _attend_with_bias_gradient(self, queries, keys, values, relative_bias):
         """softmax(q k^T * scale + bias) v where the bias needs a gradient, on CPU: (B, H, N, M).
