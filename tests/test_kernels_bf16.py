@@ -6,7 +6,6 @@ bfloat16, then upcast), so the comparison measures the kernel's own rounding, no
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from vil_hf import ViLConfig, ViLModel
 from vil_hf.attention.full import ViLFullAttention
@@ -265,9 +264,7 @@ def _training_step(model, pixel_values, autocast):
 def _through_sdpa(self, queries, keys, values, relative_bias):
     """What ViLFullAttention ran before it took its own products: SDPA, whose CPU math path gives the bias
     gradient."""
-    return F.scaled_dot_product_attention(
-        queries, keys, values, attn_mask=relative_bias.to(queries.dtype)[None], scale=self.scale
-    )
+    return self._sdpa(queries, keys, values, relative_bias.to(queries.dtype)[None])
 
 
 @pytest.mark.parametrize("autocast", [False, True])

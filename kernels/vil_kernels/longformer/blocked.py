@@ -557,15 +557,6 @@ def _windows(buffer: torch.Tensor, layout: _Layout, run: _Run, keys: int | None 
     return windows if run.gathered else windows.flatten(0, 2)
 
 
-def _add_window_grads(window_grads: torch.Tensor, grad_buffer: torch.Tensor, layout: _Layout, run: _Run) -> None:
-    """Adjoint of reading a gathered run's windows: window_grads (n, S, M) summed into grad_buffer (group, blocks,
-    block_keys, M). Slot block s of chunk t's window is buffer block t + s: one add per s, whose targets are
-    distinct blocks."""
-    parts = window_grads.view(run.maps, run.rows, run.cols, layout.span, layout.block_keys, -1)
-    for s in range(layout.span):
-        _windows(grad_buffer, layout, run, layout.block_keys, s).add_(parts[:, :, :, s])
-
-
 def _map_extents(key_extents, first_image: int, images: int, heads: int, layout: _Layout):
     """Per map of a group, its image's key extent; None where every key of every map is its own."""
     if key_extents is None:
@@ -703,14 +694,18 @@ def _blocked_backward(
 
 
 def _add_grad_windows(left, right, grad_buffer, views: _RunViews, layout: _Layout) -> None:
-    """grad_buffer += the run's window gradients left @ right (n, S, M): straight into the (contiguous) buffer
-    blocks of each slot block for a run within one chunk row, through ``window_grads`` for a gathered one."""
-    run = views.run
+    """grad_buffer (group, blocks, block_keys, M) += the run's window gradients left @ right (n, S, M), the adjoint
+    of reading its windows. Slot block s of chunk t's window is buffer block t + s, so each slot block goes to its
+    buffer blocks in one step, whose targets are distinct blocks: straight from the product (``baddbmm_``) for a
+    run within one chunk row, whose targets are one strided view; through ``window_grads`` for a gathered one."""
+    run, keys_per_block = views.run, layout.block_keys
     if run.gathered:
-        torch.bmm(left, right, out=views.window_grads)
-        _add_window_grads(views.window_grads, grad_buffer, layout, run)
+        parts = torch.bmm(left, right, out=views.window_grads).view(
+            run.maps, run.rows, run.cols, layout.span, keys_per_block, -1
+        )
+        for s in range(layout.span):
+            _windows(grad_buffer, layout, run, keys_per_block, s).add_(parts[:, :, :, s])
         return
-    keys_per_block = layout.block_keys
     for s in range(layout.span):
         target = _windows(grad_buffer, layout, run, keys_per_block, s)  # (n, keys per block, M)
         target.baddbmm_(left[:, s * keys_per_block : (s + 1) * keys_per_block], right)
