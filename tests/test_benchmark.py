@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from vil_hf.benchmark import QUICK, TARGETS, cpu_bfloat16_support, main, measure_peak_memory, random_detection_targets
+from vil_kernels.native import native_ops
 
 # Every ViL-Small/Swin-T time ratio of a default run: the backbone (float32 keys carry no precision),
 # the classifier, in both precisions, and the whole Mask R-CNN in float32.
@@ -139,6 +140,10 @@ def test_backbones_in_bfloat16_at_batch_2(tmp_path):
     assert (results["setup"]["cpu_capability"], results["setup"]["native_bfloat16"]) == (capability, native)
     assert ("without native bfloat16" in results["markdown"]) == (not native)
     assert ("has no native bfloat16" in result.stdout + result.stderr) == (not native)
+    # and which softmax the blocked kernel ran (the subprocess inherits VIL_KERNELS_NATIVE)
+    softmax = "c++" if native_ops() is not None else "pytorch"
+    assert results["setup"]["cpu_softmax"] == softmax
+    assert f"softmax steps in {'C++' if softmax == 'c++' else 'PyTorch ops'}" in results["markdown"]
     # --dtype: this precision only
     assert set(results["backbone"]) == {
         f"{m}_{k}_bfloat16" for m in ("vil", "swin") for k in ("forward", "forward_backward")

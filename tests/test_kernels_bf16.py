@@ -13,6 +13,7 @@ from vil_kernels import relative_bias_table_size
 
 from .test_kernels import _run_with_extents, case_seed
 from .test_modeling import TINY_ARCH, randomize
+from .test_native import use_softmax
 
 # Largest error allowed, as a fraction of the largest magnitude of the expected tensor.
 # - float32: products and softmax accumulate in float32; errors are a few ulps times the number of terms.
@@ -87,15 +88,18 @@ def _runs_of_one_chunk_row(monkeypatch, height, width, window, num_global, neigh
     assert {run.rows for run in blocked._runs(layout, torch.bfloat16, 6)} == {1}
 
 
+@pytest.mark.parametrize("softmax", ["c++", "pytorch"])
 @pytest.mark.parametrize("runs", ["whole maps", "chunk rows"])
 @pytest.mark.parametrize("mode", ["float32", "bfloat16", "autocast"])
 @pytest.mark.parametrize("shape,window,num_global,exact,neighbor,extents", CASES)
 def test_blocked_matches_the_float32_reference(
-    mode, runs, shape, window, num_global, exact, neighbor, extents, monkeypatch
+    mode, runs, softmax, shape, window, num_global, exact, neighbor, extents, monkeypatch
 ):
     """bfloat16: every tensor converted (a model after .to(bfloat16)); autocast: float32 tensors and
     tables, cast by the kernel as a matrix product is; gradients reach the float32 leaves. Runs of whole maps
-    (their windows copied out) and of single chunk rows (windows read in place in float32)."""
+    (their windows copied out) and of single chunk rows (windows read in place in float32); the softmax steps
+    fused in C++ and as PyTorch ops."""
+    use_softmax(monkeypatch, softmax)
     height, width = shape
     if runs == "chunk rows":
         _runs_of_one_chunk_row(monkeypatch, height, width, window, num_global, neighbor)

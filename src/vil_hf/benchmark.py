@@ -28,6 +28,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from vil_kernels.native import native_ops
+
 from .io_utils import atomic_write_text
 
 # ViL-Small detection backbone ("_sparse": longformer in all four stages) and Swin-T. Swin's default stochastic
@@ -420,6 +422,8 @@ def run(
             "machine": platform.processor() or platform.machine(),
             "cpu_capability": cpu_capability,
             "native_bfloat16": native_bfloat16,
+            # built here, before any timing, where it builds at all
+            "cpu_softmax": ("c++" if native_ops() is not None else "pytorch") if device == "cpu" else None,
             "parts": list(parts),
             "image": list(sizes.image),
             "scaled_image": list(sizes.scaled_image),
@@ -655,6 +659,10 @@ def markdown(results: dict) -> str:
     if setup["device"] == "cpu":
         emulated = "bfloat16" in setup["dtypes"] and not setup["native_bfloat16"]
         about.append(f"CPU {setup['cpu_capability']}" + (" without native bfloat16 (emulated)" if emulated else ""))
+        if setup.get("cpu_softmax"):
+            about.append(
+                f"blocked kernel's softmax steps in {'C++' if setup['cpu_softmax'] == 'c++' else 'PyTorch ops'}"
+            )
     if measured & {"backbone", "scaling", "memory"}:
         about.append(
             f"backbones in {' and '.join(setup['dtypes'])} at batch {setup['batch']} (scaling and memory: "

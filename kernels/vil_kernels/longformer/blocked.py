@@ -36,6 +36,11 @@ product: faster than bfloat16's own add and softmax, and more accurate. Float32 
 throughout, or a fused CPU flash-attention call per run over the same window views, measured 5-35%
 slower. The bias-table gradient, a sum over every run of every image, is accumulated in float32.
 
+Fused softmax steps. Where vil_kernels.native builds (a C++ compiler on first use), the bias add and
+softmax of a run, and the backward's dS with its bias-gradient sum, are one C++ pass over the scores
+each, in float32 whatever the scores' dtype (no float32 copy in the forward); the PyTorch ops here are
+the fallback and the reference they are tested against.
+
 Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
 custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
 each run's probabilities (as flash attention does; recomputing the fused softmax is cheaper than
@@ -54,6 +59,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from ..native import native_ops
 from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
 
 logger = logging.getLogger(__name__)
@@ -221,14 +227,24 @@ def _add_bias(scores: torch.Tensor, bias: torch.Tensor) -> None:
     scores.view(bias.shape[0], -1, *scores.shape[1:]).add_(bias)
 
 
-def _probabilities(queries, keys, bias, scores, float_scores) -> torch.Tensor:
-    """softmax(queries . keys + bias) of one run, into ``scores`` (n, slots, S) in the inputs' dtype.
-
-    queries (n, slots, M+1); keys (n, S, M+1); bias (maps, 1, slots, S) in float32 or wider. In reduced
-    precision (``float_scores`` given) the bias and the softmax run on a float32 copy of the scores, which is
-    returned (``scores`` is rounded from it); otherwise ``scores`` itself is returned.
-    """
+def _probabilities(queries, keys, bias, scores, float_scores, native=None, keep_float=False) -> torch.Tensor:
+    """softmax(queries . keys + bias) of one run, into ``scores`` (n, slots, S) in the inputs' dtype: queries
+    (n, slots, M+1), keys (n, S, M+1), the rest as in ``_bias_softmax``."""
     torch.bmm(queries, keys.transpose(1, 2), out=scores)
+    return _bias_softmax(scores, bias, float_scores, native, keep_float)
+
+
+def _bias_softmax(scores, bias, float_scores, native=None, keep_float=False) -> torch.Tensor:
+    """scores (n, slots, S) <- softmax(scores + bias), bias (maps, 1, slots, S) in float32 or wider.
+
+    The bias and the softmax are taken in float32 at least: in reduced precision (``float_scores`` given) on a
+    float32 copy of the scores, or fused in C++ (``native``, see vil_kernels.native). Returns the float32
+    probabilities where the backward needs them (``keep_float``; always, in the PyTorch ops), else ``scores``.
+    """
+    if native is not None:
+        kept = float_scores if keep_float else None
+        native.bias_softmax_(scores, bias[:, 0], kept)
+        return scores if kept is None else kept
     if float_scores is None:
         # bmm then add: cheaper than baddbmm, which first copies the broadcast bias into its output
         _add_bias(scores, bias)
@@ -240,6 +256,29 @@ def _probabilities(queries, keys, bias, scores, float_scores) -> torch.Tensor:
     torch.softmax(probabilities, -1, out=probabilities)
     scores.copy_(probabilities)
     return probabilities
+
+
+def _softmax_grad(grad_scores, probs, delta, bias_grad, float_grad_scores, native=None) -> None:
+    """dS = P * (dP - delta) of one run, over dP in ``grad_scores`` (n, slots, S); ``bias_grad`` (maps, slots, S),
+    if given, += dS summed over each map's chunks. probs and delta (n, slots, 1) in float32 or wider; in reduced
+    precision dS is taken on the float32 copy ``float_grad_scores`` (or fused in C++, ``native``)."""
+    if native is not None:
+        native.softmax_grad_(grad_scores, probs, delta, bias_grad)
+        return
+    if float_grad_scores is None:
+        float_grad = grad_scores.sub_(delta).mul_(probs)
+    else:
+        float_grad = float_grad_scores.copy_(grad_scores).sub_(delta).mul_(probs)
+        grad_scores.copy_(float_grad)
+    if bias_grad is not None:
+        bias_grad += float_grad.view(bias_grad.shape[0], -1, *grad_scores.shape[1:]).sum(1, dtype=bias_grad.dtype)
+
+
+def _native_ops(queries: torch.Tensor):
+    """The C++ softmax ops for these inputs, or None (other devices, float64, or not built)."""
+    if queries.device.type != "cpu" or queries.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    return native_ops()
 
 
 class _Workspace:
@@ -256,7 +295,8 @@ class _Workspace:
     product with the copy 18-31% faster here), so every run's key windows are copied out first, and its value
     windows for the backward's dP; float32 reads single-row windows in place (faster than after a copy).
     The bias and softmax run on a float32 copy of the scores: more accurate than bfloat16's own add and
-    softmax and faster (0.82-0.85x their time).
+    softmax and faster (0.82-0.85x their time). The C++ softmax (vil_kernels.native) reads the scores in place
+    and fills the float32 copy only where the backward needs the probabilities.
     """
 
     def __init__(self, layout: _Layout, head_dim: int, group: int, dtype: torch.dtype, device: torch.device):
@@ -582,6 +622,7 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
     # (B, L, H, M) storage: what the output projection reads, so its reshape needs no copy
     output = queries.new_empty(batch, length, heads, head_dim).permute(0, 2, 1, 3)
     workspace = _workspace(layout, head_dim, images * heads_per_group, queries.dtype, queries.device)
+    native = _native_ops(queries)
     inputs = (queries, keys, values, global_keys, global_values)
     try:
         for first_image, group_images, first_head, group_heads in _groups(batch, heads, images, heads_per_group):
@@ -594,7 +635,7 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
                 run = views.run
                 keys_here = _gather(views.keys, views.key_windows)
                 run_bias = bias[run.first_map : run.first_map + run.maps, None, : run.slots]
-                _probabilities(views.queries, keys_here, run_bias, views.scores, views.float_scores)
+                _probabilities(views.queries, keys_here, run_bias, views.scores, views.float_scores, native)
                 values_here = _gather(views.values, views.value_windows) if run.gathered else views.value_windows
                 torch.bmm(views.scores, values_here, out=views.outputs)
             out_grid = _chunk_grid(workspace.output_chunks[:maps], layout).unflatten(0, (group_images, group_heads))
@@ -625,6 +666,7 @@ def _blocked_backward(
     group = images * heads_per_group
     chunks, slots_per_chunk = layout.chunk_rows * layout.chunk_cols, layout.window**2
     workspace = _workspace(layout, head_dim, group, queries.dtype, queries.device)
+    native = _native_ops(queries)
     # softmax backward: dS = P * (dP - sum(dO * O)) per query, in float32 at least
     delta = (grad_output * output.to(accumulate)).sum(-1, keepdim=True)  # (B, H, L, 1)
 
@@ -664,21 +706,18 @@ def _blocked_backward(
                 # recomputed: a fused softmax is cheaper than exp(S - logsumexp) over masked entries
                 run_bias = bias[run.first_map : run.first_map + run.maps, None, :slots]
                 probs = views.scores
-                float_probs = _probabilities(q_block, keys_here, run_bias, probs, views.float_scores)
+                float_probs = _probabilities(q_block, keys_here, run_bias, probs, views.float_scores, native, True)
                 _add_grad_windows(probs.transpose(1, 2), do_block, grad_v_buffer, views, layout)
                 values_here = _gather(views.values, views.value_windows)  # (n, S, M)
                 if views.float_scores is None:
                     grad_scores = torch.bmm(do_block, values_here.transpose(1, 2))  # dP, (n, slots, S)
-                    grad_scores.sub_(d_block).mul_(probs)  # dS
-                    float_grad_scores = grad_scores
                 else:
-                    # dP into the rounded probabilities' buffer (read for the last time above); dS in float32
-                    torch.bmm(do_block, values_here.transpose(1, 2), out=probs)
-                    float_grad_scores = views.float_grad_scores.copy_(probs).sub_(d_block).mul_(float_probs)
-                    grad_scores = probs.copy_(float_grad_scores)
-                if grad_shared is not None:
-                    per_map = float_grad_scores.view(run.maps, -1, slots, layout.window_keys)
-                    grad_map_bias[run.first_map : run.first_map + run.maps, :slots] += per_map.sum(1, dtype=accumulate)
+                    # dP into the rounded probabilities' buffer (read for the last time above)
+                    grad_scores = torch.bmm(do_block, values_here.transpose(1, 2), out=probs)
+                bias_grad = (
+                    None if grad_shared is None else grad_map_bias[run.first_map : run.first_map + run.maps, :slots]
+                )
+                _softmax_grad(grad_scores, float_probs, d_block, bias_grad, views.float_grad_scores, native)  # dS
                 torch.bmm(grad_scores, keys_here[..., :head_dim], out=grad_q.flatten(0, 1)[first : first + n, :slots])
                 _add_grad_windows(grad_scores.transpose(1, 2), q_block[..., :head_dim], grad_k_buffer, views, layout)
             _exchange(

@@ -1,0 +1,83 @@
+"""Optional C++ kernels (``csrc/``), built with the system's C++ compiler on first use.
+
+The blocked longformer kernel's softmax steps run fused in C++ where this builds, and as PyTorch ops
+otherwise (the same results within float32 rounding; the Python path stays the reference the tests hold
+the C++ against). The build takes about half a minute once per machine and torch version; torch keeps it
+in its extensions folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+
+``VIL_KERNELS_NATIVE`` chooses: ``auto`` (default) builds and, if that fails, warns once and falls back;
+``0`` never builds; ``1`` requires the build and raises if it fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENVIRONMENT_VARIABLE = "VIL_KERNELS_NATIVE"
+_SOURCE = Path(__file__).parent / "csrc" / "softmax.cpp"
+_lock = threading.Lock()
+_built: dict[str, object] = {}  # "ops": the op namespace or None, "reason": why not, once decided
+
+
+def _mode() -> str:
+    mode = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"{ENVIRONMENT_VARIABLE}={mode!r}: use 'auto' (default), '0' (never build) or '1' (require).")
+    return mode
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    started = time.perf_counter()
+    logger.info("building vil_kernels' C++ softmax kernels (once per machine; %s=0 skips it)", ENVIRONMENT_VARIABLE)
+    cpp_extension.load(
+        # one build per torch version: the library links against libtorch
+        name="vil_kernels_native_torch" + torch.__version__.split("+")[0].replace(".", "_"),
+        sources=[str(_SOURCE)],
+        # -fopenmp: ATen's parallel_for is inline and needs it to use torch's thread pool (the same libgomp)
+        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=False,
+    )
+    logger.info("vil_kernels' C++ softmax kernels ready in %.1f s", time.perf_counter() - started)
+    return torch.ops.vil_kernels_native
+
+
+def native_ops():
+    """``torch.ops.vil_kernels_native`` (building it the first time), or None where it is off or did not build."""
+    mode = _mode()
+    if mode == "0":
+        return None
+    if "ops" not in _built:
+        with _lock:
+            if "ops" not in _built:
+                try:
+                    _built["ops"], _built["reason"] = _build(), ""
+                except Exception as error:  # a missing compiler, headers or ninja, or a failed compile
+                    if mode == "1":
+                        raise RuntimeError(
+                            f"{ENVIRONMENT_VARIABLE}=1 but vil_kernels' C++ kernels did not build: {error}"
+                        ) from error
+                    _built["ops"], _built["reason"] = None, f"{type(error).__name__}: {error}"
+                    logger.warning(
+                        "vil_kernels' C++ softmax kernels did not build (%s); using the PyTorch ops, which are "
+                        "slower. Install a C++ compiler and ninja, or set %s=0 to silence this.",
+                        _built["reason"].splitlines()[0],
+                        ENVIRONMENT_VARIABLE,
+                    )
+    if _built["ops"] is None and mode == "1":
+        raise RuntimeError(f"{ENVIRONMENT_VARIABLE}=1 but vil_kernels' C++ kernels did not build: {_built['reason']}")
+    return _built["ops"]
+
+
+__all__ = ["ENVIRONMENT_VARIABLE", "native_ops"]

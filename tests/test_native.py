@@ -1,0 +1,205 @@
+"""vil_kernels.native: the C++ softmax steps of the blocked kernel against their PyTorch ops, and how the build is
+chosen, required or skipped. The blocked kernel's own tests run with both (``use_softmax``)."""
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from vil_kernels import native
+from vil_kernels.longformer import blocked
+
+from .test_kernels import _inputs, _run
+
+HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler here: vil_kernels.native falls back")
+
+
+def use_softmax(monkeypatch, which: str) -> None:
+    """Run the blocked kernel's softmax steps in C++ ("c++", required to build) or as PyTorch ops ("pytorch")."""
+    if which == "c++" and not HAS_COMPILER:
+        pytest.skip("no C++ compiler here: vil_kernels.native falls back")
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, {"c++": "1", "pytorch": "0"}[which])
+
+
+def _scores_and_bias(dtype, chunks, maps, slots, length, seed):
+    """Scores of ``chunks`` chunks (map-major) and a bias of ``maps`` maps cut from a wider tensor (strided maps,
+    fewer slots than it holds), with -inf entries as the kernel's masks have."""
+    generator = torch.Generator().manual_seed(seed)
+    scores = (torch.randn(chunks, slots, length, generator=generator) * 4).to(dtype)
+    wide = torch.randn(maps, slots + 3, length, generator=generator) * 2
+    wide[..., 5:9] = float("-inf")
+    wide[..., -2:] = float("-inf")
+    return scores, wide[:, :slots]
+
+
+def _softmax_in_float64(scores, bias):
+    maps = bias.shape[0]
+    total = scores.double().view(maps, -1, *scores.shape[1:]) + bias.double()[:, None]
+    return total.softmax(-1).view(scores.shape)
+
+
+# Key slots not a multiple of any vector width, one map or several, single chunks.
+SIZES = [(6, 1, 37, 131), (6, 3, 49, 444), (1, 1, 25, 17)]
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunks,maps,slots,length", SIZES)
+def test_bias_softmax_matches_the_pytorch_ops(dtype, chunks, maps, slots, length, monkeypatch):
+    use_softmax(monkeypatch, "c++")
+    ops = native.native_ops()
+    scores, bias = _scores_and_bias(dtype, chunks, maps, slots, length, seed=chunks * slots)
+    expected = _softmax_in_float64(scores, bias)
+
+    fused, fused_float = scores.clone(), torch.full(scores.shape, float("nan"))
+    ops.bias_softmax_(fused, bias, fused_float if dtype == torch.bfloat16 else None)
+    plain, plain_float = scores.clone(), torch.empty(scores.shape) if dtype == torch.bfloat16 else None
+    plain_result = blocked._bias_softmax(plain, bias[:, None], plain_float)
+
+    torch.testing.assert_close(plain_result.double(), expected, rtol=0, atol=1e-6)  # the reference path itself
+    if dtype == torch.float32:
+        torch.testing.assert_close(fused.double(), expected, rtol=0, atol=1e-6)
+    else:
+        torch.testing.assert_close(fused_float.double(), expected, rtol=0, atol=1e-6)
+        # rounded once from float32, as the PyTorch path rounds: equal but where the float32 values straddle a
+        # rounding boundary (one bfloat16 step of 2^-8 relative)
+        assert torch.equal(fused, fused_float.bfloat16())
+        differ = fused != plain
+        assert differ.float().mean() < 1e-3
+        torch.testing.assert_close(fused.float()[differ], plain.float()[differ], rtol=2**-7, atol=0)
+    assert (fused.float()[bias.expand(maps, -1, -1).repeat_interleave(chunks // maps, 0) == float("-inf")] == 0).all()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias_grad", [False, True])
+@pytest.mark.parametrize("chunks,maps,slots,length", SIZES)
+def test_softmax_grad_matches_the_pytorch_ops(dtype, with_bias_grad, chunks, maps, slots, length, monkeypatch):
+    use_softmax(monkeypatch, "c++")
+    ops = native.native_ops()
+    generator = torch.Generator().manual_seed(length)
+    scores, bias = _scores_and_bias(torch.float32, chunks, maps, slots, length, seed=length)
+    probs = _softmax_in_float64(scores, bias).float()
+    grad_probs = torch.randn(chunks, slots, length, generator=generator).to(dtype)
+    # delta as the kernel holds it: a strided (chunks, slots, 1) view into per-chunk rows of more slots
+    delta = torch.randn(chunks, slots + 2, 1, generator=generator)[:, :slots]
+    start = torch.randn(maps, slots + 3, length, generator=generator)  # the bias gradient adds to what is there
+    expected_ds = probs.double() * (grad_probs.double() - delta.double())
+    expected_bias_grad = start[:, :slots].double() + expected_ds.view(maps, -1, slots, length).sum(1)
+
+    fused, fused_bias_grad = grad_probs.clone(), start.clone()
+    ops.softmax_grad_(fused, probs, delta, fused_bias_grad[:, :slots] if with_bias_grad else None)
+    plain, plain_bias_grad = grad_probs.clone(), start.clone()
+    float_copy = torch.empty(plain.shape) if dtype == torch.bfloat16 else None
+    blocked._softmax_grad(plain, probs, delta, plain_bias_grad[:, :slots] if with_bias_grad else None, float_copy)
+
+    tolerance = {torch.float32: 1e-5, torch.bfloat16: 2**-8}[dtype]
+    for actual in (fused, plain):
+        torch.testing.assert_close(actual.double(), expected_ds, rtol=tolerance, atol=1e-6)
+    if dtype == torch.bfloat16:
+        differ = fused != plain  # both round the same float32 dS once
+        assert differ.float().mean() < 1e-3
+    if with_bias_grad:
+        for actual in (fused_bias_grad, plain_bias_grad):
+            torch.testing.assert_close(actual[:, :slots].double(), expected_bias_grad, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(fused_bias_grad, start)
+    assert torch.equal(fused_bias_grad[:, slots:], start[:, slots:])  # rows beyond the view untouched
+
+
+@needs_compiler
+def test_ops_refuse_tensors_they_cannot_read(monkeypatch):
+    use_softmax(monkeypatch, "c++")
+    ops = native.native_ops()
+    scores, bias = _scores_and_bias(torch.float32, 4, 2, 9, 20, seed=0)
+    with pytest.raises(RuntimeError, match="do not split"):
+        ops.bias_softmax_(scores[:3], bias, None)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        ops.bias_softmax_(scores.double(), bias, None)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops.bias_softmax_(scores.transpose(1, 2).contiguous().transpose(1, 2), bias, None)
+    with pytest.raises(RuntimeError, match="must be \\(maps, slots, key slots\\)"):
+        ops.bias_softmax_(scores, bias[:, :5], None)
+    with pytest.raises(RuntimeError, match="delta must be float32"):
+        ops.softmax_grad_(scores, scores, torch.zeros(4, 9, 1, dtype=torch.float64), None)
+
+
+@needs_compiler
+@pytest.mark.parametrize("softmax", ["c++", "pytorch"])
+@pytest.mark.parametrize("exact,neighbor", [(False, None), (True, None), (False, 5)])
+def test_blocked_float32_matches_reference_with_either_softmax(softmax, exact, neighbor, monkeypatch):
+    use_softmax(monkeypatch, softmax)
+    calls = []
+    if softmax == "c++":
+        real = native.native_ops()
+
+        class Counting:
+            def __getattr__(self, name):
+                calls.append(name)
+                return getattr(real, name)
+
+        monkeypatch.setattr(blocked, "native_ops", Counting)
+    height, width, window = 23, 31, 7
+    tensors = _inputs(2, 3, height, width, 1, 32, window, torch.float32, 0)
+    expected = _run("reference", tensors, height, width, window, exact, neighbor, True)
+    actual = _run("blocked", tensors, height, width, window, exact, neighbor, True)
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    grad_output = torch.randn_like(expected)
+    names = list(tensors)
+    expected_grads = torch.autograd.grad(expected, [tensors[n] for n in names], grad_output)
+    actual_grads = torch.autograd.grad(actual, [tensors[n] for n in names], grad_output)
+    for name, a, e in zip(names, actual_grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+    if softmax == "c++":
+        assert {"bias_softmax_", "softmax_grad_"} <= set(calls)
+
+
+def test_zero_never_builds_and_the_kernel_takes_the_pytorch_ops(monkeypatch):
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0")
+    monkeypatch.setattr(native, "_build", lambda: pytest.fail("built although VIL_KERNELS_NATIVE=0"))
+    monkeypatch.setattr(native, "_built", {})
+    assert native.native_ops() is None
+    assert blocked._native_ops(torch.zeros(1)) is None
+
+
+def test_native_ops_are_for_cpu_float32_and_bfloat16_only(monkeypatch):
+    monkeypatch.setattr(native, "_built", {"ops": "the ops", "reason": ""})
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
+    assert blocked._native_ops(torch.zeros(1)) == "the ops"
+    assert blocked._native_ops(torch.zeros(1, dtype=torch.bfloat16)) == "the ops"
+    assert blocked._native_ops(torch.zeros(1, dtype=torch.float64)) is None
+    assert blocked._native_ops(torch.zeros(1, device="meta")) is None
+
+
+def _failing_build():
+    raise OSError("c++: command not found")
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
+    monkeypatch.setattr(native, "_build", _failing_build)
+    monkeypatch.setattr(native, "_built", {})
+    with caplog.at_level(logging.WARNING, logger="vil_kernels.native"):
+        assert native.native_ops() is None
+        assert native.native_ops() is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "c++: command not found" in warnings[0] and "VIL_KERNELS_NATIVE=0" in warnings[0]
+
+
+def test_a_required_build_that_fails_raises(monkeypatch):
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "1")
+    monkeypatch.setattr(native, "_build", _failing_build)
+    monkeypatch.setattr(native, "_built", {})
+    with pytest.raises(RuntimeError, match="VIL_KERNELS_NATIVE=1 but .* did not build: c\\+\\+: command not found"):
+        native.native_ops()
+    with pytest.raises(RuntimeError, match="did not build"):  # and again, from the remembered failure
+        native.native_ops()
+
+
+def test_an_unknown_setting_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "yes")
+    with pytest.raises(ValueError, match="VIL_KERNELS_NATIVE='yes': use 'auto'"):
+        native.native_ops()
