@@ -10,16 +10,18 @@ import torch
 from vil_kernels import native
 from vil_kernels.longformer import blocked
 
-from .test_kernels import _inputs, _run
+from .test_kernels import _grads, _inputs, _run
 
-HAS_COMPILER = shutil.which("c++") is not None or shutil.which("g++") is not None
-needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler here: vil_kernels.native falls back")
+# what torch.utils.cpp_extension needs on PATH to build
+HAS_COMPILER = shutil.which("ninja") is not None and (shutil.which("c++") or shutil.which("g++")) is not None
+NO_COMPILER = "no C++ compiler or ninja here: vil_kernels.native falls back"
+needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason=NO_COMPILER)
 
 
 def use_softmax(monkeypatch, which: str) -> None:
     """Run the blocked kernel's softmax steps in C++ ("c++", required to build) or as PyTorch ops ("pytorch")."""
     if which == "c++" and not HAS_COMPILER:
-        pytest.skip("no C++ compiler here: vil_kernels.native falls back")
+        pytest.skip(NO_COMPILER)
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, {"c++": "1", "pytorch": "0"}[which])
 
 
@@ -147,11 +149,9 @@ def test_blocked_float32_matches_reference_with_either_softmax(softmax, exact, n
     actual = _run("blocked", tensors, height, width, window, exact, neighbor, True)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
     grad_output = torch.randn_like(expected)
-    names = list(tensors)
-    expected_grads = torch.autograd.grad(expected, [tensors[n] for n in names], grad_output)
-    actual_grads = torch.autograd.grad(actual, [tensors[n] for n in names], grad_output)
-    for name, a, e in zip(names, actual_grads, expected_grads):
-        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-4, msg=name)
+    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
+    for name in tensors:
+        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-4, atol=1e-4, msg=name)
     if softmax == "c++":
         assert {"bias_softmax_", "softmax_grad_"} <= set(calls)
 
@@ -165,7 +165,7 @@ def test_zero_never_builds_and_the_kernel_takes_the_pytorch_ops(monkeypatch):
 
 
 def test_native_ops_are_for_cpu_float32_and_bfloat16_only(monkeypatch):
-    monkeypatch.setattr(native, "_built", {"ops": "the ops", "reason": ""})
+    monkeypatch.setattr(native, "_built", {"ops": "the ops", "error": None})
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
     assert blocked._native_ops(torch.zeros(1)) == "the ops"
     assert blocked._native_ops(torch.zeros(1, dtype=torch.bfloat16)) == "the ops"

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 ENVIRONMENT_VARIABLE = "VIL_KERNELS_NATIVE"
 _SOURCE = Path(__file__).parent / "csrc" / "softmax.cpp"
 _lock = threading.Lock()
-_built: dict[str, object] = {}  # "ops": the op namespace or None, "reason": why not, once decided
+_built: dict[str, object] = {}  # once decided, "ops": the op namespace or None, and "error": why not
 
 
 def _mode() -> str:
@@ -38,7 +38,10 @@ def _build():
     from torch.utils import cpp_extension
 
     started = time.perf_counter()
-    logger.info("building vil_kernels' C++ softmax kernels (once per machine; %s=0 skips it)", ENVIRONMENT_VARIABLE)
+    logger.info(
+        "loading vil_kernels' C++ softmax kernels (built once per machine and torch version; %s=0 skips them)",
+        ENVIRONMENT_VARIABLE,
+    )
     cpp_extension.load(
         # one build per torch version: the library links against libtorch
         name="vil_kernels_native_torch" + torch.__version__.split("+")[0].replace(".", "_"),
@@ -62,21 +65,20 @@ def native_ops():
         with _lock:
             if "ops" not in _built:
                 try:
-                    _built["ops"], _built["reason"] = _build(), ""
+                    _built["ops"], _built["error"] = _build(), None
                 except Exception as error:  # a missing compiler, headers or ninja, or a failed compile
-                    if mode == "1":
-                        raise RuntimeError(
-                            f"{ENVIRONMENT_VARIABLE}=1 but vil_kernels' C++ kernels did not build: {error}"
-                        ) from error
-                    _built["ops"], _built["reason"] = None, f"{type(error).__name__}: {error}"
-                    logger.warning(
-                        "vil_kernels' C++ softmax kernels did not build (%s); using the PyTorch ops, which are "
-                        "slower. Install a C++ compiler and ninja, or set %s=0 to silence this.",
-                        _built["reason"].splitlines()[0],
-                        ENVIRONMENT_VARIABLE,
-                    )
+                    _built["ops"], _built["error"] = None, error
+                    if mode != "1":
+                        logger.warning(
+                            "vil_kernels' C++ softmax kernels did not build (%s: %s); using the PyTorch ops, which "
+                            "are slower. Install a C++ compiler and ninja, or set %s=0 to silence this.",
+                            type(error).__name__,
+                            str(error).splitlines()[0] if str(error) else "",
+                            ENVIRONMENT_VARIABLE,
+                        )
     if _built["ops"] is None and mode == "1":
-        raise RuntimeError(f"{ENVIRONMENT_VARIABLE}=1 but vil_kernels' C++ kernels did not build: {_built['reason']}")
+        error = _built["error"]
+        raise RuntimeError(f"{ENVIRONMENT_VARIABLE}=1 but vil_kernels' C++ kernels did not build: {error}") from error
     return _built["ops"]
 
 

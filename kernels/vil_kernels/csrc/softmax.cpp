@@ -152,6 +152,7 @@ void check_rows(const at::Tensor& t, const char* name, int64_t n, int64_t slots,
 // Shared checks: scores (n, slots, S) contiguous float32/bfloat16 on CPU; bias (maps, slots, S) float32 with unit
 // stride in S and S between slots (maps may be strided): maps divides n, the run's chunks are map-major.
 void check_bias(const at::Tensor& scores, const at::Tensor& bias, const char* name) {
+  TORCH_CHECK(scores.dim() == 3, "scores must be (chunks, slots, key slots), got ", scores.sizes());
   TORCH_CHECK(scores.device().is_cpu(), "vil_kernels softmax ops run on CPU tensors");
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kBFloat16,
               "vil_kernels softmax ops take float32 or bfloat16 scores, got ", scores.scalar_type());
@@ -195,6 +196,7 @@ void bias_softmax_(at::Tensor scores, const at::Tensor& bias, const std::optiona
 
 void softmax_grad_(at::Tensor grad, const at::Tensor& probs, const at::Tensor& delta,
                    const std::optional<at::Tensor>& bias_grad) {
+  TORCH_CHECK(grad.dim() == 3 && grad.device().is_cpu(), "grad must be a (chunks, slots, key slots) CPU tensor");
   const int64_t n = grad.size(0), slots = grad.size(1), length = grad.size(2);
   check_rows(grad, "grad", n, slots, length);
   TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16,
