@@ -103,6 +103,11 @@ def test_fast_path_matches_reference_forward_and_backward(implementation, shape,
 @pytest.mark.parametrize("implementation", ["auto"] + CPU_PATHS)
 @pytest.mark.parametrize("exact,neighbor", [(False, None), (True, None), (False, 5)])
 def test_fast_path_matches_reference_in_float32(implementation, exact, neighbor):
+    check_float32_against_reference(implementation, exact, neighbor)
+
+
+def check_float32_against_reference(implementation, exact, neighbor):
+    """Outputs and every gradient of one float32 case (a 23x31 map at window 7, one global) against the reference."""
     height, width, window = 23, 31, 7
     tensors = _inputs(2, 3, height, width, 1, 32, window, torch.float32, 0)
     expected = _run("reference", tensors, height, width, window, exact, neighbor, True)

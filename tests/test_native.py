@@ -10,7 +10,7 @@ import torch
 from vil_kernels import native
 from vil_kernels.longformer import blocked
 
-from .test_kernels import _grads, _inputs, _run
+from .test_kernels import check_float32_against_reference
 
 # what torch.utils.cpp_extension needs on PATH to build
 HAS_COMPILER = shutil.which("ninja") is not None and (shutil.which("c++") or shutil.which("g++")) is not None
@@ -143,15 +143,7 @@ def test_blocked_float32_matches_reference_with_either_softmax(softmax, exact, n
                 return getattr(real, name)
 
         monkeypatch.setattr(blocked, "native_ops", Counting)
-    height, width, window = 23, 31, 7
-    tensors = _inputs(2, 3, height, width, 1, 32, window, torch.float32, 0)
-    expected = _run("reference", tensors, height, width, window, exact, neighbor, True)
-    actual = _run("blocked", tensors, height, width, window, exact, neighbor, True)
-    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
-    grad_output = torch.randn_like(expected)
-    expected_grads, actual_grads = _grads(expected, tensors, grad_output), _grads(actual, tensors, grad_output)
-    for name in tensors:
-        torch.testing.assert_close(actual_grads[name], expected_grads[name], rtol=1e-4, atol=1e-4, msg=name)
+    check_float32_against_reference("blocked", exact, neighbor)
     if softmax == "c++":
         assert {"bias_softmax_", "softmax_grad_"} <= set(calls)
 
