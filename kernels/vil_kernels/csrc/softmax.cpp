@@ -143,19 +143,26 @@ VIL_TARGET_CLONES void softmax_grad_rows_bfloat16(bfloat16_bits* grad, const flo
   softmax_grad_row<bfloat16_bits>(grad, probs, delta, bias_grad, length);
 }
 
+// A float32 tensor laid out like the scores: (chunks, slots, key slots) = (n, slots, length), contiguous.
 void check_rows(const at::Tensor& t, const char* name, int64_t n, int64_t slots, int64_t length) {
   TORCH_CHECK(t.dim() == 3 && t.size(0) == n && t.size(1) == slots && t.size(2) == length, name,
               " must be (chunks, slots, key slots) = (", n, ", ", slots, ", ", length, "), got ", t.sizes());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// Shared checks: scores (n, slots, S) contiguous float32/bfloat16 on CPU; bias (maps, slots, S) float32 with unit
-// stride in S and S between slots (maps may be strided): maps divides n, the run's chunks are map-major.
+// The tensor an op works in place on (scores, or dP becoming dS): (chunks, slots, key slots), contiguous,
+// float32 or bfloat16, on CPU.
+void check_scores(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 3, name, " must be (chunks, slots, key slots), got ", t.sizes());
+  TORCH_CHECK(t.device().is_cpu(), "vil_kernels softmax ops run on CPU tensors");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kBFloat16,
+              "vil_kernels softmax ops take float32 or bfloat16 ", name, ", got ", t.scalar_type());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+}
+
+// bias or bias gradient (maps, slots, S) for checked scores (n, slots, S): float32, unit stride in S and S between
+// slots (maps may be strided); maps divides n, the run's chunks being map-major.
 void check_bias(const at::Tensor& scores, const at::Tensor& bias, const char* name) {
-  TORCH_CHECK(scores.dim() == 3, "scores must be (chunks, slots, key slots), got ", scores.sizes());
-  TORCH_CHECK(scores.device().is_cpu(), "vil_kernels softmax ops run on CPU tensors");
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kBFloat16,
-              "vil_kernels softmax ops take float32 or bfloat16 scores, got ", scores.scalar_type());
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.device().is_cpu(), name, " must be a float32 CPU tensor");
   TORCH_CHECK(bias.dim() == 3 && bias.size(1) == scores.size(1) && bias.size(2) == scores.size(2), name,
               " must be (maps, slots, key slots) matching the scores ", scores.sizes(), ", got ", bias.sizes());
@@ -165,9 +172,9 @@ void check_bias(const at::Tensor& scores, const at::Tensor& bias, const char* na
 }
 
 void bias_softmax_(at::Tensor scores, const at::Tensor& bias, const std::optional<at::Tensor>& float_probs) {
+  check_scores(scores, "scores");
   check_bias(scores, bias, "bias");
   const int64_t n = scores.size(0), slots = scores.size(1), length = scores.size(2);
-  check_rows(scores, "scores", n, slots, length);
   if (float_probs.has_value()) {
     TORCH_CHECK(float_probs->scalar_type() == at::kFloat, "float_probs must be float32");
     check_rows(*float_probs, "float_probs", n, slots, length);
@@ -196,11 +203,8 @@ void bias_softmax_(at::Tensor scores, const at::Tensor& bias, const std::optiona
 
 void softmax_grad_(at::Tensor grad, const at::Tensor& probs, const at::Tensor& delta,
                    const std::optional<at::Tensor>& bias_grad) {
-  TORCH_CHECK(grad.dim() == 3 && grad.device().is_cpu(), "grad must be a (chunks, slots, key slots) CPU tensor");
+  check_scores(grad, "grad");
   const int64_t n = grad.size(0), slots = grad.size(1), length = grad.size(2);
-  check_rows(grad, "grad", n, slots, length);
-  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kBFloat16,
-              "vil_kernels softmax ops take float32 or bfloat16 gradients, got ", grad.scalar_type());
   TORCH_CHECK(probs.scalar_type() == at::kFloat, "probs must be float32");
   check_rows(probs, "probs", n, slots, length);
   TORCH_CHECK(delta.scalar_type() == at::kFloat && delta.dim() == 3 && delta.size(0) == n && delta.size(1) == slots &&
