@@ -19,6 +19,7 @@ from vil_hf.data.shapes import make_shapes
 from vil_hf.training import (
     ConfigError,
     build_model,
+    build_optimizer,
     config_from_dict,
     list_checkpoints,
     load_config,
@@ -183,6 +184,31 @@ def test_warmup_then_step_decay():
     assert lr_factor(500, optim) == pytest.approx(0.01 * 0.5 + 0.5)
     assert lr_factor(1000, optim) == 1.0 and lr_factor(59999, optim) == 1.0
     assert lr_factor(60000, optim) == pytest.approx(0.1) and lr_factor(80000, optim) == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_fused_optimizer_steps_like_the_per_parameter_loop(name):
+    """On the CPU the optimizer is torch's fused one; three steps match the plain loop's, decay groups included."""
+    config = config_from_dict(
+        {"model": {"backbone": None, "arch": TINY_ARCH, "num_labels": 3, "detector": SMALL_HEADS["mask_rcnn"]}}
+    )
+    optim = OptimSection(optimizer=name, lr=0.05, weight_decay=0.1, momentum=0.9)
+    torch.manual_seed(0)
+    fused_model = build_model(config, {0: "a", 1: "b", 2: "c"})
+    plain_model = build_model(config, {0: "a", 1: "b", 2: "c"})
+    plain_model.load_state_dict(fused_model.state_dict())
+    fused, plain = build_optimizer(fused_model, optim, "cpu"), build_optimizer(plain_model, optim)
+    assert all(g["fused"] for g in fused.param_groups) and not any(g["fused"] for g in plain.param_groups)
+    start = {n: p.detach().clone() for n, p in fused_model.named_parameters()}
+    for _ in range(3):
+        for fused_p, plain_p in zip(fused_model.parameters(), plain_model.parameters()):
+            gradient = torch.randn_like(fused_p)
+            fused_p.grad, plain_p.grad = gradient.clone(), gradient.clone()
+        fused.step()
+        plain.step()
+    for (param_name, fused_p), plain_p in zip(fused_model.named_parameters(), plain_model.parameters()):
+        assert not torch.equal(fused_p, start[param_name]), param_name
+        torch.testing.assert_close(fused_p, plain_p, rtol=1e-5, atol=1e-6, msg=param_name)
 
 
 # -- the loop ----------------------------------------------------------------------------------

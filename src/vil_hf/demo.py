@@ -61,8 +61,11 @@ DEMO_BACKBONES = {
 @dataclass
 class DemoSettings:
     output_dir: str = "vil-demo"
-    num_train: int = 600
-    num_val: int = 100
+    # 2000 training images (16 s to draw) rather than 600: 1300 iterations of 8 saw each of 600 images 17 times, and
+    # a model scored box AP 57.8 on its training images against 53.6 on new ones. 300 validation images: on 100, the
+    # same model's AP moved by up to 2.4 between sets (measured against 500 held-out images).
+    num_train: int = 2000
+    num_val: int = 300
     image_size: int = 128
     max_iter: int = 1300
     batch_size: int = 8

@@ -290,7 +290,7 @@ def train(
         # The backbone's own checkpointed blocks and the detectors' heavy head parts, recomputed in the backward.
         model.activation_checkpointing_enable()
         logger.info("gradient checkpointing on: backbone blocks and head convolutions are recomputed in the backward")
-    optimizer = build_optimizer(model, optim)
+    optimizer = build_optimizer(model, optim, accelerator.device)
     model, optimizer = accelerator.prepare(model, optimizer)
 
     start = 0

@@ -46,13 +46,25 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, optim: OptimSection) -> torch.optim.Optimizer:
+# Devices where torch has the fused (one kernel per step) AdamW and SGD. The default per-parameter loop costs
+# ~16 small ops per tensor: 7.3 ms against 2.3 ms fused for the demo detector's 144 tensors on a 2-core CPU.
+_FUSED_DEVICES = ("cpu", "cuda")
+
+
+def build_optimizer(
+    model: nn.Module, optim: OptimSection, device: torch.device | str | None = None
+) -> torch.optim.Optimizer:
     """`optim.optimizer`: adamw (`optim.betas`) or sgd (`optim.momentum`, no Nesterov, as detectron2); both decay
-    the weights of `parameter_groups` only. Frozen parameters (requires_grad False) are left out."""
+    the weights of `parameter_groups` only. Frozen parameters (requires_grad False) are left out.
+
+    `device`: where the parameters will train (the model may still be on the CPU); on the CPU and CUDA the step is
+    torch's fused one (the same update up to float rounding), elsewhere the per-parameter loop.
+    """
     groups = parameter_groups(model, optim.weight_decay)
+    fused = device is not None and torch.device(device).type in _FUSED_DEVICES
     if optim.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=0.0)
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=0.0)
+        return torch.optim.SGD(groups, lr=optim.lr, momentum=optim.momentum, weight_decay=0.0, fused=fused)
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.betas), weight_decay=0.0, fused=fused)
 
 
 def lr_factor(iteration: int, optim: OptimSection) -> float:
