@@ -2,8 +2,9 @@
 
 The blocked longformer kernel's softmax steps run fused in C++ where this builds, and as PyTorch ops
 otherwise (the same results within float32 rounding; the Python path stays the reference the tests hold
-the C++ against). The build takes some seconds (7-8 s on a 2-core VM), once per machine and torch version; torch keeps it
-in its extensions folder (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
+the C++ against). The build takes seconds (7-12 s on a 2-core VM, 36 s once right after a pip install),
+once per machine and torch version; torch keeps it in its extensions folder (``TORCH_EXTENSIONS_DIR``,
+default ``~/.cache/torch_extensions``).
 
 ``VIL_KERNELS_NATIVE`` chooses: ``auto`` (default) builds and, if that fails, warns once and falls back;
 ``0`` never builds; ``1`` requires the build and raises if it fails.
