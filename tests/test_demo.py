@@ -3,9 +3,11 @@
 import json
 
 import pytest
+import torch
 
+from vil_hf import ViLConfig, ViLModel
 from vil_hf.cli import main
-from vil_hf.demo import DemoSettings, demo_config
+from vil_hf.demo import DEMO_ARCH, DemoSettings, demo_config
 
 
 def test_demo_config_is_the_training_schema(tmp_path):
@@ -14,6 +16,14 @@ def test_demo_config_is_the_training_schema(tmp_path):
     assert config.optim.steps == [70, 90] and config.optim.warmup_iters == 10
     # scale augmentation below the 128-pixel images: every batch pads to 128 x 128
     assert config.data.train_shortest_edge == [96, 112, 128]
+
+
+def test_demo_patch_projection_keeps_every_value_of_a_patch():
+    # From scratch, stage 1's projection hardly moves from its random start; narrower than a patch, it
+    # drops the part of each patch that its draw decides (see DEMO_ARCH).
+    projection = ViLModel(ViLConfig(arch=DEMO_ARCH)).get_input_embeddings().weight  # (d, 3, p, p)
+    matrix = projection.detach().flatten(1)
+    assert matrix.shape[0] >= matrix.shape[1] and torch.linalg.matrix_rank(matrix) == matrix.shape[1]
 
 
 @pytest.mark.slow

@@ -207,18 +207,19 @@ print(json.dumps({"step_mib": (_resident_peak_bytes() - before) / 2**20}))
 
 @pytest.mark.slow
 def test_gradient_checkpointing_lowers_peak_memory_on_a_larger_input():
-    """One training step of the demo's ViL Mask R-CNN on two 512 x 512 images, each setting in a fresh process:
-    the peak resident set it adds (VmHWM after the step minus before) is smaller with checkpointing."""
+    """One training step of the demo's ViL Mask R-CNN on two 768 x 768 images, each setting in a fresh process:
+    the peak resident set it adds (VmHWM after the step minus before) is smaller with checkpointing. At 512 the
+    saving (about 40 MiB of 360-390) is too close to the allocator's noise for a ratio."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     peaks = {}
     for setting in ("off", "on"):
         done = subprocess.run(
-            [sys.executable, "-c", _MEMORY_SCRIPT, setting, "512"], capture_output=True, text=True, env=env,
+            [sys.executable, "-c", _MEMORY_SCRIPT, setting, "768"], capture_output=True, text=True, env=env,
             timeout=300, cwd=ROOT,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[setting] = json.loads(done.stdout.strip().splitlines()[-1])["step_mib"]
     print(
-        f"peak memory of a training step, 2 x 512 x 512: {peaks['off']:.0f} MiB plain, {peaks['on']:.0f} MiB checkpointed"
+        f"peak memory of a training step, 2 x 768 x 768: {peaks['off']:.0f} MiB plain, {peaks['on']:.0f} MiB checkpointed"
     )
     assert peaks["on"] < 0.9 * peaks["off"], peaks
