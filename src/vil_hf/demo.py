@@ -16,11 +16,12 @@ from .training.config import TrainConfig, config_from_dict
 # A small ViL: the published layout (4 stages, strides 4/8/16/32, window 7, one global token in
 # stages 1-3, relative position bias) at a width and depth that train in minutes on 2 cores.
 # Stage 1 is 48 wide, the 48 values of a 4x4 RGB patch (every published model's stage 1 is at least that wide).
-# From scratch the patch projections decide a run: stage 1's hardly moves from its random start (cosine 0.97
-# after 1300 iterations), and at width 32 a seed-0 run with seed 1's patch projections scored box AP 57.9, with
-# seed 1's blocks 51.1 (seed 0's weak mode: circles labelled "square"). At 48, seeds 0-3 scored
-# 58.6, 52.9, 62.0 and 64.8 (mask 62.0, 58.3, 63.8, 66.7; one thread per run, the same 300 validation images):
-# seed 1 now takes the weak mode, so the width moves the odds, it does not remove the mode. About 4% slower.
+# From scratch the patch projections' random start decides a run (stage 1's hardly trains: cosine 0.97 to its
+# start after 1300 iterations). At width 32, seed 0 kept labelling circles "square" (box AP 51.1 with seed 1's
+# blocks); with seed 1's stage-1 projection alone it scored 59.2, with seed 1's stage 2-4 projections alone 58.9.
+# At 48, seeds 0-3 scored 58.6, 52.9, 62.0 and 64.8 (mask 62.0, 58.3, 63.8, 66.7; one thread per run, the same
+# 300 validation images): seed 1 now takes the weak mode, so the width moves the odds, it does not remove the mode.
+# Per iteration it cost 0-7% in side-by-side runs.
 DEMO_ARCH = (
     "l1,h2,d48,n1,s1,g1,p4,f7,a0_l2,h2,d64,n1,s1,g1,p2,f7,a0_l3,h4,d128,n2,s1,g1,p2,f7,a0_l4,h4,d128,n1,s1,g0,p2,f7,a0"
 )
