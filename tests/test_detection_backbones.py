@@ -211,15 +211,16 @@ def test_gradient_checkpointing_lowers_peak_memory_on_a_larger_input():
     the peak resident set it adds (VmHWM after the step minus before) is smaller with checkpointing. At 512 the
     saving (about 40 MiB of 360-390) is too close to the allocator's noise for a ratio."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    size = 768
     peaks = {}
     for setting in ("off", "on"):
         done = subprocess.run(
-            [sys.executable, "-c", _MEMORY_SCRIPT, setting, "768"], capture_output=True, text=True, env=env,
+            [sys.executable, "-c", _MEMORY_SCRIPT, setting, str(size)], capture_output=True, text=True, env=env,
             timeout=300, cwd=ROOT,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
         peaks[setting] = json.loads(done.stdout.strip().splitlines()[-1])["step_mib"]
     print(
-        f"peak memory of a training step, 2 x 768 x 768: {peaks['off']:.0f} MiB plain, {peaks['on']:.0f} MiB checkpointed"
+        f"peak memory of a training step, 2 x {size} x {size}: {peaks['off']:.0f} MiB plain, {peaks['on']:.0f} MiB checkpointed"
     )
     assert peaks["on"] < 0.9 * peaks["off"], peaks
