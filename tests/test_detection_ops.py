@@ -15,18 +15,36 @@ from vil_kernels.ops import (
     nms,
     nms_blocked,
     nms_greedy,
+    nms_native,
     roi_align,
     roi_align_gather,
     roi_align_maps,
 )
 
+from .test_native import HAS_COMPILER, needs_compiler
+
 roi_align_module = importlib.import_module("vil_kernels.ops.roi_align")
 
 ROI_ALIGN_IMPLEMENTATIONS = {
-    "embedding_bag": roi_align,
+    "embedding_bag": lambda *args, **kwargs: roi_align(*args, **kwargs, implementation="embedding_bag"),
     "gather": roi_align_gather,
     "gather_bucketed": lambda *args, **kwargs: roi_align_gather(*args, bucketed=True, **kwargs),
 }
+# the C++ kernel (vil_kernels.native) where a compiler builds it, as in CI; its own tests below say when it cannot
+if HAS_COMPILER:
+    ROI_ALIGN_IMPLEMENTATIONS["native"] = lambda *args, **kwargs: roi_align(*args, **kwargs, implementation="native")
+# roi_align_maps' implementations (gather is the plain reference)
+MAPS_IMPLEMENTATIONS = ["embedding_bag", "gather"] + (["native"] if HAS_COMPILER else [])
+# NMS's fast paths, each held to nms_greedy and the loop below
+FAST_NMS = [nms_blocked] + ([nms_native] if HAS_COMPILER else [])
+
+
+@pytest.fixture(autouse=True)
+def _native_kernels_required(monkeypatch):
+    """Where a compiler is, the C++ paths above must build (``VIL_KERNELS_NATIVE=1``) whatever the caller's
+    environment says: the PyTorch paths are tested by name, and the tests of ``auto`` set it themselves."""
+    if HAS_COMPILER:
+        monkeypatch.setenv("VIL_KERNELS_NATIVE", "1")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +163,7 @@ def _random_rois(n, generator, num_images, height, width, spatial_scale, dtype):
 
 
 @pytest.mark.parametrize("threshold", [0.5, 0.7])
-@pytest.mark.parametrize("implementation", [nms, nms_greedy])
+@pytest.mark.parametrize("implementation", [nms, nms_greedy, *FAST_NMS])
 def test_nms_matches_torchvision(tv, implementation, threshold):
     _, ref = tv
     keep = implementation(ref["nms.boxes"], ref["nms.scores"], threshold)
@@ -201,6 +219,9 @@ def test_nms_against_loop_with_duplicate_scores(seed, threshold):
     assert torch.equal(nms(boxes, scores, threshold), expected)
     for block_size in (1, 7, 64, 1000):
         assert torch.equal(nms_blocked(boxes, scores, threshold, block_size=block_size), expected)
+    for fast in FAST_NMS:
+        assert torch.equal(fast(boxes, scores, threshold), expected)
+        assert torch.equal(fast(boxes.double(), scores, threshold), nms_loop(boxes.double(), scores, threshold))
 
 
 def test_nms_fast_path_against_plain_on_many_boxes():
@@ -213,8 +234,12 @@ def test_nms_fast_path_against_plain_on_many_boxes():
         plain = nms_greedy(boxes, scores, threshold)
         assert torch.equal(nms_blocked(boxes, scores, threshold, block_size=100), plain)  # many blocks
         assert torch.equal(nms(boxes, scores, threshold), plain)
+        for fast in FAST_NMS:
+            assert torch.equal(fast(boxes, scores, threshold), plain)
     per_class = nms_greedy(boxes, scores, 0.5, idxs=classes)
     assert torch.equal(batched_nms(boxes, scores, classes, 0.5), per_class)
+    for fast in FAST_NMS:
+        assert torch.equal(fast(boxes, scores, 0.5, idxs=classes), per_class)
 
 
 def test_nms_max_kept_is_the_first_kept_of_the_plain_nms():
@@ -232,10 +257,13 @@ def test_nms_max_kept_is_the_first_kept_of_the_plain_nms():
             for block_size in (16, 64, 256):
                 fast = nms_blocked(boxes, scores, 0.6, idxs=idxs, block_size=block_size, max_kept=max_kept)
                 assert torch.equal(fast, plain[:max_kept]), (max_kept, block_size)
+            if HAS_COMPILER:
+                assert torch.equal(nms_native(boxes, scores, 0.6, idxs=idxs, max_kept=max_kept), plain[:max_kept])
     expected = nms_greedy(boxes, scores, 0.6, classes)[:50]
     assert torch.equal(batched_nms(boxes, scores, classes, 0.6, max_kept=50), expected)
-    with pytest.raises(ValueError, match="max_kept"):
-        nms_blocked(boxes, scores, 0.6, max_kept=-1)
+    for fast in FAST_NMS:
+        with pytest.raises(ValueError, match="max_kept"):
+            fast(boxes, scores, 0.6, max_kept=-1)
 
 
 def test_nms_long_suppression_chain_inside_one_block():
@@ -246,6 +274,8 @@ def test_nms_long_suppression_chain_inside_one_block():
     expected = nms_loop(boxes, scores, 0.5)
     assert torch.equal(expected, torch.arange(0, 40, 2))
     assert torch.equal(nms_blocked(boxes, scores, 0.5, block_size=64), expected)
+    for fast in FAST_NMS:
+        assert torch.equal(fast(boxes, scores, 0.5), expected)
 
 
 def test_batched_nms_is_nms_per_category():
@@ -267,12 +297,44 @@ def test_nms_threshold_compared_in_double_like_torchvision():
     # IoU = 30/100 is float32(0.3), which lies above 0.3: torchvision suppresses; a float32 compare would not
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 3.0]])
     scores = torch.tensor([0.9, 0.8])
-    assert nms(boxes, scores, 0.3).tolist() == [0]
-    assert nms_greedy(boxes, scores, 0.3).tolist() == [0]
+    for implementation in (nms, nms_greedy, *FAST_NMS):
+        assert implementation(boxes, scores, 0.3).tolist() == [0]
+        assert implementation(boxes.double(), scores, 0.3).tolist() == [0, 1]  # in float64 the IoU is 0.3: not above
     # IoU exactly 0.5 is not > 0.5: both stay
     boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 10.0, 5.0]])
-    assert nms(boxes, scores, 0.5).tolist() == [0, 1]
-    assert nms(boxes.double(), scores.double(), 0.5).tolist() == [0, 1]
+    for implementation in (nms, nms_greedy, *FAST_NMS):
+        assert implementation(boxes, scores, 0.5).tolist() == [0, 1]
+        assert implementation(boxes.double(), scores.double(), 0.5).tolist() == [0, 1]
+
+
+@needs_compiler
+def test_nms_takes_the_native_loop_where_it_runs(monkeypatch):
+    nms_module = importlib.import_module("vil_kernels.ops.nms")
+    generator = torch.Generator().manual_seed(6)
+    boxes = _random_boxes(300, generator, size=200.0, max_side=80.0)
+    scores = torch.rand(300, generator=generator)
+    classes = torch.randint(0, 3, (300,), generator=generator)
+    taken = []
+    for name in ("nms_native", "nms_blocked"):
+        real = getattr(nms_module, name)
+        monkeypatch.setattr(nms_module, name, lambda *a, real=real, name=name, **k: taken.append(name) or real(*a, **k))
+    monkeypatch.setenv("VIL_KERNELS_NATIVE", "auto")
+    expected = nms_greedy(boxes, scores, 0.5, idxs=classes)
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), expected)
+    assert torch.equal(nms(boxes.int(), scores, 0.5), nms_greedy(boxes.int(), scores, 0.5))  # integer boxes: float32
+    assert taken == ["nms_native", "nms_native"]
+    monkeypatch.setenv("VIL_KERNELS_NATIVE", "0")  # the C++ kernels off: the blocked PyTorch loop, same result
+    assert torch.equal(batched_nms(boxes, scores, classes, 0.5), expected)
+    assert taken[-1] == "nms_blocked"
+    with pytest.raises(ValueError, match="nms_native runs on CPU boxes where vil_kernels' C\\+\\+ kernels build"):
+        nms_native(boxes, scores, 0.5)
+    monkeypatch.setenv("VIL_KERNELS_NATIVE", "1")
+    ops = nms_module.native_ops()
+    coords, area = boxes.t().contiguous(), (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    with pytest.raises(RuntimeError, match="coords must be a contiguous \\(4, N\\)"):
+        ops.nms_sorted(boxes, area, None, 0.5, 10)
+    with pytest.raises(RuntimeError, match="category must be a contiguous \\(300,\\) int64"):
+        ops.nms_sorted(coords, area, classes.int(), 0.5, 10)
 
 
 def test_box_iou_and_area():
@@ -408,8 +470,10 @@ def test_roi_align_small_budget_splits_calls(monkeypatch):
 
 
 @pytest.mark.parametrize("aligned", [False, True])
-@pytest.mark.parametrize("implementation", ["embedding_bag", "gather"])
+@pytest.mark.parametrize("implementation", ["embedding_bag", "gather", "native"])
 def test_roi_align_gradcheck(implementation, aligned):
+    if implementation not in ROI_ALIGN_IMPLEMENTATIONS:
+        pytest.skip("no C++ compiler or ninja here: the native RoIAlign cannot build")
     generator = torch.Generator().manual_seed(13)
     features = torch.randn(2, 2, 5, 6, generator=generator, dtype=torch.float64, requires_grad=True)
     rois = torch.tensor(
@@ -482,15 +546,90 @@ def test_roi_align_maps_is_roi_align_on_each_roi_alone(with_extents, sampling_ra
         lambda inputs: _maps_one_by_one(inputs, rois, map_index, scales, extents, (5, 4), sampling_ratio, True)
     )
     assert expected.abs().sum() > 0 and all(g.abs().sum() > 0 for g in expected_grads)
-    for plain in (False, True):
+    for implementation in MAPS_IMPLEMENTATIONS:
         out, grads = pooled_and_grads(
-            lambda inputs, plain=plain: roi_align_maps(
-                inputs, rois, map_index, (5, 4), scales, sampling_ratio, True, extents, plain
+            lambda inputs, implementation=implementation: roi_align_maps(
+                inputs, rois, map_index, (5, 4), scales, sampling_ratio, True, extents, implementation
             )
         )
         torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
         for grad, expected_grad in zip(grads, expected_grads):
             torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
+@needs_compiler
+@pytest.mark.parametrize("aligned", [False, True])
+def test_native_roi_align_against_plain_on_detection_shapes(aligned):
+    # The demo's shapes in float32, not multiples of anything: four FPN-like maps of 8 images cut by extents,
+    # 600 RoIs of 2-150 px (adaptive grids of 1 to 6 points per axis, some reversed or off the image), 64 channels;
+    # forward and the maps' gradients against the plain gather and the embedding_bag path.
+    generator = torch.Generator().manual_seed(30 + aligned)
+    shapes = [(8, 33, 30), (8, 17, 15), (8, 9, 8), (8, 5, 4)]
+    maps = [torch.randn(n, 64, h, w, generator=generator) for n, h, w in shapes]
+    scales = [0.25, 0.125, 0.0625, 0.03125]
+    extents = [torch.tensor([[max(1, h - i), max(1, w - 2 * i)] for i in range(8)]) for _, h, w in shapes]
+    rois = torch.cat([_random_rois(150, generator, 8, 33, 30, 0.25, torch.float32) for _ in range(4)])
+    map_index = torch.randint(0, 4, (600,), generator=generator)
+    upstream = torch.randn(600, 64, 7, 7, generator=generator)
+    results = {}
+    for implementation in ("native", "embedding_bag", "gather"):
+        inputs = [m.clone().requires_grad_(True) for m in maps]
+        out = roi_align_maps(inputs, rois, map_index, 7, scales, 0, aligned, extents, implementation)
+        (out * upstream).sum().backward()
+        results[implementation] = (out, [m.grad for m in inputs])
+    expected, expected_grads = results["gather"]
+    assert expected.abs().sum() > 0 and all(g.abs().sum() > 0 for g in expected_grads)
+    for implementation in ("native", "embedding_bag"):
+        out, grads = results[implementation]
+        assert out.shape == (600, 64, 7, 7) and out.is_contiguous()
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        for grad, expected_grad in zip(grads, expected_grads):
+            torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_compiler
+def test_auto_roi_align_takes_the_native_kernel_where_it_runs(monkeypatch):
+    generator = torch.Generator().manual_seed(31)
+    features = torch.randn(2, 6, 12, 19, generator=generator)
+    rois = _random_rois(40, generator, 2, 12, 19, 0.5, torch.float32)
+    taken = []
+    real_native, real_bags = roi_align_module._NativeRoIAlign.apply, roi_align_module._reduce_embedding_bag
+    monkeypatch.setattr(roi_align_module._NativeRoIAlign, "apply", lambda *a: taken.append("native") or real_native(*a))
+    monkeypatch.setattr(
+        roi_align_module, "_reduce_embedding_bag", lambda *a: taken.append("embedding_bag") or real_bags(*a)
+    )
+    monkeypatch.setenv("VIL_KERNELS_NATIVE", "auto")
+    native_out = roi_align(features, rois, 5, 0.5, 0, True)
+    assert taken == ["native"]
+    # bfloat16 (the heads under autocast) has no C++ kernel: auto takes embedding_bag
+    roi_align(features.bfloat16(), rois.bfloat16(), 5, 0.5, 0, True)
+    assert taken == ["native", "embedding_bag"]
+    with pytest.raises(ValueError, match="'native' RoIAlign runs on CPU float32/float64"):
+        roi_align(features.bfloat16(), rois.bfloat16(), 5, 0.5, 0, True, implementation="native")
+    # the C++ kernels switched off: auto falls back to embedding_bag, with the same numbers
+    monkeypatch.setenv("VIL_KERNELS_NATIVE", "0")
+    torch.testing.assert_close(roi_align(features, rois, 5, 0.5, 0, True), native_out, rtol=1e-5, atol=1e-6)
+    assert taken == ["native", "embedding_bag", "embedding_bag"]
+    with pytest.raises(ValueError, match="Unknown RoIAlign implementation 'fast'"):
+        roi_align(features, rois, 5, 0.5, 0, True, implementation="fast")
+
+
+@needs_compiler
+def test_native_roi_align_ops_check_their_inputs(monkeypatch):
+    monkeypatch.setenv("VIL_KERNELS_NATIVE", "1")
+    ops = roi_align_module.native_ops()
+    table = torch.randn(20, 3)
+    geometry = torch.tensor([[0.5, 0.5, 1.0, 1.0]])
+    layout = torch.tensor([[2, 2, 0, 5, 4, 5]])  # a 4 x 5 map at row 0: fits 20 rows
+    assert ops.roi_align_forward(table, geometry, layout, 2, 2).shape == (1, 3, 2, 2)
+    with pytest.raises(RuntimeError, match="does not fit the table's 19 rows"):
+        ops.roi_align_forward(table[:19], geometry, layout, 2, 2)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        ops.roi_align_forward(table.bfloat16(), geometry.bfloat16(), layout, 2, 2)
+    with pytest.raises(RuntimeError, match=r"\(K, 6\) int64"):
+        ops.roi_align_forward(table, geometry, layout.int(), 2, 2)
+    with pytest.raises(RuntimeError, match="does not fit the table's 19 rows"):
+        ops.roi_align_backward(torch.randn(1, 3, 2, 2), geometry, layout, 19)
 
 
 def test_roi_align_maps_bad_inputs_raise_clear_errors():

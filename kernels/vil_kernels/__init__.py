@@ -1,6 +1,7 @@
 """Compute kernels of vil-hf: ViL's longformer attention (a plain reference and fast paths).
 
-PyTorch, plus optional C++ softmax steps built on first use (``vil_kernels.native``, with a PyTorch fallback);
+PyTorch, plus optional C++ kernels (the blocked kernel's softmax steps, RoIAlign) built on first use
+(``vil_kernels.native``, with a PyTorch fallback);
 nothing here depends on transformers, so the kernels can be tested and reused alone.
 """
 

@@ -1,8 +1,9 @@
 """Optional C++ kernels (``csrc/``), built with the system's C++ compiler on first use.
 
-The blocked longformer kernel's softmax steps run fused in C++ where this builds, and as PyTorch ops
-otherwise (the same results within float32 rounding; the Python path stays the reference the tests hold
-the C++ against). The build takes seconds (7-12 s on a 2-core VM, 36 s once right after a pip install),
+Where this builds, the blocked longformer kernel's softmax steps run fused in C++ (``softmax.cpp``),
+RoIAlign computes its bilinear taps on the fly (``roi_align.cpp``) and NMS runs its greedy loop as written
+(``nms.cpp``); otherwise they run as PyTorch ops (the same results, within float rounding where sums are
+regrouped; the Python paths stay the references the tests hold the C++ against). The build takes seconds,
 once per machine and torch version; torch keeps it in its extensions folder (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``).
 
@@ -23,7 +24,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENVIRONMENT_VARIABLE = "VIL_KERNELS_NATIVE"
-_SOURCE = Path(__file__).parent / "csrc" / "softmax.cpp"
+_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "roi_align.cpp", "nms.cpp")]
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # once decided, "ops": the op namespace or None, and "error": why not
 
@@ -40,20 +41,21 @@ def _build():
 
     started = time.perf_counter()
     logger.info(
-        "loading vil_kernels' C++ softmax kernels (built once per machine and torch version; %s=0 skips them)",
+        "loading vil_kernels' C++ kernels (built once per machine and torch version; %s=0 skips them)",
         ENVIRONMENT_VARIABLE,
     )
     cpp_extension.load(
         # one build per torch version: the library links against libtorch
         name="vil_kernels_native_torch" + torch.__version__.split("+")[0].replace(".", "_"),
-        sources=[str(_SOURCE)],
+        sources=[str(source) for source in _SOURCES],
         # -fopenmp: ATen's parallel_for is inline and needs it to use torch's thread pool (the same libgomp)
-        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"],
+        # -ffp-contract=off: no fused multiply-adds, so that float sums follow the PyTorch paths' rounding steps
+        extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
     )
-    logger.info("vil_kernels' C++ softmax kernels ready in %.1f s", time.perf_counter() - started)
+    logger.info("vil_kernels' C++ kernels ready in %.1f s", time.perf_counter() - started)
     return torch.ops.vil_kernels_native
 
 
@@ -71,7 +73,7 @@ def native_ops():
                     _built["ops"], _built["error"] = None, error
                     if mode != "1":
                         logger.warning(
-                            "vil_kernels' C++ softmax kernels did not build (%s: %s); using the PyTorch ops, which "
+                            "vil_kernels' C++ kernels did not build (%s: %s); using the PyTorch ops, which "
                             "are slower. Install a C++ compiler and ninja, or set %s=0 to silence this.",
                             type(error).__name__,
                             str(error).splitlines()[0] if str(error) else "",

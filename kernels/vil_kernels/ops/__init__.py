@@ -1,10 +1,12 @@
 """Detection ops (box IoU, NMS, RoIAlign) in plain PyTorch, with torchvision.ops signatures and semantics.
 
-No compiled extension: these run wherever torch runs, and are checked against stored torchvision outputs.
+They run wherever torch runs and are checked against stored torchvision outputs. RoIAlign and NMS also have C++
+kernels (CPU), built on first use where a compiler is (``vil_kernels.native``), held against the PyTorch paths in
+the tests.
 """
 
 from .boxes import box_area, box_iou
-from .nms import batched_nms, nms, nms_blocked, nms_greedy
+from .nms import batched_nms, nms, nms_blocked, nms_greedy, nms_native
 from .roi_align import roi_align, roi_align_gather, roi_align_maps
 
 __all__ = [
@@ -14,6 +16,7 @@ __all__ = [
     "nms",
     "nms_blocked",
     "nms_greedy",
+    "nms_native",
     "roi_align",
     "roi_align_gather",
     "roi_align_maps",

@@ -4,11 +4,13 @@ Semantics (torchvision CPU): visit boxes by decreasing score, ties kept in input
 is kept unless an already kept box overlaps it with IoU > threshold. The result lists kept indices in that
 visiting order.
 
-Two implementations give identical results:
+Three implementations give identical results:
 
 * :func:`nms_greedy` - the plain one: one vectorised IoU row per kept box against every later box.
-* :func:`nms_blocked` - the fast one (what :func:`nms` runs): boxes are taken in blocks of ``block_size``;
-  a block's boxes are first tested against every box kept by earlier blocks in one (kept, B) IoU tile, then
+* :func:`nms_native` - the greedy loop in C++ (``csrc/nms.cpp``; CPU tensors, where ``vil_kernels.native``
+  builds): what :func:`nms` and :func:`batched_nms` run where it runs.
+* :func:`nms_blocked` - the fast one in PyTorch (what they run elsewhere): boxes are taken in blocks of
+  ``block_size``; a block's boxes are first tested against every box kept by earlier blocks in one (kept, B) IoU tile, then
   the greedy chain inside the block is resolved as a fixed point on the block's (B, B) suppression matrix.
   Only the upper triangle (later boxes) is ever compared, and with ``max_kept`` the blocks after the one
   that fills the quota are never visited.
@@ -26,9 +28,10 @@ import math
 
 import torch
 
+from ..native import native_ops
 from .boxes import check_boxes, pairwise_iou
 
-__all__ = ["batched_nms", "nms", "nms_blocked", "nms_greedy"]
+__all__ = ["batched_nms", "nms", "nms_blocked", "nms_greedy", "nms_native"]
 
 
 def _strict_threshold(iou_threshold: float, dtype: torch.dtype) -> float:
@@ -109,8 +112,7 @@ def nms_blocked(
     """
     if block_size < 1:
         raise ValueError(f"block_size must be positive, got {block_size}")
-    if max_kept is not None and max_kept < 0:
-        raise ValueError(f"max_kept must be None or non-negative, got {max_kept}")
+    _check_max_kept(max_kept)
     order, b, area, cls = _prepare(boxes, scores, idxs)
     threshold = _strict_threshold(iou_threshold, b.dtype)
     n = b.shape[1]
@@ -152,13 +154,54 @@ def nms_blocked(
     return order[kept_idx[:limit]]
 
 
+def _check_max_kept(max_kept: int | None) -> None:
+    if max_kept is not None and max_kept < 0:
+        raise ValueError(f"max_kept must be None or non-negative, got {max_kept}")
+
+
+def _native_for(boxes) -> object | None:
+    """The C++ ops if they run on these boxes (CPU tensors; _prepare makes them float32 or float64), else None."""
+    if not isinstance(boxes, torch.Tensor) or boxes.device.type != "cpu":
+        return None
+    return native_ops()
+
+
+@torch.compiler.disable  # data-dependent output size: runs eagerly inside compiled code
+def nms_native(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    iou_threshold: float,
+    idxs: torch.Tensor | None = None,
+    max_kept: int | None = None,
+) -> torch.Tensor:
+    """Greedy NMS in C++ (see the module docstring); same arguments and result as :func:`nms_blocked`."""
+    _check_max_kept(max_kept)
+    order, b, area, cls = _prepare(boxes, scores, idxs)
+    ops = _native_for(b)
+    if ops is None:
+        raise ValueError(
+            f"nms_native runs on CPU boxes where vil_kernels' C++ kernels build; got boxes on {b.device.type}, "
+            f"C++ kernels {'built' if native_ops() else 'not built'}. Use nms or batched_nms."
+        )
+    threshold = _strict_threshold(iou_threshold, b.dtype)
+    limit = b.shape[1] if max_kept is None else max_kept
+    return order[ops.nms_sorted(b, area, None if cls is None else cls.long().contiguous(), threshold, limit)]
+
+
+def _nms(boxes, scores, iou_threshold, idxs=None, max_kept=None) -> torch.Tensor:
+    """The C++ loop where it runs, else the blocked PyTorch one."""
+    if _native_for(boxes) is not None:
+        return nms_native(boxes, scores, iou_threshold, idxs=idxs, max_kept=max_kept)
+    return nms_blocked(boxes, scores, iou_threshold, idxs=idxs, max_kept=max_kept)
+
+
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
     """Indices (LongTensor) of the boxes kept by greedy NMS, by decreasing score; torchvision.ops.nms semantics.
 
     boxes (N, 4) as (x1, y1, x2, y2), scores (N,); boxes with IoU > ``iou_threshold`` against a higher-scoring
     kept box are dropped.
     """
-    return nms_blocked(boxes, scores, iou_threshold)
+    return _nms(boxes, scores, iou_threshold)
 
 
 def batched_nms(
@@ -175,4 +218,4 @@ def batched_nms(
     Boxes of different categories never suppress each other. Done as one pass with the cross-category pairs
     masked out, rather than torchvision's coordinate offset, so the IoUs are the unshifted ones exactly.
     """
-    return nms_blocked(boxes, scores, iou_threshold, idxs=idxs, max_kept=max_kept)
+    return _nms(boxes, scores, iou_threshold, idxs=idxs, max_kept=max_kept)

@@ -17,15 +17,18 @@ The adaptive grid (``sampling_ratio <= 0``: ``ceil(roi_side / output_side)``) di
 grouped by their grid rounded up to a bucket (1, 2, 3, 4, 6, 8, 12, 16, ...), each group padded to its bucket
 with zero-weight taps: padding costs at most 1.5x per axis, and there is no loop over RoIs.
 
-Two ways to reduce the bags, same numbers:
+Three ways to compute it, same numbers up to float rounding (``implementation``):
 
-* :func:`roi_align_gather` (plain): gather the taps, (bags, taps, C), and contract with the weights;
-  chunked over RoIs to bound that tensor.
-* :func:`roi_align` (fast, CPU and CUDA): ``F.embedding_bag`` with per-sample weights does the gather and the
+* ``gather`` (:func:`roi_align_gather`, plain): gather the taps, (bags, taps, C), and contract with the
+  weights; chunked over RoIs to bound that tensor.
+* ``embedding_bag`` (CPU and CUDA): ``F.embedding_bag`` with per-sample weights does the gather and the
   weighted sum in one kernel without materialising the taps (the backward is a second one over the taps sorted
   by row, :class:`_BagSum`); each axis's taps that land
   on the same row or column are merged first (a bin's points lie within a pixel of each other), which cuts the
-  taps of a 4 x 4 grid from 64 to at most 25 and the sums differ from the plain ones by rounding only.
+  taps of a 4 x 4 grid from 64 to at most 25.
+* ``native`` (CPU, float32 and float64, where ``vil_kernels.native`` builds): C++ that works out each RoI's taps
+  on the fly from the geometry computed here, with no tap tensors, no grouping by grid and no sort
+  (:class:`_NativeRoIAlign`). ``auto`` takes it where it runs, else ``embedding_bag`` (else ``gather``).
 
 :func:`roi_align_maps` pools each RoI from its own map among several (the FPN levels, or one mask stack per
 image), each RoI optionally within its image's extent, in one reduction: all maps are rows of one table, and each
@@ -43,7 +46,11 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-__all__ = ["roi_align", "roi_align_gather", "roi_align_maps"]
+from ..native import native_ops
+
+__all__ = ["IMPLEMENTATIONS", "roi_align", "roi_align_gather", "roi_align_maps"]
+
+IMPLEMENTATIONS = ("auto", "native", "embedding_bag", "gather")
 
 # Tap entries (bags x taps) per reduction call: bounds the int64 index and weight tensors to ~50 MB.
 _MAX_TAPS_PER_CALL = 1 << 22
@@ -223,7 +230,7 @@ def _pool(
     table, rois, layout, spatial_scale, out_hw, sampling_ratio, aligned, reduce, tap_budget, bucketed, merge_taps
 ):
     """RoIAlign over a channels-last table: (K, 5) RoIs, each with its map's ``layout`` (see :func:`_bags`) and
-    scale (a number or (K,)) -> (K, C, out_h, out_w)."""
+    scale (a number or (K,)) -> (K, C, out_h, out_w). ``reduce`` None: the C++ kernel (:class:`_NativeRoIAlign`)."""
     ph, pw = out_hw
     k, c = rois.shape[0], table.shape[1]
     if k == 0 or c == 0:
@@ -232,6 +239,8 @@ def _pool(
     empty_map = (layout[2] == 0) | (layout[3] == 0)
     if bool(empty_map.any()):  # a RoI on a map without pixels averages nothing: zeros, like the reference loop
         geometry = (*geometry[:4], geometry[4].masked_fill(empty_map, 0), geometry[5].masked_fill(empty_map, 0))
+    if reduce is None:
+        return _NativeRoIAlign.apply(table, geometry, layout, out_hw)
     pieces, placed = [], []
     # (RoI members, padded grid) chunks, packed into calls of at most tap_budget taps each
     calls, call_taps = [[]], 0
@@ -297,11 +306,51 @@ def _gather_budget(input) -> int:
     return min(_MAX_TAPS_PER_CALL, _MAX_GATHERED_ELEMENTS // max(1, channels))
 
 
-def _reduction(input, plain: bool = False):
-    """(reduce, tap budget): embedding_bag where it runs (CPU, CUDA), else (or with ``plain``) the gather."""
-    if not plain and isinstance(input, torch.Tensor) and input.device.type in ("cpu", "cuda"):
+def _native_for(input):
+    """The C++ ops if they run on ``input`` (CPU, float32 or float64, built), else None."""
+    if input.device.type != "cpu" or input.dtype not in (torch.float32, torch.float64):
+        return None
+    return native_ops()
+
+
+def _reduction(input, implementation: str = "auto"):
+    """(reduce, tap budget) for ``implementation`` (see the module docstring); reduce None: the C++ kernel."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"Unknown RoIAlign implementation {implementation!r}; choose one of {IMPLEMENTATIONS}.")
+    if implementation == "auto":
+        if _native_for(input) is not None:
+            return None, 0
+        implementation = "embedding_bag" if input.device.type in ("cpu", "cuda") else "gather"
+    if implementation == "native":
+        if _native_for(input) is None:
+            raise ValueError(
+                f"The 'native' RoIAlign runs on CPU float32/float64 tensors where vil_kernels' C++ kernels build; got "
+                f"{input.dtype} on {input.device.type}, C++ kernels {'built' if native_ops() else 'not built'}. "
+                "Use implementation='auto'."
+            )
+        return None, 0
+    if implementation == "embedding_bag":
         return _reduce_embedding_bag, _MAX_TAPS_PER_CALL
     return _reduce_gather, _gather_budget(input)
+
+
+class _NativeRoIAlign(torch.autograd.Function):
+    """The C++ forward and input gradient (``csrc/roi_align.cpp``): -> (K, C, out_h, out_w)."""
+
+    @staticmethod
+    def forward(ctx, table, geometry, layout, out_hw):
+        start_y, start_x, bin_h, bin_w, grid_h, grid_w = geometry
+        spans = torch.stack((start_y, start_x, bin_h, bin_w), dim=1).contiguous()  # (K, 4), the table's dtype
+        sizes = torch.stack((grid_h, grid_w, *layout), dim=1).contiguous()  # (K, 6) int64
+        ctx.save_for_backward(spans, sizes)
+        ctx.rows = table.shape[0]
+        return native_ops().roi_align_forward(table.contiguous(), spans, sizes, *out_hw)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        spans, sizes = ctx.saved_tensors
+        return native_ops().roi_align_backward(grad.contiguous(), spans, sizes, ctx.rows), None, None, None
 
 
 class _BagSum(torch.autograd.Function):
@@ -367,6 +416,7 @@ def roi_align(
     spatial_scale: float = 1.0,
     sampling_ratio: int = -1,
     aligned: bool = False,
+    implementation: str = "auto",
 ) -> torch.Tensor:
     """RoIAlign, torchvision.ops.roi_align semantics: (N, C, H, W) features -> (K, C, out_h, out_w).
 
@@ -374,9 +424,11 @@ def roi_align(
     (K_i, 4) tensors of (x1, y1, x2, y2). ``spatial_scale`` maps box coordinates to the feature map;
     ``sampling_ratio <= 0`` picks ``ceil(roi_side / out_side)`` points per bin and axis for each RoI;
     ``aligned=True`` is detectron2's ROIAlignV2 (half-pixel shift). Differentiable w.r.t. ``input``.
+    ``implementation``: one of ``IMPLEMENTATIONS`` (see the module docstring); ``auto`` takes the fastest that runs.
     """
     _check_args(spatial_scale, sampling_ratio)
-    reduce, budget = _reduction(input)
+    _check_input(input)
+    reduce, budget = _reduction(input, implementation)
     return _roi_align(
         input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, budget, True, merge_taps=True
     )
@@ -412,7 +464,7 @@ def roi_align_maps(
     sampling_ratio: int = -1,
     aligned: bool = False,
     extents: Sequence[torch.Tensor | None] | None = None,
-    plain: bool = False,
+    implementation: str = "auto",
 ) -> torch.Tensor:
     """RoIAlign of each RoI from its own map among several, in one reduction: -> (K, C, out_h, out_w).
 
@@ -420,8 +472,8 @@ def roi_align_maps(
     ``inputs[map_index[k]]``, an (N_i, C, H_i, W_i) map, at ``spatial_scales[map_index[k]]``: the same numbers as
     :func:`roi_align` of that map and RoI alone, up to float rounding. ``extents``: per map, an (N_i, 2) tensor of
     each image's (height, width) on it, or None where the images fill the map; a RoI's samples then clamp to its
-    image's extent as they would on the map cut there. The maps share C, dtype and device. ``plain=True`` reduces
-    with the plain gather (:func:`roi_align_gather`'s), to check the fast path. Differentiable w.r.t. ``inputs``.
+    image's extent as they would on the map cut there. The maps share C, dtype and device. ``implementation``: as
+    :func:`roi_align`'s (``gather`` is the plain reference, to check the others). Differentiable w.r.t. ``inputs``.
     """
     if not isinstance(inputs, (list, tuple)) or not inputs:
         raise ValueError("inputs must be a non-empty list of (N_i, C, H_i, W_i) maps")
@@ -477,8 +529,8 @@ def roi_align_maps(
     channels = first.shape[1]
     table = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, channels) for x in inputs])  # every map's pixels, a row each
     scale = torch.tensor([float(v) for v in spatial_scales], dtype=first.dtype, device=first.device)[maps]
-    reduce, budget = _reduction(first, plain)
+    reduce, budget = _reduction(first, implementation)
     return _pool(
         table, rois, (base, row_stride, height, width), scale, _pair(output_size), sampling_ratio, aligned, reduce,
-        budget, bucketed=True, merge_taps=not plain,
+        budget, bucketed=True, merge_taps=implementation != "gather",
     )  # fmt: skip
