@@ -20,6 +20,8 @@
 #include <cstdint>
 #include <vector>
 
+#define VIL_INLINE inline __attribute__((always_inline))
+
 namespace {
 
 // One axis's bilinear taps for every (pooled cell, sample point): the low and high row (column) and their weights;
@@ -72,6 +74,29 @@ RoI<T> roi_at(const T* geometry, const int64_t* layout, int64_t k) {
   return {g[0], g[1], g[2], g[3], l[0], l[1], l[2], l[3], l[4], l[5]};
 }
 
+// Calls visit(table row, weight) for every tap of bin (ph, pw) with a nonzero weight: the 4 bilinear taps of each of
+// the bin's grid_h x grid_w sample points.
+template <typename T, typename Visit>
+VIL_INLINE void for_each_tap(const RoI<T>& roi, const AxisTaps<T>& ys, const AxisTaps<T>& xs, int64_t ph, int64_t pw,
+                             Visit&& visit) {
+  for (int64_t iy = 0; iy < roi.grid_h; ++iy) {
+    const int64_t ty = ph * roi.grid_h + iy;
+    const int64_t rows[2] = {roi.base + ys.low[ty] * roi.row_stride, roi.base + ys.high[ty] * roi.row_stride};
+    const T wy[2] = {ys.low_weight[ty], ys.high_weight[ty]};
+    for (int64_t ix = 0; ix < roi.grid_w; ++ix) {
+      const int64_t tx = pw * roi.grid_w + ix;
+      const int64_t cols[2] = {xs.low[tx], xs.high[tx]};
+      const T wx[2] = {xs.low_weight[tx], xs.high_weight[tx]};
+      for (int a = 0; a < 2; ++a) {
+        for (int b = 0; b < 2; ++b) {
+          const T w = wy[a] * wx[b];
+          if (w != T(0)) visit(rows[a] + cols[b], w);
+        }
+      }
+    }
+  }
+}
+
 // out[k, :, ph, pw] = (sum over the bin's sample points and their 4 taps of weight * table[row, :]) / count.
 template <typename T>
 void forward_kernel(const T* table, const T* geometry, const int64_t* layout, T* out, int64_t rois, int64_t channels,
@@ -92,26 +117,12 @@ void forward_kernel(const T* table, const T* geometry, const int64_t* layout, T*
       for (int64_t ph = 0; ph < pooled_h; ++ph) {
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
           std::fill(sum.begin(), sum.end(), T(0));
-          for (int64_t iy = 0; iy < roi.grid_h; ++iy) {
-            const int64_t ty = ph * roi.grid_h + iy;
-            const int64_t rows[2] = {roi.base + ys.low[ty] * roi.row_stride, roi.base + ys.high[ty] * roi.row_stride};
-            const T wy[2] = {ys.low_weight[ty], ys.high_weight[ty]};
-            for (int64_t ix = 0; ix < roi.grid_w; ++ix) {
-              const int64_t tx = pw * roi.grid_w + ix;
-              const int64_t cols[2] = {xs.low[tx], xs.high[tx]};
-              const T wx[2] = {xs.low_weight[tx], xs.high_weight[tx]};
-              for (int a = 0; a < 2; ++a) {
-                for (int b = 0; b < 2; ++b) {
-                  const T w = wy[a] * wx[b];
-                  if (w == T(0)) continue;
-                  const T* row = table + (rows[a] + cols[b]) * channels;
-                  T* s = sum.data();
+          T* s = sum.data();
+          for_each_tap(roi, ys, xs, ph, pw, [&](int64_t row, T w) {
+            const T* values = table + row * channels;
 #pragma omp simd
-                  for (int64_t c = 0; c < channels; ++c) s[c] += w * row[c];
-                }
-              }
-            }
-          }
+            for (int64_t c = 0; c < channels; ++c) s[c] += w * values[c];
+          });
           // out is (K, C, out_h, out_w), as the heads take it: a strided write within the RoI's block (in cache)
           // rather than a transposing copy of the whole output afterwards
           T* o = out_roi + ph * pooled_w + pw;
@@ -144,25 +155,12 @@ void backward_kernel(const T* grad, const T* geometry, const int64_t* layout, T*
       for (int64_t ph = 0; ph < pooled_h; ++ph) {
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
           const T* g = grad_roi.data() + (ph * pooled_w + pw) * channels;
-          for (int64_t iy = 0; iy < roi.grid_h; ++iy) {
-            const int64_t ty = ph * roi.grid_h + iy;
-            const int64_t rows[2] = {roi.base + ys.low[ty] * roi.row_stride, roi.base + ys.high[ty] * roi.row_stride};
-            const T wy[2] = {ys.low_weight[ty], ys.high_weight[ty]};
-            for (int64_t ix = 0; ix < roi.grid_w; ++ix) {
-              const int64_t tx = pw * roi.grid_w + ix;
-              const int64_t cols[2] = {xs.low[tx], xs.high[tx]};
-              const T wx[2] = {xs.low_weight[tx], xs.high_weight[tx]};
-              for (int a = 0; a < 2; ++a) {
-                for (int b = 0; b < 2; ++b) {
-                  const T w = wy[a] * wx[b] / count;
-                  if (w == T(0)) continue;
-                  T* row = grad_table + (rows[a] + cols[b]) * channels;
+          for_each_tap(roi, ys, xs, ph, pw, [&](int64_t row, T w) {
+            const T scaled = w / count;
+            T* grads = grad_table + row * channels;
 #pragma omp simd
-                  for (int64_t c = c_begin; c < c_end; ++c) row[c] += w * g[c];
-                }
-              }
-            }
-          }
+            for (int64_t c = c_begin; c < c_end; ++c) grads[c] += scaled * g[c];
+          });
         }
       }
     }
