@@ -15,13 +15,9 @@
 #include <cstdint>
 #include <vector>
 
-namespace {
+#include "vil_kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VIL_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VIL_TARGET_CLONES
-#endif
+namespace {
 
 // Marks the boxes j in [begin, n) that box i suppresses. Branch-free (ternaries, not std::min/max) so that it
 // vectorises; compiled for AVX-512, AVX2 and baseline x86-64, the CPU picking one at load time.

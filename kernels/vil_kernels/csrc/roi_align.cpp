@@ -20,7 +20,7 @@
 #include <cstdint>
 #include <vector>
 
-#define VIL_INLINE inline __attribute__((always_inline))
+#include "vil_kernels.h"
 
 namespace {
 
@@ -74,6 +74,15 @@ RoI<T> roi_at(const T* geometry, const int64_t* layout, int64_t k) {
   return {g[0], g[1], g[2], g[3], l[0], l[1], l[2], l[3], l[4], l[5]};
 }
 
+// The RoI's taps along each axis, into ys and xs; false where it has no sample points (its output is zero).
+template <typename T>
+bool roi_taps(const RoI<T>& roi, int64_t pooled_h, int64_t pooled_w, AxisTaps<T>& ys, AxisTaps<T>& xs) {
+  if (roi.grid_h <= 0 || roi.grid_w <= 0) return false;
+  axis_taps(roi.start_y, roi.bin_h, roi.grid_h, pooled_h, roi.height, ys);
+  axis_taps(roi.start_x, roi.bin_w, roi.grid_w, pooled_w, roi.width, xs);
+  return true;
+}
+
 // Calls visit(table row, weight) for every tap of bin (ph, pw) with a nonzero weight: the 4 bilinear taps of each of
 // the bin's grid_h x grid_w sample points.
 template <typename T, typename Visit>
@@ -107,12 +116,10 @@ void forward_kernel(const T* table, const T* geometry, const int64_t* layout, T*
     for (int64_t k = begin; k < end; ++k) {
       const RoI<T> roi = roi_at(geometry, layout, k);
       T* out_roi = out + k * pooled_h * pooled_w * channels;
-      if (roi.grid_h <= 0 || roi.grid_w <= 0) {  // no sample points: zeros, as the reference averages nothing
+      if (!roi_taps(roi, pooled_h, pooled_w, ys, xs)) {  // no sample points: zeros, the reference averages nothing
         std::fill(out_roi, out_roi + pooled_h * pooled_w * channels, T(0));
         continue;
       }
-      axis_taps(roi.start_y, roi.bin_h, roi.grid_h, pooled_h, roi.height, ys);
-      axis_taps(roi.start_x, roi.bin_w, roi.grid_w, pooled_w, roi.width, xs);
       const T count = static_cast<T>(roi.grid_h * roi.grid_w);
       for (int64_t ph = 0; ph < pooled_h; ++ph) {
         for (int64_t pw = 0; pw < pooled_w; ++pw) {
@@ -144,9 +151,7 @@ void backward_kernel(const T* grad, const T* geometry, const int64_t* layout, T*
     std::vector<T> grad_roi(bins * channels);  // this RoI's gradient, channels-last
     for (int64_t k = 0; k < rois; ++k) {
       const RoI<T> roi = roi_at(geometry, layout, k);
-      if (roi.grid_h <= 0 || roi.grid_w <= 0) continue;
-      axis_taps(roi.start_y, roi.bin_h, roi.grid_h, pooled_h, roi.height, ys);
-      axis_taps(roi.start_x, roi.bin_w, roi.grid_w, pooled_w, roi.width, xs);
+      if (!roi_taps(roi, pooled_h, pooled_w, ys, xs)) continue;
       const T count = static_cast<T>(roi.grid_h * roi.grid_w);
       for (int64_t c = c_begin; c < c_end; ++c) {
         const T* from = grad + (k * channels + c) * bins;

@@ -20,12 +20,7 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define VIL_TARGET_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define VIL_TARGET_CLONES
-#endif
-#define VIL_INLINE inline __attribute__((always_inline))
+#include "vil_kernels.h"
 
 namespace {
 
