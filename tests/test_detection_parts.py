@@ -128,6 +128,42 @@ def test_retinanet_top_block_reads_the_raw_backbone_map():
     torch.testing.assert_close(pyramid[4], top.p7(F.relu(pyramid[3])))
 
 
+def test_fpn_and_mask_head_run_channels_last_with_the_nchw_numbers():
+    """On CPU the pyramid and the mask head take oneDNN's channels-last convolutions whatever layout the backbone
+    gives: their outputs are channels-last and equal, to float32 rounding, the plain NCHW convolutions."""
+    from vil_hf.detection.roi_heads import MaskHead
+
+    torch.manual_seed(0)
+    fpn = FeaturePyramidNetwork([3, 5, 6], 4, LastLevelMaxPool())
+    features = [torch.randn(2, 3, 14, 18), torch.randn(2, 5, 7, 9), torch.randn(2, 6, 4, 5)]  # NCHW, as most give
+    pyramid = fpn(features)
+    assert all(level.is_contiguous(memory_format=torch.channels_last) for level in pyramid[:3])
+    top_down, expected = None, []
+    for feature, lateral, output in zip(features[::-1], fpn.lateral_convs[::-1], fpn.output_convs[::-1]):
+        top_down_here = F.conv2d(feature.contiguous(), lateral.weight, lateral.bias)
+        if top_down is not None:
+            top_down_here = top_down_here + F.interpolate(top_down, size=feature.shape[-2:], mode="nearest")
+        top_down = top_down_here
+        expected.insert(0, F.conv2d(top_down, output.weight, output.bias, padding=1))
+    for actual, wanted in zip(pyramid, expected):
+        torch.testing.assert_close(actual, wanted, rtol=1e-5, atol=1e-5)
+
+    head = MaskHead(in_channels=4, num_convs=2, conv_dim=6, num_labels=3)
+    pooled = torch.randn(5, 4, 7, 7, requires_grad=True)
+    logits = head(pooled)
+    assert logits.shape == (5, 3, 14, 14) and logits.is_contiguous(memory_format=torch.channels_last)
+    hidden = pooled
+    for conv in head.convs:
+        hidden = F.relu(F.conv2d(hidden, conv.weight, conv.bias, padding=1))
+    hidden = F.relu(F.conv_transpose2d(hidden, head.deconv.weight, head.deconv.bias, stride=2))
+    wanted = F.conv2d(hidden, head.predictor.weight, head.predictor.bias)
+    torch.testing.assert_close(logits, wanted, rtol=1e-5, atol=1e-5)
+    grad_output = torch.randn_like(wanted)
+    (actual_grad,) = torch.autograd.grad(logits, pooled, grad_output)
+    (wanted_grad,) = torch.autograd.grad(wanted, pooled, grad_output)
+    torch.testing.assert_close(actual_grad, wanted_grad, rtol=1e-5, atol=1e-5)
+
+
 # -------------------------------------------------------------------------------------------------- pooler
 def test_level_assignment_follows_the_fpn_rule():
     sizes = torch.tensor([10.0, 111.0, 112.0, 224.0, 447.0, 448.0, 2000.0])

@@ -255,6 +255,40 @@ def test_autocast_keeps_a_float32_residual_stream():
     _assert_close(actual, expected, MODEL_TOLERANCE, "block output")
 
 
+@pytest.mark.parametrize("num_global", [1, 2])
+def test_global_queries_score_bfloat16_keys_from_the_left(num_global):
+    """In bfloat16 the global queries' scores take the keys as the left operand (no transposed copy of the map's
+    keys): the same scores, to bfloat16 rounding, as the usual product, on the strided views of a fused projection;
+    and a global layer's output and gradients under autocast stay within the model's tolerance of float32."""
+    from vil_hf.attention.longformer import ViLLongformerAttention, _global_scores
+
+    torch.manual_seed(0)
+    heads, head_dim, length = 3, 16, 1 + 9 * 13
+    projection = torch.randn(2, num_global + length, 3 * heads * head_dim).bfloat16()
+    queries, keys, _ = projection.view(2, num_global + length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    for b in range(2):
+        expected = torch.bmm(queries[b, :, :num_global].float(), keys[b].float().transpose(1, 2))
+        actual = _global_scores(queries[b, :, :num_global], keys[b])
+        assert actual.dtype == torch.bfloat16
+        _assert_close(actual, expected, 2**-8, "global scores")
+
+    config = ViLConfig(arch=MODEL_ARCH, image_size=64, longformer_implementation="blocked")
+    config.num_global_tokens = [num_global] * len(config.num_global_tokens)
+    layer = randomize(ViLLongformerAttention(config, stage_index=0))
+    height, width = 9, 13
+    hidden_states = torch.randn(2, num_global + height * width, config.hidden_sizes[0], requires_grad=True)
+    extents = torch.tensor([[9, 13], [6, 10]])
+    results = {}
+    for autocast in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            output = layer(hidden_states, height, width, key_extents=extents)
+        output = output.float()
+        (grad,) = torch.autograd.grad(output[:, :num_global].pow(2).sum(), hidden_states)
+        results[autocast] = output[:, :num_global].detach(), grad
+    _assert_close(results[True][0], results[False][0], MODEL_TOLERANCE, "global output")
+    _assert_close(results[True][1], results[False][1], TOLERANCES[torch.bfloat16]["grads"], "input grad")
+
+
 def _training_step(model, pixel_values, autocast):
     """Output and parameter gradients of one backward pass (of the output's mean square)."""
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):

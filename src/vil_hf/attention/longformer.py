@@ -12,6 +12,20 @@ from ..configuration_vil import ViLConfig
 from .base import ViLAttentionBase, extent_mask
 
 
+def _global_scores(global_queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """(H, G, M) global queries against (H, N, M) keys (strided views of the projection) -> (H, G, N) scores.
+
+    In bfloat16 a CPU ``bmm`` first copies a transposed strided operand to contiguous memory: with the
+    keys transposed that is every key of the map for a product of G = 1 or 2 rows. With the keys as the
+    left operand only the queries are transposed (measured: scores, softmax and context of ViL-Small's
+    stage 1 at 800x1216, 12.0 -> 2.4 ms; stage 3, 2.0 -> 0.65 ms; same values). float32 BLAS reads either
+    layout in place, and there the usual form measured as fast or faster.
+    """
+    if keys.device.type == "cpu" and keys.dtype.itemsize < 4:
+        return torch.bmm(keys, global_queries.transpose(1, 2)).transpose(1, 2)
+    return torch.bmm(global_queries, keys.transpose(1, 2))
+
+
 class ViLLongformerAttention(ViLAttentionBase):
     """Multi-head attention of one ViL block with a longformer pattern.
 
@@ -88,7 +102,7 @@ class ViLLongformerAttention(ViLAttentionBase):
         beyond = None if key_extents is None else ~extent_mask(key_extents, height, width).flatten(1)  # (B, L)
         contexts = []
         for b in range(batch):
-            scores = torch.bmm(global_queries[b], keys[b].transpose(1, 2))  # (H, G, G + L)
+            scores = _global_scores(global_queries[b], keys[b])  # (H, G, G + L)
             if self.use_relative_bias:
                 scores[..., :num_global] += self.global_to_global_bias
                 scores[..., num_global:] += self.global_to_local_bias[:, :, None]

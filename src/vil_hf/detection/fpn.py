@@ -10,6 +10,20 @@ from .checkpointing import CheckpointedModule
 from .extents import zero_beyond_extents
 
 
+def channels_last_on_cpu(feature_map: torch.Tensor) -> torch.Tensor:
+    """The map in channels-last (NHWC) memory on CPU; unchanged on other devices and while torch.export traces.
+
+    oneDNN's CPU convolutions run NHWC maps faster than NCHW ones, and their outputs stay NHWC, so one
+    conversion at the input of a stack of convolutions speeds up all of them (measured at the demo's sizes:
+    a 3x3 conv of 64 channels on 8 maps of 32x32, forward 1.7 against 3.5 ms; the 2x deconvolution of the
+    mask head, 0.49 against 4.8 ms). torch.compile keeps it (compiled and eager then round alike); torch.export
+    does not, as the conversion's stride checks on symbolic sizes add guards that break dynamic-shape export.
+    """
+    if feature_map.device.type != "cpu" or torch.compiler.is_exporting():
+        return feature_map
+    return feature_map.contiguous(memory_format=torch.channels_last)
+
+
 class LastLevelMaxPool(nn.Module):
     """Mask R-CNN's extra level: P6 is P5 subsampled by 2 (a 1x1 max-pool with stride 2)."""
 
@@ -61,6 +75,8 @@ class FeaturePyramidNetwork(CheckpointedModule):
         if len(backbone_features) != len(self.lateral_convs):
             raise ValueError(f"FPN expects {len(self.lateral_convs)} backbone maps, got {len(backbone_features)}")
         extents = extents or [None] * len(backbone_features)
+        # ViL's maps are channels-last already; most other backbones give NCHW
+        backbone_features = [channels_last_on_cpu(feature) for feature in backbone_features]
         top_down = self.lateral_convs[-1](backbone_features[-1])
         pyramid = [self.output_convs[-1](zero_beyond_extents(top_down, extents[-1]))]
         for feature, level_extents, lateral_conv, output_conv in zip(

@@ -13,6 +13,7 @@ from vil_kernels.ops import batched_nms, box_iou, roi_align_maps
 from .box_coder import BoxCoder
 from .boxes import clip_boxes
 from .checkpointing import CheckpointedModule
+from .fpn import channels_last_on_cpu
 from .losses import smooth_l1_loss
 from .matcher import Matcher, sample_labels
 from .pooler import MultiScaleRoIAlign
@@ -61,7 +62,7 @@ class MaskHead(CheckpointedModule):
         self.predictor = nn.Conv2d(conv_dim, num_labels, kernel_size=1)
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        hidden = pooled
+        hidden = channels_last_on_cpu(pooled)  # RoIAlign writes NCHW
         for conv in self.convs:
             hidden = F.relu(conv(hidden))
         return self.predictor(F.relu(self.deconv(hidden)))  # (R, K, 2S, 2S) logits
