@@ -263,7 +263,7 @@ def test_global_queries_score_bfloat16_keys_from_the_left(num_global):
     from vil_hf.attention.longformer import ViLLongformerAttention, _global_scores
 
     torch.manual_seed(0)
-    heads, head_dim, length = 3, 16, 1 + 9 * 13
+    heads, head_dim, length = 3, 16, 9 * 13
     projection = torch.randn(2, num_global + length, 3 * heads * head_dim).bfloat16()
     queries, keys, _ = projection.view(2, num_global + length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
     for b in range(2):
