@@ -278,7 +278,6 @@ def _pool(
 def _roi_align(
     input, boxes, output_size, spatial_scale, sampling_ratio, aligned, reduce, tap_budget, bucketed, merge_taps=False
 ):
-    _check_input(input)
     out_hw = _pair(output_size)
     rois = _as_rois(boxes, input)
     n, c, height, width = input.shape
@@ -302,8 +301,7 @@ def _reduce_gather(table, indices, weights):
 
 
 def _gather_budget(input) -> int:
-    channels = input.shape[1] if isinstance(input, torch.Tensor) and input.dim() == 4 else 1
-    return min(_MAX_TAPS_PER_CALL, _MAX_GATHERED_ELEMENTS // max(1, channels))
+    return min(_MAX_TAPS_PER_CALL, _MAX_GATHERED_ELEMENTS // max(1, input.shape[1]))
 
 
 def _native_for(input):
@@ -449,6 +447,7 @@ def roi_align_gather(
     :func:`roi_align` does. Runs on any device; used to check the fast path.
     """
     _check_args(spatial_scale, sampling_ratio)
+    _check_input(input)
     budget = _gather_budget(input)
     return _roi_align(
         input, boxes, output_size, spatial_scale, sampling_ratio, aligned, _reduce_gather, budget, bucketed
