@@ -9,7 +9,8 @@ import torch
 
 from vil_hf import ViLConfig, ViLModel
 from vil_hf.attention.full import ViLFullAttention
-from vil_kernels import relative_bias_table_size
+from vil_kernels import native, relative_bias_table_size
+from vil_kernels.longformer import blocked
 
 from .test_kernels import _run_with_extents, case_seed
 from .test_modeling import TINY_ARCH, randomize
@@ -100,10 +101,42 @@ def test_blocked_matches_the_float32_reference(
     (their windows copied out) and of single chunk rows (windows read in place in float32); the softmax steps
     fused in C++ and as PyTorch ops."""
     use_softmax(monkeypatch, softmax)
+    _check_blocked_against_reference(mode, runs, shape, window, num_global, exact, neighbor, extents, 16, monkeypatch)
+
+
+@pytest.mark.parametrize("head_dim", [32, 64])
+@pytest.mark.parametrize("mode", ["bfloat16", "autocast"])
+@pytest.mark.parametrize(
+    "shape,window,num_global,exact,neighbor,extents", CASES + [((16, 11), 4, 2, False, None, None)]
+)
+def test_amx_forward_matches_the_float32_reference(
+    mode, head_dim, shape, window, num_global, exact, neighbor, extents, monkeypatch
+):
+    """The bfloat16 forward as one AMX call over the whole batch, reading the tokens in place (its backward
+    recomputes with the ATen products), on the same cases and two globals; it must be what ran."""
+    use_softmax(monkeypatch, "amx")
+    calls = []
+    real = native.amx_ops()
+
+    class Counting:
+        def longformer_forward_amx_(self, *args):
+            calls.append(args[0].shape)
+            return real.longformer_forward_amx_(*args)
+
+    monkeypatch.setattr(blocked, "amx_ops", Counting)
+    _check_blocked_against_reference(
+        mode, "whole maps", shape, window, num_global, exact, neighbor, extents, head_dim, monkeypatch
+    )
+    assert calls == [(2, 3, shape[0] * shape[1], head_dim)]
+
+
+def _check_blocked_against_reference(
+    mode, runs, shape, window, num_global, exact, neighbor, extents, head_dim, monkeypatch
+):
     height, width = shape
     if runs == "chunk rows":
         _runs_of_one_chunk_row(monkeypatch, height, width, window, num_global, neighbor)
-    values = _values(2, 3, height, width, num_global, 16, window, seed=case_seed(shape, exact, neighbor))
+    values = _values(2, 3, height, width, num_global, head_dim, window, seed=case_seed(shape, exact, neighbor))
     key_extents = None if extents is None else torch.tensor(extents)
     geometry = (height, width, window, exact, neighbor, key_extents)
 
@@ -134,12 +167,15 @@ def test_blocked_matches_the_float32_reference(
         _assert_close(leaves[name].grad, expected_leaves[name].grad, tolerance[kind], f"grad of {name}", scale)
 
 
+@pytest.mark.parametrize("forward", ["c++", "amx"])
 @pytest.mark.parametrize("exact", [False, True])
-def test_bfloat16_kernel_is_as_accurate_as_plain_bfloat16_attention(exact):
+def test_bfloat16_kernel_is_as_accurate_as_plain_bfloat16_attention(exact, forward, monkeypatch):
     """Padding flag, shared bias and chunk buffers add no error of their own in bfloat16: the kernel errs
-    no more than the reference run in bfloat16 (scores rounded once, dense masks), forward and backward."""
+    no more than the reference run in bfloat16 (scores rounded once, dense masks), forward and backward; with
+    its forward on the ATen products and C++ softmax, or in one AMX pass."""
+    use_softmax(monkeypatch, forward)
     height, width, window = 20, 23, 7
-    values = _values(2, 3, height, width, 1, 16, window, seed=3)
+    values = _values(2, 3, height, width, 1, 32, window, seed=3)
     geometry = (height, width, window, exact, None, None)
     expected_leaves = {name: t.clone().requires_grad_() for name, t in values.items()}
     expected = _attention("reference", expected_leaves, *geometry)
@@ -153,11 +189,11 @@ def test_bfloat16_kernel_is_as_accurate_as_plain_bfloat16_attention(exact):
         errors[implementation] = [(output.float() - expected).abs().max()] + [
             (leaves[name].grad.float() - expected_leaves[name].grad).abs().max() for name in INPUTS + TABLES
         ]
-    for name, blocked, plain in zip(("output",) + INPUTS + TABLES, errors["blocked"], errors["reference"]):
+    for name, ours, plain in zip(("output",) + INPUTS + TABLES, errors["blocked"], errors["reference"]):
         # the global keys' and values' gradients add up per-block partials that are each rounded to
         # bfloat16 before the (float32) sum over blocks: measured up to 2.4x plain's error
         factor = 3.0 if name in ("global_keys", "global_values") else 1.5
-        assert blocked <= factor * plain + 1e-6, f"{name}: blocked errs {blocked:.3g}, plain bfloat16 {plain:.3g}"
+        assert ours <= factor * plain + 1e-6, f"{name}: blocked errs {ours:.3g}, plain bfloat16 {plain:.3g}"
 
 
 def test_mixed_dtypes_outside_autocast_are_a_clear_error():

@@ -16,13 +16,18 @@ from .test_kernels import check_float32_against_reference
 HAS_COMPILER = shutil.which("ninja") is not None and (shutil.which("c++") or shutil.which("g++")) is not None
 NO_COMPILER = "no C++ compiler or ninja here: vil_kernels.native falls back"
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason=NO_COMPILER)
+NO_AMX = "this CPU has no AMX bfloat16 tiles (or Linux does not grant them): the ATen products run instead"
 
 
 def use_softmax(monkeypatch, which: str) -> None:
-    """Run the blocked kernel's softmax steps in C++ ("c++", required to build) or as PyTorch ops ("pytorch")."""
-    if which == "c++" and not HAS_COMPILER:
+    """Run the blocked kernel's softmax steps in C++ ("c++", required to build) or as PyTorch ops ("pytorch"), between
+    ATen products; or its bfloat16 forward as one AMX pass per run ("amx", required; skipped where the CPU has none)."""
+    if which in ("c++", "amx") and not HAS_COMPILER:
         pytest.skip(NO_COMPILER)
-    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, {"c++": "1", "pytorch": "0"}[which])
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, {"c++": "1", "pytorch": "0", "amx": "1"}[which])
+    monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "1" if which == "amx" else "0")
+    if which == "amx" and not native.native_ops().amx_available():
+        pytest.skip(NO_AMX)
 
 
 def _scores_and_bias(dtype, chunks, maps, slots, length, seed):
@@ -195,3 +200,96 @@ def test_an_unknown_setting_is_a_clear_error(monkeypatch):
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "yes")
     with pytest.raises(ValueError, match="VIL_KERNELS_NATIVE='yes': use 'auto'"):
         native.native_ops()
+
+
+def _amx_inputs(dim=32, height=9, width=13, num_global=1):
+    """Tokens for ``longformer_forward_amx_``: (B, H, L, M) queries, keys, values; globals; window 5, sliding chunks."""
+    generator = torch.Generator().manual_seed(0)
+    length, heads = height * width, 3
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).bfloat16()
+
+    offsets, span = blocked._slot_chunks(None)
+    slots = span * (len(offsets) // span * 25 + num_global)
+    return dict(
+        queries=rand(2, heads, length, dim),
+        keys=rand(2, heads, length, dim),
+        values=rand(2, heads, length, dim),
+        global_keys=rand(2, heads, num_global, dim),
+        global_values=rand(2, heads, num_global, dim),
+        bias=torch.randn(heads, 25, slots, generator=generator),
+        chunk_offsets=torch.tensor(offsets),
+        chunks_per_block=len(offsets) // span,
+        height=height,
+        width=width,
+        window=5,
+        key_extents=None,
+        output=torch.empty(2, heads, length, dim, dtype=torch.bfloat16),
+    )
+
+
+def test_amx_forward_refuses_what_it_cannot_read(monkeypatch):
+    use_softmax(monkeypatch, "amx")
+    forward = native.native_ops().longformer_forward_amx_
+    good = _amx_inputs()
+    forward(**good)  # the inputs below differ from these in one thing each
+
+    def refused(match, **change):
+        with pytest.raises(RuntimeError, match=match):
+            forward(**{**good, **change})
+
+    refused("head dims 32 and 64, got 16", **{k: v[..., :16] for k, v in good.items() if k in INPUTS + ("output",)})
+    refused("keys must be a bfloat16 CPU tensor, got Float", keys=good["keys"].float())
+    refused("queries hold 117 tokens, not a 9x12 map", width=12)
+    refused("values must be \\(2, 3, 117, 32\\) with unit stride", values=good["values"][:1])
+    refused("output must be .* unit stride", output=good["output"].transpose(2, 3).contiguous().transpose(2, 3))
+    refused("bias must be contiguous float32 \\(3, 25, 228\\)", bias=good["bias"][..., :-1])
+    refused("chunk_offsets must be int64", chunks_per_block=2)
+    refused("key_extents must be int64 \\(2, 2\\)", key_extents=torch.tensor([[9, 13]]))
+
+
+INPUTS = ("queries", "keys", "values", "global_keys", "global_values")
+
+
+def test_amx_setting_chooses_and_logs_why(monkeypatch, caplog):
+    monkeypatch.setattr(native, "_built", {"ops": None, "error": None})
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
+    bfloat16_queries = torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)
+    with caplog.at_level(logging.INFO, logger="vil_kernels.native"):
+        monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "0")
+        assert blocked._amx_forward_ops(bfloat16_queries) is None
+        monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "auto")
+        assert blocked._amx_forward_ops(bfloat16_queries) is None
+        assert blocked._amx_forward_ops(bfloat16_queries) is None  # the same reason is not logged again
+    reasons = [r.getMessage() for r in caplog.records]
+    assert reasons == [
+        "blocked longformer, bfloat16 forward: ATen products (VIL_KERNELS_AMX=0)",
+        "blocked longformer, bfloat16 forward: ATen products (the C++ kernels are off or did not build)",
+    ]
+    monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "1")
+    with pytest.raises(RuntimeError, match="VIL_KERNELS_AMX=1 but .* cannot run: the C\\+\\+ kernels are off"):
+        blocked._amx_forward_ops(bfloat16_queries)
+    monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "yes")
+    with pytest.raises(ValueError, match="VIL_KERNELS_AMX='yes': use 'auto'"):
+        blocked._amx_forward_ops(bfloat16_queries)
+
+
+class _NoAMX:
+    def amx_available(self):
+        return False
+
+
+def test_amx_forward_is_for_bfloat16_head_dims_32_and_64_on_cpus_with_amx(monkeypatch):
+    monkeypatch.setattr(native, "_built", {"ops": _NoAMX(), "error": None})
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
+    monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "auto")
+    assert blocked._amx_forward_ops(torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)) is None  # no AMX here
+    monkeypatch.setattr(native, "_built", {"ops": "the ops", "error": None, "amx": True})
+    for queries in (
+        torch.zeros(1, 1, 4, 32),
+        torch.zeros(1, 1, 4, 48, dtype=torch.bfloat16),
+        torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16, device="meta"),
+    ):
+        assert blocked._amx_forward_ops(queries) is None
+    assert blocked._amx_forward_ops(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)) == "the ops"

@@ -9,6 +9,10 @@ default ``~/.cache/torch_extensions``).
 
 ``VIL_KERNELS_NATIVE`` chooses: ``auto`` (default) builds and, if that fails, warns once and falls back;
 ``0`` never builds; ``1`` requires the build and raises if it fails.
+
+On CPUs with AMX (bfloat16 tiles, Linux granting the tile state) the blocked kernel's bfloat16 forward runs each
+run of chunks in one C++ pass (``attention_amx.cpp``). ``VIL_KERNELS_AMX`` chooses: ``auto`` (default) where
+available, ``0`` never (the ATen products), ``1`` requires it.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENVIRONMENT_VARIABLE = "VIL_KERNELS_NATIVE"
-_SOURCES = [Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "roi_align.cpp", "nms.cpp")]
+AMX_ENVIRONMENT_VARIABLE = "VIL_KERNELS_AMX"
+_SOURCES = [
+    Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "attention_amx.cpp", "roi_align.cpp", "nms.cpp")
+]
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # once decided, "ops": the op namespace or None, and "error": why not
 
@@ -85,4 +92,44 @@ def native_ops():
     return _built["ops"]
 
 
-__all__ = ["ENVIRONMENT_VARIABLE", "native_ops"]
+def _amx_mode() -> str:
+    mode = os.environ.get(AMX_ENVIRONMENT_VARIABLE, "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(
+            f"{AMX_ENVIRONMENT_VARIABLE}={mode!r}: use 'auto' (default: where the CPU has AMX), '0' (never) or '1' "
+            "(require)."
+        )
+    return mode
+
+
+def amx_ops():
+    """The native ops where their AMX attention forward runs here (``VIL_KERNELS_AMX``), else None. The choice and
+    its reason are logged when they change."""
+    mode = _amx_mode()
+    ops = None if mode == "0" else native_ops()
+    if mode == "0":
+        reason = f"{AMX_ENVIRONMENT_VARIABLE}=0"
+    elif ops is None:
+        reason = "the C++ kernels are off or did not build"
+    elif not _amx_available(ops):
+        reason = "this CPU (or its kernel) grants no AMX bfloat16 tiles"
+    else:
+        reason = None
+    if mode == "1" and reason is not None:
+        raise RuntimeError(f"{AMX_ENVIRONMENT_VARIABLE}=1 but the AMX attention forward cannot run: {reason}.")
+    if _built.get("amx_reason", "") != reason:
+        _built["amx_reason"] = reason
+        logger.info(
+            "blocked longformer, bfloat16 forward: %s",
+            "one fused AMX pass per run of chunks" if reason is None else f"ATen products ({reason})",
+        )
+    return ops if reason is None else None
+
+
+def _amx_available(ops) -> bool:
+    if "amx" not in _built:
+        _built["amx"] = bool(ops.amx_available())
+    return _built["amx"]
+
+
+__all__ = ["AMX_ENVIRONMENT_VARIABLE", "ENVIRONMENT_VARIABLE", "amx_ops", "native_ops"]

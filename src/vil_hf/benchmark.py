@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from vil_kernels.native import native_ops
+from vil_kernels.native import amx_ops, native_ops
 
 from .io_utils import atomic_write_text
 
@@ -424,6 +424,7 @@ def run(
             "native_bfloat16": native_bfloat16,
             # built here, before any timing, where it builds at all
             "cpu_softmax": ("c++" if native_ops() is not None else "pytorch") if device == "cpu" else None,
+            "cpu_amx_forward": amx_ops() is not None if device == "cpu" else None,
             "parts": list(parts),
             "image": list(sizes.image),
             "scaled_image": list(sizes.scaled_image),
@@ -662,6 +663,11 @@ def markdown(results: dict) -> str:
         if setup.get("cpu_softmax"):
             about.append(
                 f"blocked kernel's softmax steps in {'C++' if setup['cpu_softmax'] == 'c++' else 'PyTorch ops'}"
+            )
+        if setup.get("cpu_amx_forward") is not None and "bfloat16" in setup["dtypes"]:
+            about.append(
+                "its bfloat16 forward "
+                + ("in one AMX pass" if setup["cpu_amx_forward"] else "on ATen products (no AMX pass here)")
             )
     if measured & {"backbone", "scaling", "memory"}:
         about.append(

@@ -41,6 +41,12 @@ softmax of a run, and the backward's dS with its bias-gradient sum, are one C++ 
 each, in float32 whatever the scores' dtype (no float32 copy in the forward); the PyTorch ops here are
 the fallback and the reference they are tested against.
 
+AMX forward. Where the CPU has AMX bfloat16 tiles (``vil_kernels.native.amx_ops``), the bfloat16 forward skips
+all of the above: one C++ call reads every chunk's queries and window keys and values straight from the input
+tensors, in the shared bias's slot order (``_slot_chunks``), and runs products, bias, padding flags and softmax per
+chunk in cache (``csrc/attention_amx.cpp``): no workspace, no window copies, no Python loop over runs. Its scores
+stay in float32 (the tiles accumulate in float32). The backward below is the same either way.
+
 Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
 custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
 each run's probabilities (as flash attention does; recomputing the fused softmax is cheaper than
@@ -59,7 +65,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..native import native_ops
+from ..native import amx_ops, native_ops
 from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
 
 logger = logging.getLogger(__name__)
@@ -103,17 +109,21 @@ def _layout(height: int, width: int, window: int, neighbor: int | None, num_glob
     return _Layout(height, width, window, neighbor, num_global, mx, my, my, 1, 2 * w2 + num_global)
 
 
+def _slot_chunks(neighbor: int | None) -> tuple[list[tuple[int, int]], int]:
+    """The (chunk row, chunk column) offsets of the chunks a query chunk's key slots hold, in slot order, and the
+    number of blocks they span. 3x3 windows: dj (block t + dj), then the di-th chunk of the block."""
+    if neighbor is None:
+        return [(di - 1, dj - 1) for dj in range(3) for di in range(3)], 3
+    return list(chunk_offsets(neighbor)), 1
+
+
 @lru_cache(maxsize=64)
 def _slot_geometry(window: int, neighbor: int | None, num_global: int, exact: bool, device: str):
     """Per (query slot, key slot): bias-table row (W^2, S), allowed (W^2, S), global index or -1 (S,)."""
     w, g = window, num_global
     inner_row = torch.arange(w).repeat_interleave(w)
     inner_col = torch.arange(w).repeat(w)
-    if neighbor is None:
-        # slot order: dj (block t + dj), then [di-th chunk of the block, inner position | global]
-        offsets, span = [(di - 1, dj - 1) for dj in range(3) for di in range(3)], 3
-    else:
-        offsets, span = list(chunk_offsets(neighbor)), 1
+    offsets, span = _slot_chunks(neighbor)
     chunks_per_block = len(offsets) // span
     slot_row, slot_col, slot_global = [], [], []
     for block in range(span):
@@ -279,6 +289,13 @@ def _native_ops(queries: torch.Tensor):
     if queries.device.type != "cpu" or queries.dtype not in (torch.float32, torch.bfloat16):
         return None
     return native_ops()
+
+
+def _amx_forward_ops(queries: torch.Tensor):
+    """The C++ ops whose ``longformer_forward_amx_`` runs a whole bfloat16 run here, or None (see attention_amx.cpp)."""
+    if queries.device.type != "cpu" or queries.dtype != torch.bfloat16 or queries.shape[-1] not in (32, 64):
+        return None
+    return amx_ops()
 
 
 class _Workspace:
@@ -618,9 +635,29 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
     """Forward, a group of maps at a time; key_extents: per image (rows, cols), or None."""
     # queries, keys, values: (B, H, L, M); global_*: (B, H, G, M); shared: (H, W^2, S)
     batch, heads, length, head_dim = queries.shape
-    images, heads_per_group = _group_shape(layout, head_dim, batch, heads, queries.element_size())
     # (B, L, H, M) storage: what the output projection reads, so its reshape needs no copy
     output = queries.new_empty(batch, length, heads, head_dim).permute(0, 2, 1, 3)
+    fused = _amx_forward_ops(queries)
+    if fused is not None:  # one C++ call reads the tokens in place: no workspace (see attention_amx.cpp)
+        offsets, span = _slot_chunks(layout.neighbor)
+        extents = None if key_extents is None else torch.tensor(key_extents, dtype=torch.long)
+        fused.longformer_forward_amx_(
+            queries,
+            keys,
+            values,
+            global_keys,
+            global_values,
+            shared,
+            torch.tensor(offsets, dtype=torch.long),
+            len(offsets) // span,
+            layout.height,
+            layout.width,
+            layout.window,
+            extents,
+            output,
+        )
+        return output
+    images, heads_per_group = _group_shape(layout, head_dim, batch, heads, queries.element_size())
     workspace = _workspace(layout, head_dim, images * heads_per_group, queries.dtype, queries.device)
     native = _native_ops(queries)
     inputs = (queries, keys, values, global_keys, global_values)
@@ -633,8 +670,8 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
             bias = _map_bias(shared, group_images, first_head, group_heads)
             for views in workspace.run_views(maps):
                 run = views.run
-                keys_here = _gather(views.keys, views.key_windows)
                 run_bias = bias[run.first_map : run.first_map + run.maps, None, : run.slots]
+                keys_here = _gather(views.keys, views.key_windows)
                 _probabilities(views.queries, keys_here, run_bias, views.scores, views.float_scores, native)
                 values_here = _gather(views.values, views.value_windows) if run.gathered else views.value_windows
                 torch.bmm(views.scores, values_here, out=views.outputs)

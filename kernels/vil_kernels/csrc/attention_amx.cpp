@@ -1,0 +1,446 @@
+// The blocked longformer kernel's bfloat16 forward in one C++ pass, on AMX tiles (vil_kernels/longformer/blocked.py).
+//
+// The ATen path copies the map's keys and values three times into chunk-window buffers, then per run of chunks runs
+// bmm, bias + softmax, bmm: oneDNN's batched products of 49 x 33 by 33 x 444 per chunk take about twice the time of
+// one product of the same work, each writes its scores out in bfloat16, and the key windows are copied once more
+// (a CPU bfloat16 bmm copies a transposed operand that overlaps itself). Here every (image, head, chunk) is one task
+// that reads its queries and its window's keys and values straight from the projections, row by row in the slot
+// order of the shared bias (blocked.py's _slot_geometry): the keys are packed into AMX's pair-interleaved layout,
+// the scores of 16 queries against every key accumulate in float32 tiles, the bias, padding flags and softmax run on
+// that float32 row (never rounded to bfloat16), the weights are rounded once for the product with the values, and
+// the output once, written to the output tensor. The backward is unchanged: it recomputes the probabilities with the
+// ATen products (as before, from bfloat16 scores).
+//
+// Only where the CPU has AMX (bf16) and Linux grants the tile state (amx_available); head dims 32 and 64. Elsewhere
+// blocked.py runs the ATen path, which stays the reference the tests hold this against.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "vil_kernels.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+#define VIL_HAVE_AMX 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define VIL_HAVE_AMX 0
+#endif
+
+namespace {
+
+using namespace vil_kernels;
+
+#if VIL_HAVE_AMX
+
+#define VIL_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+
+constexpr int64_t kTile = 16;  // rows of every tile here; 64 bytes a row: 32 bfloat16, 16 float32 or 16 pairs
+
+// The CPU reports AMX-TILE and AMX-BF16 (and AVX512-BW for the packing), and Linux grants this process the tile
+// data state, which it hands out only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+bool request_amx() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30);
+  const bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
+  if (!(avx512f && avx512bw && amx_bf16 && amx_tile)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+bool amx_ready() {
+  static const bool ready = request_amx();
+  return ready;
+}
+
+// Palette 1 with tiles 0-7 all 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Sizes of one call: every chunk has `slots` queries against `keys` key slots, head dim `dim`.
+struct Shape {
+  int64_t slots, keys, dim;
+  int64_t padded_keys;  // keys rounded up to 32 (one bfloat16 tile row of weights)
+  int64_t query_tiles;  // ceil(slots / 16)
+  int64_t feature_steps;  // dim / 32: products over the head dim, one tile row of 32 features each
+  int64_t dim_tiles;  // dim / 16: output tiles of 16 float32 columns
+};
+
+// Zeros read in place of the rows of padding (queries, keys and values; 64 features at most).
+alignas(64) const bfloat16_bits kZeroRow[64] = {};
+
+// Per thread: one chunk's rows (pointers into the inputs, kZeroRow for padding), its packed operands, one query
+// tile's scores and weights, its output.
+struct Scratch {
+  std::vector<const bfloat16_bits*> query_rows, key_rows, value_rows;
+  std::vector<bfloat16_bits*> output_rows;  // nullptr: a padding query, not written
+  std::vector<bfloat16_bits> queries, keys, values, weights;
+  std::vector<float> flags, scores, outputs;
+  void fit(const Shape& s) {
+    query_rows.assign(s.query_tiles * kTile, kZeroRow);
+    key_rows.assign(s.padded_keys, kZeroRow);
+    value_rows.assign(s.padded_keys, kZeroRow);
+    output_rows.assign(s.slots, nullptr);
+    queries.resize(s.query_tiles * kTile * s.dim);
+    keys.resize(s.padded_keys * s.dim);
+    values.resize(s.padded_keys * s.dim);
+    weights.assign(kTile * s.padded_keys, 0);
+    flags.assign(s.padded_keys, -std::numeric_limits<float>::infinity());
+    scores.resize(kTile * s.padded_keys);
+    outputs.resize(kTile * s.dim);
+  }
+};
+
+// rows[i] (16 32-bit words each) -> rows[j] holding word j of every input row: a 16 x 16 transpose in three steps
+// (32-bit and 64-bit interleaves within 128-bit lanes, then lanes).
+VIL_AMX_TARGET inline void transpose_16x16_words(__m512i rows[16]) {
+  __m512i pairs[16], quads[16];
+  for (int i = 0; i < 16; i += 2) {
+    pairs[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    pairs[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  // quads[4g + o], lane L: word 4L + o of rows 4g .. 4g + 3
+  for (int g = 0; g < 16; g += 4) {
+    quads[g + 0] = _mm512_unpacklo_epi64(pairs[g], pairs[g + 2]);
+    quads[g + 1] = _mm512_unpackhi_epi64(pairs[g], pairs[g + 2]);
+    quads[g + 2] = _mm512_unpacklo_epi64(pairs[g + 1], pairs[g + 3]);
+    quads[g + 3] = _mm512_unpackhi_epi64(pairs[g + 1], pairs[g + 3]);
+  }
+  for (int o = 0; o < 4; ++o) {
+    const __m512i low01 = _mm512_shuffle_i32x4(quads[o], quads[4 + o], 0x44);
+    const __m512i high01 = _mm512_shuffle_i32x4(quads[o], quads[4 + o], 0xEE);
+    const __m512i low23 = _mm512_shuffle_i32x4(quads[8 + o], quads[12 + o], 0x44);
+    const __m512i high23 = _mm512_shuffle_i32x4(quads[8 + o], quads[12 + o], 0xEE);
+    rows[o] = _mm512_shuffle_i32x4(low01, low23, 0x88);  // lane 0 of each quad: word o
+    rows[4 + o] = _mm512_shuffle_i32x4(low01, low23, 0xDD);
+    rows[8 + o] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+    rows[12 + o] = _mm512_shuffle_i32x4(high01, high23, 0xDD);
+  }
+}
+
+// Key rows -> the B operand of scores = Q K^T: for key tile j (16 keys) and feature step t, 16 rows (feature pairs
+// t*16 + r) of 16 keys x 2 features, i.e. 32-bit word [r][i] = key j*16+i's feature pair t*16+r: a transpose of
+// 16 x 16 words.
+VIL_AMX_TARGET void pack_keys(const bfloat16_bits* const* rows, const Shape& s, bfloat16_bits* packed) {
+  for (int64_t first = 0; first < s.padded_keys; first += kTile) {
+    for (int64_t step = 0; step < s.feature_steps; ++step) {
+      __m512i words[16];
+      for (int64_t i = 0; i < kTile; ++i) words[i] = _mm512_loadu_si512(rows[first + i] + step * 32);
+      transpose_16x16_words(words);
+      bfloat16_bits* tile = packed + ((first / kTile) * s.feature_steps + step) * kTile * 32;
+      for (int64_t r = 0; r < kTile; ++r) _mm512_storeu_si512(tile + r * 32, words[r]);
+    }
+  }
+}
+
+// Value rows -> the B operand of out = weights V: for key block b (32 keys) and dim tile d (16 columns), 16 rows
+// (key pairs) of 16 columns x 2 keys.
+VIL_AMX_TARGET void pack_values(const bfloat16_bits* const* rows, const Shape& s, bfloat16_bits* packed) {
+  // word i of the result: column i of the even key, then column i of the odd key
+  alignas(64) int16_t order[32];
+  for (int i = 0; i < 16; ++i) {
+    order[2 * i] = static_cast<int16_t>(i);
+    order[2 * i + 1] = static_cast<int16_t>(32 + i);
+  }
+  const __m512i interleave = _mm512_load_si512(order);
+  for (int64_t key = 0; key < s.padded_keys; key += 2) {
+    const int64_t block = key / 32, row = (key % 32) / 2;
+    for (int64_t d = 0; d < s.dim_tiles; ++d) {
+      const __m512i even =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[key] + d * kTile)));
+      const __m512i odd =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[key + 1] + d * kTile)));
+      _mm512_storeu_si512(packed + ((block * s.dim_tiles + d) * kTile + row) * 32,
+                          _mm512_permutex2var_epi16(even, interleave, odd));
+    }
+  }
+}
+
+// exp(x) for x <= 0 on 16 lanes: exp_nonpositive's (vil_kernels.h) range reduction and polynomial, in fused
+// multiply-adds, scaled by 2^n with scalef. Lanes below -87 (and -inf) give 0.
+VIL_AMX_TARGET inline __m512 exp_nonpositive16(__m512 x) {
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(kept, p, n);
+}
+
+// 16 float32 -> bfloat16, rounding to nearest even as narrow() does.
+VIL_AMX_TARGET inline __m256i round_to_bfloat16(__m512 x) {
+  const __m512i bits = _mm512_castps_si512(x);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+}
+
+// One query row, over all padded_keys slots (a multiple of 32): weights = exp(x - max x), x = scores + bias +
+// key_terms, rounded to bfloat16 into `weights`; returns 1 / their float32 sum, by which the row's output is scaled
+// (so the weights are not normalised one by one). key_terms are the keys' padding flags, -inf past `keys` (so those
+// weights are 0); bias has `keys` entries (the last vector read masked). Two accumulators per reduction: one would
+// serialise each pass on its latency.
+VIL_AMX_TARGET float softmax_row(float* scores, const float* bias, const float* key_terms, bfloat16_bits* weights,
+                                 int64_t keys, int64_t padded_keys) {
+  __m512 most[2] = {_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
+                    _mm512_set1_ps(-std::numeric_limits<float>::infinity())};
+  for (int64_t k = 0; k < padded_keys; k += 16) {
+    const int64_t valid = std::clamp<int64_t>(keys - k, 0, 16);
+    const __m512 b = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << valid) - 1u), bias + k);
+    const __m512 value = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(scores + k), b), _mm512_loadu_ps(key_terms + k));
+    _mm512_storeu_ps(scores + k, value);
+    most[(k / 16) % 2] = _mm512_max_ps(most[(k / 16) % 2], value);
+  }
+  const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(most[0], most[1])));
+  __m512 total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+  for (int64_t k = 0; k < padded_keys; k += 16) {
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(scores + k), row_max));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + k), round_to_bfloat16(e));
+    total[(k / 16) % 2] = _mm512_add_ps(total[(k / 16) % 2], e);
+  }
+  return 1.0f / _mm512_reduce_add_ps(_mm512_add_ps(total[0], total[1]));
+}
+
+// One chunk, its rows in w (Scratch::fit, then filled by the caller): bias (slots, keys) with rows at bias_stride.
+VIL_AMX_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const Shape& s, Scratch& w) {
+  for (int64_t q = 0; q < s.query_tiles * kTile; ++q) {
+    std::memcpy(w.queries.data() + q * s.dim, w.query_rows[q], s.dim * sizeof(bfloat16_bits));
+  }
+  pack_keys(w.key_rows.data(), s, w.keys.data());
+  pack_values(w.value_rows.data(), s, w.values.data());
+  const int64_t key_tiles = s.padded_keys / kTile, key_blocks = s.padded_keys / 32;
+  const int64_t packed_tile = kTile * 32;  // bfloat16 elements of one packed tile
+  for (int64_t qt = 0; qt < s.query_tiles; ++qt) {
+    const bfloat16_bits* query_tile = w.queries.data() + qt * kTile * s.dim;
+    _tile_loadd(0, query_tile, s.dim * 2);
+    if (s.feature_steps == 2) _tile_loadd(1, query_tile + 32, s.dim * 2);
+    // scores (16 queries, padded_keys), two key tiles at a time (padded_keys is a multiple of 32)
+    for (int64_t j = 0; j < key_tiles; j += 2) {
+      const bfloat16_bits* first = w.keys.data() + j * s.feature_steps * packed_tile;
+      const bfloat16_bits* second = first + s.feature_steps * packed_tile;
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_loadd(4, first, 64);
+      _tile_loadd(5, second, 64);
+      _tile_dpbf16ps(2, 0, 4);
+      _tile_dpbf16ps(3, 0, 5);
+      if (s.feature_steps == 2) {
+        _tile_loadd(4, first + packed_tile, 64);
+        _tile_loadd(5, second + packed_tile, 64);
+        _tile_dpbf16ps(2, 1, 4);
+        _tile_dpbf16ps(3, 1, 5);
+      }
+      _tile_stored(2, w.scores.data() + j * kTile, s.padded_keys * 4);
+      _tile_stored(3, w.scores.data() + (j + 1) * kTile, s.padded_keys * 4);
+    }
+    const int64_t rows = std::min(kTile, s.slots - qt * kTile);
+    float inverse_sums[kTile];
+    for (int64_t r = 0; r < rows; ++r) {
+      inverse_sums[r] = softmax_row(w.scores.data() + r * s.padded_keys, bias + (qt * kTile + r) * bias_stride,
+                                    w.flags.data(), w.weights.data() + r * s.padded_keys, s.keys, s.padded_keys);
+    }
+    // out (16 queries, dim) = weights V, over blocks of 32 keys; rows past `rows` are not slots (not written)
+    _tile_zero(2);
+    _tile_zero(3);
+    if (s.dim_tiles == 4) {
+      _tile_zero(4);
+      _tile_zero(5);
+    }
+    for (int64_t b = 0; b < key_blocks; ++b) {
+      const bfloat16_bits* block_values = w.values.data() + b * s.dim_tiles * packed_tile;
+      _tile_loadd(0, w.weights.data() + b * 32, s.padded_keys * 2);
+      _tile_loadd(1, block_values, 64);
+      _tile_dpbf16ps(2, 0, 1);
+      _tile_loadd(1, block_values + packed_tile, 64);
+      _tile_dpbf16ps(3, 0, 1);
+      if (s.dim_tiles == 4) {
+        _tile_loadd(1, block_values + 2 * packed_tile, 64);
+        _tile_dpbf16ps(4, 0, 1);
+        _tile_loadd(1, block_values + 3 * packed_tile, 64);
+        _tile_dpbf16ps(5, 0, 1);
+      }
+    }
+    const int64_t out_stride = s.dim * 4;
+    _tile_stored(2, w.outputs.data(), out_stride);
+    _tile_stored(3, w.outputs.data() + kTile, out_stride);
+    if (s.dim_tiles == 4) {
+      _tile_stored(4, w.outputs.data() + 2 * kTile, out_stride);
+      _tile_stored(5, w.outputs.data() + 3 * kTile, out_stride);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      bfloat16_bits* out_row = w.output_rows[qt * kTile + r];
+      if (out_row == nullptr) continue;
+      const float* row = w.outputs.data() + r * s.dim;
+      const __m512 inverse = _mm512_set1_ps(inverse_sums[r]);
+      for (int64_t d = 0; d < s.dim; d += 16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row + d),
+                            round_to_bfloat16(_mm512_mul_ps(_mm512_loadu_ps(row + d), inverse)));
+      }
+    }
+  }
+}
+
+VIL_AMX_TARGET void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTile;
+  }
+  // GCC's _tile_loadconfig tells the compiler it reads 8 bytes of the config: without this barrier the stores to
+  // the rest of it can be dropped as dead
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+VIL_AMX_TARGET void release_tiles() { _tile_release(); }
+
+#endif  // VIL_HAVE_AMX
+
+bool amx_available() {
+#if VIL_HAVE_AMX
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
+// A (B, H, tokens, M) bfloat16 CPU tensor with unit stride in M.
+void check_tokens(const at::Tensor& t, const char* name, int64_t batch, int64_t heads, int64_t tokens, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.device().is_cpu(), name, " must be a bfloat16 CPU tensor, got ",
+              t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == batch && t.size(1) == heads && t.size(2) == tokens && t.size(3) == dim &&
+                  t.stride(3) == 1,
+              name, " must be (", batch, ", ", heads, ", ", tokens, ", ", dim, ") with unit stride in the last dim, got ",
+              t.sizes(), " strides ", t.strides());
+}
+
+// output (B, H, L, M) = the longformer attention of queries (B, H, L, M) over their windows' keys and values (B, H, L,
+// M) and the global keys and values (B, H, G, M), L = height x width. Query chunk (i, j) sees, per block of key slots,
+// `chunks_per_block` chunks at chunk_offsets (P, 2: chunk rows, chunk columns; P = blocks x chunks_per_block, in slot
+// order) and then the G globals; keys outside the map or beyond their image's key_extents (B, 2: rows, cols) are
+// padding. bias (H, W^2, S) float32 is added to the scores (relative bias, masks: blocked.py's _shared_scores_bias).
+void longformer_forward_amx_(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+                             const at::Tensor& global_keys, const at::Tensor& global_values, const at::Tensor& bias,
+                             const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
+                             int64_t window, const std::optional<at::Tensor>& key_extents, at::Tensor output) {
+  TORCH_CHECK(amx_available(), "longformer_forward_amx_ needs a CPU with AMX-BF16 and Linux's tile permission");
+  TORCH_CHECK(queries.dim() == 4, "queries must be (batch, heads, tokens, head dim), got ", queries.sizes());
+  const int64_t batch = queries.size(0), heads = queries.size(1), length = queries.size(2), dim = queries.size(3);
+  TORCH_CHECK(dim == 32 || dim == 64, "longformer_forward_amx_ takes head dims 32 and 64, got ", dim);
+  TORCH_CHECK(height > 0 && width > 0 && window > 0 && length == height * width, "queries hold ", length,
+              " tokens, not a ", height, "x", width, " map");
+  const int64_t num_global = global_keys.dim() == 4 ? global_keys.size(2) : -1;
+  check_tokens(queries, "queries", batch, heads, length, dim);
+  check_tokens(keys, "keys", batch, heads, length, dim);
+  check_tokens(values, "values", batch, heads, length, dim);
+  check_tokens(global_keys, "global_keys", batch, heads, num_global, dim);
+  check_tokens(global_values, "global_values", batch, heads, num_global, dim);
+  check_tokens(output, "output", batch, heads, length, dim);
+  TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
+                  chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
+              "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
+  const int64_t area = window * window, blocks = chunk_offsets.size(0) / chunks_per_block;
+  const int64_t slots_per_block = chunks_per_block * area + num_global, key_slots = blocks * slots_per_block;
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 3 && bias.size(0) == heads && bias.size(1) == area &&
+                  bias.size(2) == key_slots && bias.is_contiguous(),
+              "bias must be contiguous float32 (", heads, ", ", area, ", ", key_slots, "), got ", bias.scalar_type(),
+              " ", bias.sizes());
+  if (key_extents.has_value()) {
+    TORCH_CHECK(key_extents->scalar_type() == at::kLong && key_extents->dim() == 2 && key_extents->size(0) == batch &&
+                    key_extents->size(1) == 2,
+                "key_extents must be int64 (", batch, ", 2), got ", key_extents->sizes());
+  }
+#if VIL_HAVE_AMX
+  const Shape shape{area, key_slots, dim, (key_slots + 31) / 32 * 32, (area + kTile - 1) / kTile, dim / 32, dim / kTile};
+  const int64_t chunk_rows = (height + window - 1) / window, chunk_cols = (width + window - 1) / window;
+  const auto offsets = chunk_offsets.contiguous();
+  const int64_t* offset_data = offsets.const_data_ptr<int64_t>();
+  std::vector<int64_t> extents(2 * batch);  // per image: the rows and columns of keys that are not padding
+  const auto given = key_extents.has_value() ? key_extents->contiguous() : at::Tensor();
+  for (int64_t b = 0; b < batch; ++b) {
+    extents[2 * b] = given.defined() ? std::min(height, given.const_data_ptr<int64_t>()[2 * b]) : height;
+    extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
+  }
+  auto rows_of = [](const at::Tensor& t, int64_t b, int64_t h) {
+    return reinterpret_cast<const bfloat16_bits*>(t.const_data_ptr()) + b * t.stride(0) + h * t.stride(1);
+  };
+  const float* bias_data = bias.const_data_ptr<float>();
+  const float padding_flag = std::numeric_limits<float>::lowest() / 4;  // as blocked.py's: exp() of it is 0
+  at::parallel_for(0, batch * heads * chunk_rows * chunk_cols, 1, [&](int64_t begin, int64_t end) {
+    thread_local Scratch scratch;
+    Scratch& w = scratch;
+    w.fit(shape);
+    configure_tiles();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t cj = task % chunk_cols, ci = task / chunk_cols % chunk_rows;
+      const int64_t h = task / (chunk_cols * chunk_rows) % heads, b = task / (chunk_cols * chunk_rows * heads);
+      const bfloat16_bits *q = rows_of(queries, b, h), *k = rows_of(keys, b, h), *v = rows_of(values, b, h);
+      const bfloat16_bits *gk = rows_of(global_keys, b, h), *gv = rows_of(global_values, b, h);
+      auto* o = reinterpret_cast<bfloat16_bits*>(output.data_ptr()) + b * output.stride(0) + h * output.stride(1);
+      const int64_t q_step = queries.stride(2), k_step = keys.stride(2), v_step = values.stride(2);
+      const int64_t o_step = output.stride(2);
+      for (int64_t slot = 0; slot < area; ++slot) {
+        const int64_t y = ci * window + slot / window, x = cj * window + slot % window;
+        const bool on_map = y < height && x < width;
+        w.query_rows[slot] = on_map ? q + (y * width + x) * q_step : kZeroRow;
+        w.output_rows[slot] = on_map ? o + (y * width + x) * o_step : nullptr;
+      }
+      int64_t slot = 0;
+      for (int64_t block = 0; block < blocks; ++block) {
+        for (int64_t c = 0; c < chunks_per_block; ++c) {
+          const int64_t* offset = offset_data + 2 * (block * chunks_per_block + c);
+          const int64_t top = (ci + offset[0]) * window, left = (cj + offset[1]) * window;
+          for (int64_t inner = 0; inner < area; ++inner, ++slot) {
+            const int64_t y = top + inner / window, x = left + inner % window;
+            const bool seen = y >= 0 && x >= 0 && y < extents[2 * b] && x < extents[2 * b + 1];
+            w.key_rows[slot] = seen ? k + (y * width + x) * k_step : kZeroRow;
+            w.value_rows[slot] = seen ? v + (y * width + x) * v_step : kZeroRow;
+            w.flags[slot] = seen ? 0.0f : padding_flag;
+          }
+        }
+        for (int64_t g = 0; g < num_global; ++g, ++slot) {
+          w.key_rows[slot] = gk + g * global_keys.stride(2);
+          w.value_rows[slot] = gv + g * global_values.stride(2);
+          w.flags[slot] = 0.0f;
+        }
+      }
+      chunk_forward(bias_data + h * area * key_slots, key_slots, shape, w);
+    }
+    release_tiles();
+  });
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vil_kernels_native, m) {
+  m.def("amx_available() -> bool", &amx_available);
+  m.def(
+      "longformer_forward_amx_(Tensor queries, Tensor keys, Tensor values, Tensor global_keys, Tensor global_values, "
+      "Tensor bias, Tensor chunk_offsets, int chunks_per_block, int height, int width, int window, "
+      "Tensor? key_extents, Tensor(a!) output) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vil_kernels_native, CPU, m) { m.impl("longformer_forward_amx_", &longformer_forward_amx_); }
