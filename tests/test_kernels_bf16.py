@@ -130,6 +130,19 @@ def test_amx_forward_matches_the_float32_reference(
     assert calls == [(2, 3, shape[0] * shape[1], head_dim)]
 
 
+def test_amx_forward_reads_inputs_of_any_strides(monkeypatch):
+    """Rows of features need unit stride: other layouts are made contiguous first, with the same result."""
+    use_softmax(monkeypatch, "amx")
+    values = {name: t.bfloat16() for name, t in _values(2, 3, 9, 13, 1, 32, 5, seed=4).items()}
+    geometry = (9, 13, 5, False, None, None)
+    expected = _attention("blocked", values, *geometry)
+    strided = {
+        name: t.transpose(-1, -2).contiguous().transpose(-1, -2) if name in INPUTS else t for name, t in values.items()
+    }
+    assert strided["local_keys"].stride(-1) != 1
+    assert torch.equal(_attention("blocked", strided, *geometry), expected)
+
+
 def _check_blocked_against_reference(
     mode, runs, shape, window, num_global, exact, neighbor, extents, head_dim, monkeypatch
 ):

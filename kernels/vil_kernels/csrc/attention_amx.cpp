@@ -41,18 +41,21 @@ using namespace vil_kernels;
 
 #if VIL_HAVE_AMX
 
-#define VIL_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq")))
+#define VIL_AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
 
 constexpr int64_t kTile = 16;  // rows of every tile here; 64 bytes a row: 32 bfloat16, 16 float32 or 16 pairs
 
-// The CPU reports AMX-TILE and AMX-BF16 (and AVX512-BW for the packing), and Linux grants this process the tile
-// data state, which it hands out only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+// The CPU reports AMX-TILE and AMX-BF16 (and AVX512-BW for the packing, AVX512-BF16 for rounding), and Linux
+// grants this process the tile data state, which it hands out only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+// XFEATURE_XTILEDATA).
 bool request_amx() {
   unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
   if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
   const bool avx512f = ebx & (1u << 16), avx512bw = ebx & (1u << 30);
   const bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
-  if (!(avx512f && avx512bw && amx_bf16 && amx_tile)) return false;
+  if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx)) return false;
+  const bool avx512_bf16 = eax & (1u << 5);
+  if (!(avx512f && avx512bw && avx512_bf16 && amx_bf16 && amx_tile)) return false;
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
 }
@@ -83,13 +86,14 @@ struct Shape {
 // Zeros read in place of the rows of padding (queries, keys and values; 64 features at most).
 alignas(64) const bfloat16_bits kZeroRow[64] = {};
 
-// Per thread: one chunk's rows (pointers into the inputs, kZeroRow for padding), its packed operands, one query
-// tile's scores and weights, its output.
+// Per thread: one chunk's rows (pointers into the inputs, kZeroRow for padding), its packed operands, a pair of
+// query tiles' scores, weights and outputs.
 struct Scratch {
   std::vector<const bfloat16_bits*> query_rows, key_rows, value_rows;
   std::vector<bfloat16_bits*> output_rows;  // nullptr: a padding query, not written
   std::vector<bfloat16_bits> queries, keys, values, weights;
   std::vector<float> flags, scores, outputs;
+  bool padding_keys = false;  // whether any of the chunk's key slots is padding (a flag other than 0)
   void fit(const Shape& s) {
     query_rows.assign(s.query_tiles * kTile, kZeroRow);
     key_rows.assign(s.padded_keys, kZeroRow);
@@ -98,10 +102,10 @@ struct Scratch {
     queries.resize(s.query_tiles * kTile * s.dim);
     keys.resize(s.padded_keys * s.dim);
     values.resize(s.padded_keys * s.dim);
-    weights.assign(kTile * s.padded_keys, 0);
+    weights.assign(2 * kTile * s.padded_keys, 0);
     flags.assign(s.padded_keys, -std::numeric_limits<float>::infinity());
-    scores.resize(kTile * s.padded_keys);
-    outputs.resize(kTile * s.dim);
+    scores.resize(2 * kTile * s.padded_keys);
+    outputs.resize(2 * kTile * s.dim);
   }
 };
 
@@ -189,41 +193,58 @@ VIL_AMX_TARGET inline __m512 exp_nonpositive16(__m512 x) {
   return _mm512_maskz_scalef_ps(kept, p, n);
 }
 
-// 16 float32 -> bfloat16, rounding to nearest even as narrow() does.
-VIL_AMX_TARGET inline __m256i round_to_bfloat16(__m512 x) {
-  const __m512i bits = _mm512_castps_si512(x);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
+// 16 float32 -> bfloat16, rounding to nearest even (vcvtneps2bf16), as narrow() does for finite values.
+VIL_AMX_TARGET inline __m256i round_to_bfloat16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
+
+// 16 slots from k of softmax_row's first pass: scores + bias (read masked past `keys`) + the keys' padding flags
+// (key_terms, -inf past `keys`), stored back. Chunks without padding keys skip the flags and only set -inf past `keys`.
+template <bool kPaddingKeys>
+VIL_AMX_TARGET inline __m512 add_terms(float* scores, const float* bias, const float* key_terms, int64_t k,
+                                       int64_t keys) {
+  const int64_t valid = std::clamp<int64_t>(keys - k, 0, 16);
+  const __mmask16 on_keys = static_cast<__mmask16>((1u << valid) - 1u);
+  __m512 value = _mm512_add_ps(_mm512_loadu_ps(scores + k), _mm512_maskz_loadu_ps(on_keys, bias + k));
+  if constexpr (kPaddingKeys) {
+    value = _mm512_add_ps(value, _mm512_loadu_ps(key_terms + k));
+  } else if (valid < 16) {
+    value = _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), on_keys, value);
+  }
+  _mm512_storeu_ps(scores + k, value);
+  return value;
+}
+
+// 16 slots from k of its second pass: exp(x - row max), rounded to bfloat16 into weights; returns the float32 values.
+VIL_AMX_TARGET inline __m512 exp_and_round(const float* scores, bfloat16_bits* weights, int64_t k, __m512 row_max) {
+  const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(scores + k), row_max));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + k), round_to_bfloat16(e));
+  return e;
 }
 
 // One query row, over all padded_keys slots (a multiple of 32): weights = exp(x - max x), x = scores + bias +
 // key_terms, rounded to bfloat16 into `weights`; returns 1 / their float32 sum, by which the row's output is scaled
-// (so the weights are not normalised one by one). key_terms are the keys' padding flags, -inf past `keys` (so those
-// weights are 0); bias has `keys` entries (the last vector read masked). Two accumulators per reduction: one would
-// serialise each pass on its latency.
+// (so the weights are not normalised one by one); past `keys` the weights are 0. Two accumulators per reduction: one
+// would serialise each pass on its latency.
+template <bool kPaddingKeys>
 VIL_AMX_TARGET float softmax_row(float* scores, const float* bias, const float* key_terms, bfloat16_bits* weights,
                                  int64_t keys, int64_t padded_keys) {
-  __m512 most[2] = {_mm512_set1_ps(-std::numeric_limits<float>::infinity()),
-                    _mm512_set1_ps(-std::numeric_limits<float>::infinity())};
-  for (int64_t k = 0; k < padded_keys; k += 16) {
-    const int64_t valid = std::clamp<int64_t>(keys - k, 0, 16);
-    const __m512 b = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << valid) - 1u), bias + k);
-    const __m512 value = _mm512_add_ps(_mm512_add_ps(_mm512_loadu_ps(scores + k), b), _mm512_loadu_ps(key_terms + k));
-    _mm512_storeu_ps(scores + k, value);
-    most[(k / 16) % 2] = _mm512_max_ps(most[(k / 16) % 2], value);
+  __m512 most_even = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), most_odd = most_even;
+  for (int64_t k = 0; k < padded_keys; k += 32) {
+    most_even = _mm512_max_ps(most_even, add_terms<kPaddingKeys>(scores, bias, key_terms, k, keys));
+    most_odd = _mm512_max_ps(most_odd, add_terms<kPaddingKeys>(scores, bias, key_terms, k + 16, keys));
   }
-  const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(most[0], most[1])));
-  __m512 total[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-  for (int64_t k = 0; k < padded_keys; k += 16) {
-    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(scores + k), row_max));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + k), round_to_bfloat16(e));
-    total[(k / 16) % 2] = _mm512_add_ps(total[(k / 16) % 2], e);
+  const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(most_even, most_odd)));
+  __m512 total_even = _mm512_setzero_ps(), total_odd = total_even;
+  for (int64_t k = 0; k < padded_keys; k += 32) {
+    total_even = _mm512_add_ps(total_even, exp_and_round(scores, weights, k, row_max));
+    total_odd = _mm512_add_ps(total_odd, exp_and_round(scores, weights, k + 16, row_max));
   }
-  return 1.0f / _mm512_reduce_add_ps(_mm512_add_ps(total[0], total[1]));
+  return 1.0f / _mm512_reduce_add_ps(_mm512_add_ps(total_even, total_odd));
 }
 
 // One chunk, its rows in w (Scratch::fit, then filled by the caller): bias (slots, keys) with rows at bias_stride.
+// Query tiles go in pairs, so that each key tile loaded serves two products and four accumulators are in flight
+// (a lone last tile is paired with itself; its copy is not used): with one tile of queries the stores of each
+// product's scores waited on its latency.
 VIL_AMX_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const Shape& s, Scratch& w) {
   for (int64_t q = 0; q < s.query_tiles * kTile; ++q) {
     std::memcpy(w.queries.data() + q * s.dim, w.query_rows[q], s.dim * sizeof(bfloat16_bits));
@@ -232,64 +253,100 @@ VIL_AMX_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const 
   pack_values(w.value_rows.data(), s, w.values.data());
   const int64_t key_tiles = s.padded_keys / kTile, key_blocks = s.padded_keys / 32;
   const int64_t packed_tile = kTile * 32;  // bfloat16 elements of one packed tile
-  for (int64_t qt = 0; qt < s.query_tiles; ++qt) {
-    const bfloat16_bits* query_tile = w.queries.data() + qt * kTile * s.dim;
-    _tile_loadd(0, query_tile, s.dim * 2);
-    if (s.feature_steps == 2) _tile_loadd(1, query_tile + 32, s.dim * 2);
-    // scores (16 queries, padded_keys), two key tiles at a time (padded_keys is a multiple of 32)
+  const int64_t score_stride = s.padded_keys * 4, weight_stride = s.padded_keys * 2, out_stride = s.dim * 4;
+  float* second_scores = w.scores.data() + kTile * s.padded_keys;  // rows 16-31: the pair's second tile
+  const bfloat16_bits* second_weights = w.weights.data() + kTile * s.padded_keys;
+  for (int64_t qt = 0; qt < s.query_tiles; qt += 2) {
+    const bool pair = qt + 1 < s.query_tiles;
+    const bfloat16_bits* first_queries = w.queries.data() + qt * kTile * s.dim;
+    const bfloat16_bits* second_queries = first_queries + (pair ? kTile * s.dim : 0);
+    // scores (32 queries, padded_keys), two key tiles at a time (padded_keys is a multiple of 32)
+    if (s.feature_steps == 1) {
+      _tile_loadd(0, first_queries, s.dim * 2);
+      _tile_loadd(1, second_queries, s.dim * 2);
+    }
     for (int64_t j = 0; j < key_tiles; j += 2) {
-      const bfloat16_bits* first = w.keys.data() + j * s.feature_steps * packed_tile;
-      const bfloat16_bits* second = first + s.feature_steps * packed_tile;
+      const bfloat16_bits* first_keys = w.keys.data() + j * s.feature_steps * packed_tile;
+      const bfloat16_bits* second_keys = first_keys + s.feature_steps * packed_tile;
       _tile_zero(2);
       _tile_zero(3);
-      _tile_loadd(4, first, 64);
-      _tile_loadd(5, second, 64);
-      _tile_dpbf16ps(2, 0, 4);
-      _tile_dpbf16ps(3, 0, 5);
-      if (s.feature_steps == 2) {
-        _tile_loadd(4, first + packed_tile, 64);
-        _tile_loadd(5, second + packed_tile, 64);
-        _tile_dpbf16ps(2, 1, 4);
-        _tile_dpbf16ps(3, 1, 5);
-      }
-      _tile_stored(2, w.scores.data() + j * kTile, s.padded_keys * 4);
-      _tile_stored(3, w.scores.data() + (j + 1) * kTile, s.padded_keys * 4);
-    }
-    const int64_t rows = std::min(kTile, s.slots - qt * kTile);
-    float inverse_sums[kTile];
-    for (int64_t r = 0; r < rows; ++r) {
-      inverse_sums[r] = softmax_row(w.scores.data() + r * s.padded_keys, bias + (qt * kTile + r) * bias_stride,
-                                    w.flags.data(), w.weights.data() + r * s.padded_keys, s.keys, s.padded_keys);
-    }
-    // out (16 queries, dim) = weights V, over blocks of 32 keys; rows past `rows` are not slots (not written)
-    _tile_zero(2);
-    _tile_zero(3);
-    if (s.dim_tiles == 4) {
       _tile_zero(4);
       _tile_zero(5);
+      for (int64_t t = 0; t < s.feature_steps; ++t) {
+        if (s.feature_steps > 1) {
+          _tile_loadd(0, first_queries + t * 32, s.dim * 2);
+          _tile_loadd(1, second_queries + t * 32, s.dim * 2);
+        }
+        _tile_loadd(6, first_keys + t * packed_tile, 64);
+        _tile_loadd(7, second_keys + t * packed_tile, 64);
+        _tile_dpbf16ps(2, 0, 6);
+        _tile_dpbf16ps(3, 0, 7);
+        _tile_dpbf16ps(4, 1, 6);
+        _tile_dpbf16ps(5, 1, 7);
+      }
+      _tile_stored(2, w.scores.data() + j * kTile, score_stride);
+      _tile_stored(3, w.scores.data() + (j + 1) * kTile, score_stride);
+      _tile_stored(4, second_scores + j * kTile, score_stride);
+      _tile_stored(5, second_scores + (j + 1) * kTile, score_stride);
     }
-    for (int64_t b = 0; b < key_blocks; ++b) {
-      const bfloat16_bits* block_values = w.values.data() + b * s.dim_tiles * packed_tile;
-      _tile_loadd(0, w.weights.data() + b * 32, s.padded_keys * 2);
-      _tile_loadd(1, block_values, 64);
-      _tile_dpbf16ps(2, 0, 1);
-      _tile_loadd(1, block_values + packed_tile, 64);
-      _tile_dpbf16ps(3, 0, 1);
-      if (s.dim_tiles == 4) {
-        _tile_loadd(1, block_values + 2 * packed_tile, 64);
-        _tile_dpbf16ps(4, 0, 1);
-        _tile_loadd(1, block_values + 3 * packed_tile, 64);
-        _tile_dpbf16ps(5, 0, 1);
+    // rows of the pair that are slots: [0, first_rows) and [16, 16 + second_rows)
+    const int64_t first_rows = std::min(kTile, s.slots - qt * kTile);
+    const int64_t second_rows = pair ? std::min(kTile, s.slots - (qt + 1) * kTile) : 0;
+    float inverse_sums[2 * kTile];
+    for (int64_t r = 0; r < 2 * kTile; ++r) {
+      if (r % kTile >= (r < kTile ? first_rows : second_rows)) continue;
+      inverse_sums[r] = (w.padding_keys ? softmax_row<true> : softmax_row<false>)(
+          w.scores.data() + r * s.padded_keys, bias + (qt * kTile + r) * bias_stride, w.flags.data(),
+          w.weights.data() + r * s.padded_keys, s.keys, s.padded_keys);
+    }
+    // out (32 queries, dim) = weights V, over blocks of 32 keys; rows that are not slots are not written
+    if (s.dim_tiles == 2) {  // both query tiles x both dim tiles at once
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_zero(4);
+      _tile_zero(5);
+      for (int64_t b = 0; b < key_blocks; ++b) {
+        const bfloat16_bits* block_values = w.values.data() + b * 2 * packed_tile;
+        _tile_loadd(0, w.weights.data() + b * 32, weight_stride);
+        _tile_loadd(1, second_weights + b * 32, weight_stride);
+        _tile_loadd(6, block_values, 64);
+        _tile_loadd(7, block_values + packed_tile, 64);
+        _tile_dpbf16ps(2, 0, 6);
+        _tile_dpbf16ps(3, 0, 7);
+        _tile_dpbf16ps(4, 1, 6);
+        _tile_dpbf16ps(5, 1, 7);
+      }
+      _tile_stored(2, w.outputs.data(), out_stride);
+      _tile_stored(3, w.outputs.data() + kTile, out_stride);
+      _tile_stored(4, w.outputs.data() + kTile * s.dim, out_stride);
+      _tile_stored(5, w.outputs.data() + kTile * s.dim + kTile, out_stride);
+    } else {  // four dim tiles: one query tile at a time
+      for (int64_t half = 0; half < (pair ? 2 : 1); ++half) {
+        _tile_zero(2);
+        _tile_zero(3);
+        _tile_zero(4);
+        _tile_zero(5);
+        for (int64_t b = 0; b < key_blocks; ++b) {
+          const bfloat16_bits* block_values = w.values.data() + b * 4 * packed_tile;
+          _tile_loadd(0, w.weights.data() + half * kTile * s.padded_keys + b * 32, weight_stride);
+          _tile_loadd(6, block_values, 64);
+          _tile_loadd(7, block_values + packed_tile, 64);
+          _tile_dpbf16ps(2, 0, 6);
+          _tile_dpbf16ps(3, 0, 7);
+          _tile_loadd(6, block_values + 2 * packed_tile, 64);
+          _tile_loadd(7, block_values + 3 * packed_tile, 64);
+          _tile_dpbf16ps(4, 0, 6);
+          _tile_dpbf16ps(5, 0, 7);
+        }
+        float* out = w.outputs.data() + half * kTile * s.dim;
+        _tile_stored(2, out, out_stride);
+        _tile_stored(3, out + kTile, out_stride);
+        _tile_stored(4, out + 2 * kTile, out_stride);
+        _tile_stored(5, out + 3 * kTile, out_stride);
       }
     }
-    const int64_t out_stride = s.dim * 4;
-    _tile_stored(2, w.outputs.data(), out_stride);
-    _tile_stored(3, w.outputs.data() + kTile, out_stride);
-    if (s.dim_tiles == 4) {
-      _tile_stored(4, w.outputs.data() + 2 * kTile, out_stride);
-      _tile_stored(5, w.outputs.data() + 3 * kTile, out_stride);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t r = 0; r < 2 * kTile; ++r) {
+      if (r % kTile >= (r < kTile ? first_rows : second_rows)) continue;
       bfloat16_bits* out_row = w.output_rows[qt * kTile + r];
       if (out_row == nullptr) continue;
       const float* row = w.outputs.data() + r * s.dim;
@@ -408,6 +465,7 @@ void longformer_forward_amx_(const at::Tensor& queries, const at::Tensor& keys, 
         w.output_rows[slot] = on_map ? o + (y * width + x) * o_step : nullptr;
       }
       int64_t slot = 0;
+      w.padding_keys = false;
       for (int64_t block = 0; block < blocks; ++block) {
         for (int64_t c = 0; c < chunks_per_block; ++c) {
           const int64_t* offset = offset_data + 2 * (block * chunks_per_block + c);
@@ -418,6 +476,7 @@ void longformer_forward_amx_(const at::Tensor& queries, const at::Tensor& keys, 
             w.key_rows[slot] = seen ? k + (y * width + x) * k_step : kZeroRow;
             w.value_rows[slot] = seen ? v + (y * width + x) * v_step : kZeroRow;
             w.flags[slot] = seen ? 0.0f : padding_flag;
+            w.padding_keys |= !seen;
           }
         }
         for (int64_t g = 0; g < num_global; ++g, ++slot) {

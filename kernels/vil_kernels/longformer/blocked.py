@@ -641,12 +641,9 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
     if fused is not None:  # one C++ call reads the tokens in place: no workspace (see attention_amx.cpp)
         offsets, span = _slot_chunks(layout.neighbor)
         extents = None if key_extents is None else torch.tensor(key_extents, dtype=torch.long)
+        tokens = (queries, keys, values, global_keys, global_values)
         fused.longformer_forward_amx_(
-            queries,
-            keys,
-            values,
-            global_keys,
-            global_values,
+            *(t if t.stride(-1) == 1 else t.contiguous() for t in tokens),  # it reads rows of M features
             shared,
             torch.tensor(offsets, dtype=torch.long),
             len(offsets) // span,
