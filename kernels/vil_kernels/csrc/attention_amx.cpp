@@ -25,7 +25,9 @@
 
 #include "vil_kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && defined(__linux__)
+// GCC 11 brought the AMX intrinsics; other compilers and systems build the op without its body (amx_available is
+// false there, so it is never called)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
 #define VIL_HAVE_AMX 1
 #include <cpuid.h>
 #include <immintrin.h>
