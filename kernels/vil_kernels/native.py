@@ -10,9 +10,9 @@ default ``~/.cache/torch_extensions``).
 ``VIL_KERNELS_NATIVE`` chooses: ``auto`` (default) builds and, if that fails, warns once and falls back;
 ``0`` never builds; ``1`` requires the build and raises if it fails.
 
-On CPUs with AMX (bfloat16 tiles, Linux granting the tile state) the blocked kernel's bfloat16 forward runs each
-run of chunks in one C++ pass (``attention_amx.cpp``). ``VIL_KERNELS_AMX`` chooses: ``auto`` (default) where
-available, ``0`` never (the ATen products), ``1`` requires it.
+On CPUs with AMX (bfloat16 tiles, Linux granting the tile state) the blocked kernel's bfloat16 forward is one C++
+call over the whole batch (``attention_amx.cpp``). ``VIL_KERNELS_AMX`` chooses: ``auto`` (default) where available,
+``0`` never (the ATen products), ``1`` requires it.
 """
 
 from __future__ import annotations
@@ -36,10 +36,11 @@ _lock = threading.Lock()
 _built: dict[str, object] = {}  # once decided, "ops": the op namespace or None, and "error": why not
 
 
-def _mode() -> str:
-    mode = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower()
+def _mode(variable: str = ENVIRONMENT_VARIABLE, never: str = "never build") -> str:
+    """The setting of ``variable``: 'auto' (default), '0' or '1'."""
+    mode = os.environ.get(variable, "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
-        raise ValueError(f"{ENVIRONMENT_VARIABLE}={mode!r}: use 'auto' (default), '0' (never build) or '1' (require).")
+        raise ValueError(f"{variable}={mode!r}: use 'auto' (default), '0' ({never}) or '1' (require).")
     return mode
 
 
@@ -92,20 +93,10 @@ def native_ops():
     return _built["ops"]
 
 
-def _amx_mode() -> str:
-    mode = os.environ.get(AMX_ENVIRONMENT_VARIABLE, "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(
-            f"{AMX_ENVIRONMENT_VARIABLE}={mode!r}: use 'auto' (default: where the CPU has AMX), '0' (never) or '1' "
-            "(require)."
-        )
-    return mode
-
-
 def amx_ops():
     """The native ops where their AMX attention forward runs here (``VIL_KERNELS_AMX``), else None. The choice and
     its reason are logged when they change."""
-    mode = _amx_mode()
+    mode = _mode(AMX_ENVIRONMENT_VARIABLE, "never: the ATen products")
     ops = None if mode == "0" else native_ops()
     if mode == "0":
         reason = f"{AMX_ENVIRONMENT_VARIABLE}=0"
@@ -121,7 +112,7 @@ def amx_ops():
         _built["amx_reason"] = reason
         logger.info(
             "blocked longformer, bfloat16 forward: %s",
-            "one fused AMX pass per run of chunks" if reason is None else f"ATen products ({reason})",
+            "one AMX pass per chunk, one call per layer" if reason is None else f"ATen products ({reason})",
         )
     return ops if reason is None else None
 

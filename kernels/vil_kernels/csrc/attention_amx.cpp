@@ -243,6 +243,14 @@ VIL_AMX_TARGET float softmax_row(float* scores, const float* bias, const float* 
   return 1.0f / _mm512_reduce_add_ps(_mm512_add_ps(total_even, total_odd));
 }
 
+// Tiles 2-5 hold the four accumulators of every product here (tile numbers are immediates).
+VIL_AMX_TARGET inline void zero_accumulators() {
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+}
+
 // One chunk, its rows in w (Scratch::fit, then filled by the caller): bias (slots, keys) with rows at bias_stride.
 // Query tiles go in pairs, so that each key tile loaded serves two products and four accumulators are in flight
 // (a lone last tile is paired with itself; its copy is not used): with one tile of queries the stores of each
@@ -270,10 +278,7 @@ VIL_AMX_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const 
     for (int64_t j = 0; j < key_tiles; j += 2) {
       const bfloat16_bits* first_keys = w.keys.data() + j * s.feature_steps * packed_tile;
       const bfloat16_bits* second_keys = first_keys + s.feature_steps * packed_tile;
-      _tile_zero(2);
-      _tile_zero(3);
-      _tile_zero(4);
-      _tile_zero(5);
+      zero_accumulators();
       for (int64_t t = 0; t < s.feature_steps; ++t) {
         if (s.feature_steps > 1) {
           _tile_loadd(0, first_queries + t * 32, s.dim * 2);
@@ -303,10 +308,7 @@ VIL_AMX_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const 
     }
     // out (32 queries, dim) = weights V, over blocks of 32 keys; rows that are not slots are not written
     if (s.dim_tiles == 2) {  // both query tiles x both dim tiles at once
-      _tile_zero(2);
-      _tile_zero(3);
-      _tile_zero(4);
-      _tile_zero(5);
+      zero_accumulators();
       for (int64_t b = 0; b < key_blocks; ++b) {
         const bfloat16_bits* block_values = w.values.data() + b * 2 * packed_tile;
         _tile_loadd(0, w.weights.data() + b * 32, weight_stride);
@@ -324,10 +326,7 @@ VIL_AMX_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const 
       _tile_stored(5, w.outputs.data() + kTile * s.dim + kTile, out_stride);
     } else {  // four dim tiles: one query tile at a time
       for (int64_t half = 0; half < (pair ? 2 : 1); ++half) {
-        _tile_zero(2);
-        _tile_zero(3);
-        _tile_zero(4);
-        _tile_zero(5);
+        zero_accumulators();
         for (int64_t b = 0; b < key_blocks; ++b) {
           const bfloat16_bits* block_values = w.values.data() + b * 4 * packed_tile;
           _tile_loadd(0, w.weights.data() + half * kTile * s.padded_keys + b * 32, weight_stride);

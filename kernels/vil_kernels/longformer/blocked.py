@@ -292,7 +292,7 @@ def _native_ops(queries: torch.Tensor):
 
 
 def _amx_forward_ops(queries: torch.Tensor):
-    """The C++ ops whose ``longformer_forward_amx_`` runs a whole bfloat16 run here, or None (see attention_amx.cpp)."""
+    """The C++ ops whose ``longformer_forward_amx_`` runs this bfloat16 forward, or None (see attention_amx.cpp)."""
     if queries.device.type != "cpu" or queries.dtype != torch.bfloat16 or queries.shape[-1] not in (32, 64):
         return None
     return amx_ops()
@@ -667,8 +667,8 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
             bias = _map_bias(shared, group_images, first_head, group_heads)
             for views in workspace.run_views(maps):
                 run = views.run
-                run_bias = bias[run.first_map : run.first_map + run.maps, None, : run.slots]
                 keys_here = _gather(views.keys, views.key_windows)
+                run_bias = bias[run.first_map : run.first_map + run.maps, None, : run.slots]
                 _probabilities(views.queries, keys_here, run_bias, views.scores, views.float_scores, native)
                 values_here = _gather(views.values, views.value_windows) if run.gathered else views.value_windows
                 torch.bmm(views.scores, values_here, out=views.outputs)
