@@ -202,6 +202,9 @@ def test_an_unknown_setting_is_a_clear_error(monkeypatch):
         native.native_ops()
 
 
+INPUTS = ("queries", "keys", "values", "global_keys", "global_values")
+
+
 def _amx_inputs(dim=32, height=9, width=13, num_global=1):
     """Tokens for ``longformer_forward_amx_``: (B, H, L, M) queries, keys, values; globals; window 5, sliding chunks."""
     generator = torch.Generator().manual_seed(0)
@@ -247,9 +250,6 @@ def test_amx_forward_refuses_what_it_cannot_read(monkeypatch):
     refused("bias must be contiguous float32 \\(3, 25, 228\\)", bias=good["bias"][..., :-1])
     refused("chunk_offsets must be int64", chunks_per_block=2)
     refused("key_extents must be int64 \\(2, 2\\)", key_extents=torch.tensor([[9, 13]]))
-
-
-INPUTS = ("queries", "keys", "values", "global_keys", "global_values")
 
 
 def test_amx_setting_chooses_and_logs_why(monkeypatch, caplog):

@@ -23,8 +23,6 @@
 #include <limits>
 #include <vector>
 
-#include "vil_kernels.h"
-
 // GCC 11 brought the AMX intrinsics; other compilers and systems build the op without its body (amx_available is
 // false there, so it is never called)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
@@ -39,7 +37,7 @@
 
 namespace {
 
-using namespace vil_kernels;
+using bfloat16_bits = uint16_t;
 
 #if VIL_HAVE_AMX
 
@@ -155,14 +153,12 @@ VIL_AMX_TARGET void pack_keys(const bfloat16_bits* const* rows, const Shape& s, 
 
 // Value rows -> the B operand of out = weights V: for key block b (32 keys) and dim tile d (16 columns), 16 rows
 // (key pairs) of 16 columns x 2 keys.
+// Lane order of one packed value row (vpermt2w indices): column i of the even key, then column i of the odd key.
+alignas(64) constexpr int16_t kInterleavePairs[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
 VIL_AMX_TARGET void pack_values(const bfloat16_bits* const* rows, const Shape& s, bfloat16_bits* packed) {
-  // word i of the result: column i of the even key, then column i of the odd key
-  alignas(64) int16_t order[32];
-  for (int i = 0; i < 16; ++i) {
-    order[2 * i] = static_cast<int16_t>(i);
-    order[2 * i + 1] = static_cast<int16_t>(32 + i);
-  }
-  const __m512i interleave = _mm512_load_si512(order);
+  const __m512i interleave = _mm512_load_si512(kInterleavePairs);
   for (int64_t key = 0; key < s.padded_keys; key += 2) {
     const int64_t block = key / 32, row = (key % 32) / 2;
     for (int64_t d = 0; d < s.dim_tiles; ++d) {
@@ -176,7 +172,7 @@ VIL_AMX_TARGET void pack_values(const bfloat16_bits* const* rows, const Shape& s
   }
 }
 
-// exp(x) for x <= 0 on 16 lanes: exp_nonpositive's (vil_kernels.h) range reduction and polynomial, in fused
+// exp(x) for x <= 0 on 16 lanes: softmax.cpp's exp_nonpositive range reduction and polynomial, in fused
 // multiply-adds, scaled by 2^n with scalef. Lanes below -87 (and -inf) give 0.
 VIL_AMX_TARGET inline __m512 exp_nonpositive16(__m512 x) {
   const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
@@ -195,7 +191,7 @@ VIL_AMX_TARGET inline __m512 exp_nonpositive16(__m512 x) {
   return _mm512_maskz_scalef_ps(kept, p, n);
 }
 
-// 16 float32 -> bfloat16, rounding to nearest even (vcvtneps2bf16), as narrow() does for finite values.
+// 16 float32 -> bfloat16, rounding to nearest even (vcvtneps2bf16), as PyTorch's conversion does for finite values.
 VIL_AMX_TARGET inline __m256i round_to_bfloat16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
 
 // 16 slots from k of softmax_row's first pass: scores + bias (read masked past `keys`) + the keys' padding flags
