@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vil_hf.benchmark import QUICK, TARGETS, cpu_bfloat16_support, main, measure_peak_memory, random_detection_targets
-from vil_kernels.native import amx_ops, native_ops
+from vil_kernels.native import bf16_forward, native_ops
 
 # Every ViL-Small/Swin-T time ratio of a default run: the backbone (float32 keys carry no precision),
 # the classifier, in both precisions, and the whole Mask R-CNN in float32.
@@ -144,10 +144,11 @@ def test_backbones_in_bfloat16_at_batch_2(tmp_path):
     softmax = "c++" if native_ops() is not None else "pytorch"
     assert results["setup"]["cpu_softmax"] == softmax
     assert f"softmax steps in {'C++' if softmax == 'c++' else 'PyTorch ops'}" in results["markdown"]
-    # and whether its bfloat16 forward ran as one AMX pass (VIL_KERNELS_AMX, and the CPU)
-    amx = amx_ops() is not None
-    assert results["setup"]["cpu_amx_forward"] == amx
-    assert ("its bfloat16 forward in one AMX pass" if amx else "no AMX pass here") in results["markdown"]
+    # and which engine ran its bfloat16 forward (VIL_KERNELS_BF16_FORWARD, and the CPU)
+    engine = (bf16_forward() or (None, "aten"))[1]
+    assert results["setup"]["cpu_bf16_forward"] == engine
+    words = {"amx": "in one C++ pass on AMX tiles", "avx512": "in one C++ pass in AVX512-BF16", "aten": "on ATen"}
+    assert f"its bfloat16 forward {words[engine]}" in results["markdown"]
     # --dtype: this precision only
     assert set(results["backbone"]) == {
         f"{m}_{k}_bfloat16" for m in ("vil", "swin") for k in ("forward", "forward_backward")

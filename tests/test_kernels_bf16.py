@@ -14,7 +14,7 @@ from vil_kernels.longformer import blocked
 
 from .test_kernels import _run_with_extents, case_seed
 from .test_modeling import TINY_ARCH, randomize
-from .test_native import use_softmax
+from .test_native import ENGINES, use_softmax
 
 # Largest error allowed, as a fraction of the largest magnitude of the expected tensor.
 # - float32: products and softmax accumulate in float32; errors are a few ulps times the number of terms.
@@ -104,35 +104,42 @@ def test_blocked_matches_the_float32_reference(
     _check_blocked_against_reference(mode, runs, shape, window, num_global, exact, neighbor, extents, 16, monkeypatch)
 
 
+# two globals; and 36 query slots per chunk: the vector engine's register blocks of 8 rows end in one padded with
+# rows that are no slots (the other windows leave one or no row over, which goes alone)
+NATIVE_CASES = CASES + [((16, 11), 4, 2, False, None, None), ((15, 20), 6, 1, False, None, [(15, 20), (10, 13)])]
+
+
+@pytest.mark.parametrize("engine", ENGINES)
 @pytest.mark.parametrize("head_dim", [32, 64])
 @pytest.mark.parametrize("mode", ["bfloat16", "autocast"])
-@pytest.mark.parametrize(
-    "shape,window,num_global,exact,neighbor,extents", CASES + [((16, 11), 4, 2, False, None, None)]
-)
-def test_amx_forward_matches_the_float32_reference(
-    mode, head_dim, shape, window, num_global, exact, neighbor, extents, monkeypatch
+@pytest.mark.parametrize("shape,window,num_global,exact,neighbor,extents", NATIVE_CASES)
+def test_native_bf16_forward_matches_the_float32_reference(
+    mode, head_dim, engine, shape, window, num_global, exact, neighbor, extents, monkeypatch
 ):
-    """The bfloat16 forward as one AMX call over the whole batch, reading the tokens in place (its backward
-    recomputes with the ATen products), on the same cases and two globals; it must be what ran."""
-    use_softmax(monkeypatch, "amx")
+    """The bfloat16 forward as one C++ call over the whole batch, reading the tokens in place, its products on AMX
+    tiles or in AVX512-BF16 registers (its backward recomputes with the ATen products), on the same cases and two
+    more; it must be what ran."""
+    use_softmax(monkeypatch, engine)
     calls = []
-    real = native.amx_ops()
+    real_ops, chosen = native.bf16_forward()
+    assert chosen == engine
 
     class Counting:
-        def longformer_forward_amx_(self, *args):
-            calls.append(args[0].shape)
-            return real.longformer_forward_amx_(*args)
+        def longformer_forward_bf16_(self, *args):
+            calls.append((args[0].shape, args[-1]))
+            return real_ops.longformer_forward_bf16_(*args)
 
-    monkeypatch.setattr(blocked, "amx_ops", Counting)
+    monkeypatch.setattr(blocked, "bf16_forward", lambda: (Counting(), engine))
     _check_blocked_against_reference(
         mode, "whole maps", shape, window, num_global, exact, neighbor, extents, head_dim, monkeypatch
     )
-    assert calls == [(2, 3, shape[0] * shape[1], head_dim)]
+    assert calls == [((2, 3, shape[0] * shape[1], head_dim), engine == "amx")]  # the last argument: on tiles
 
 
-def test_amx_forward_reads_inputs_of_any_strides(monkeypatch):
+@pytest.mark.parametrize("engine", ENGINES)
+def test_native_bf16_forward_reads_inputs_of_any_strides(engine, monkeypatch):
     """Rows of features need unit stride: other layouts are made contiguous first, with the same result."""
-    use_softmax(monkeypatch, "amx")
+    use_softmax(monkeypatch, engine)
     values = {name: t.bfloat16() for name, t in _values(2, 3, 9, 13, 1, 32, 5, seed=4).items()}
     geometry = (9, 13, 5, False, None, None)
     expected = _attention("blocked", values, *geometry)
@@ -180,12 +187,12 @@ def _check_blocked_against_reference(
         _assert_close(leaves[name].grad, expected_leaves[name].grad, tolerance[kind], f"grad of {name}", scale)
 
 
-@pytest.mark.parametrize("forward", ["c++", "amx"])
+@pytest.mark.parametrize("forward", ["c++", *ENGINES])
 @pytest.mark.parametrize("exact", [False, True])
 def test_bfloat16_kernel_is_as_accurate_as_plain_bfloat16_attention(exact, forward, monkeypatch):
     """Padding flag, shared bias and chunk buffers add no error of their own in bfloat16: the kernel errs
     no more than the reference run in bfloat16 (scores rounded once, dense masks), forward and backward; with
-    its forward on the ATen products and C++ softmax, or in one AMX pass."""
+    its forward on the ATen products and C++ softmax, or in one C++ pass on AMX tiles or AVX512-BF16 registers."""
     use_softmax(monkeypatch, forward)
     height, width, window = 20, 23, 7
     values = _values(2, 3, height, width, 1, 32, window, seed=3)

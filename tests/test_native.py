@@ -16,18 +16,23 @@ from .test_kernels import check_float32_against_reference
 HAS_COMPILER = shutil.which("ninja") is not None and (shutil.which("c++") or shutil.which("g++")) is not None
 NO_COMPILER = "no C++ compiler or ninja here: vil_kernels.native falls back"
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason=NO_COMPILER)
-NO_AMX = "this CPU has no AMX bfloat16 tiles (or Linux does not grant them): the ATen products run instead"
+ENGINES = ("amx", "avx512")  # of the native bfloat16 forward
+NO_ENGINE = {
+    "amx": "this CPU has no AMX bfloat16 tiles (or Linux does not grant them): not run here",
+    "avx512": "this CPU has no AVX512-BF16: not run here",
+}
 
 
 def use_softmax(monkeypatch, which: str) -> None:
     """Run the blocked kernel's softmax steps in C++ ("c++", required to build) or as PyTorch ops ("pytorch"), between
-    ATen products; or its bfloat16 forward as one AMX pass per run ("amx", required; skipped where the CPU has none)."""
-    if which in ("c++", "amx") and not HAS_COMPILER:
+    ATen products; or its bfloat16 forward as one C++ pass per chunk on AMX tiles ("amx") or AVX512-BF16 registers
+    ("avx512"), required (skipped where the CPU has not that engine)."""
+    if which != "pytorch" and not HAS_COMPILER:
         pytest.skip(NO_COMPILER)
-    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, {"c++": "1", "pytorch": "0", "amx": "1"}[which])
-    monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "1" if which == "amx" else "0")
-    if which == "amx" and not native.native_ops().amx_available():
-        pytest.skip(NO_AMX)
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0" if which == "pytorch" else "1")
+    monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, which if which in ENGINES else "aten")
+    if which in ENGINES and which not in native._engines(native.native_ops()):
+        pytest.skip(NO_ENGINE[which])
 
 
 def _scores_and_bias(dtype, chunks, maps, slots, length, seed):
@@ -205,8 +210,8 @@ def test_an_unknown_setting_is_a_clear_error(monkeypatch):
 INPUTS = ("queries", "keys", "values", "global_keys", "global_values")
 
 
-def _amx_inputs(dim=32, height=9, width=13, num_global=1):
-    """Tokens for ``longformer_forward_amx_``: (B, H, L, M) queries, keys, values; globals; window 5, sliding chunks."""
+def _bf16_forward_inputs(dim=32, height=9, width=13, num_global=1):
+    """Tokens for ``longformer_forward_bf16_``: (B, H, L, M) queries, keys, values; globals; window 5, sliding chunks."""
     generator = torch.Generator().manual_seed(0)
     length, heads = height * width, 3
 
@@ -232,17 +237,18 @@ def _amx_inputs(dim=32, height=9, width=13, num_global=1):
     )
 
 
-def test_amx_forward_refuses_what_it_cannot_read(monkeypatch):
-    use_softmax(monkeypatch, "amx")
-    forward = native.native_ops().longformer_forward_amx_
-    good = _amx_inputs()
+@pytest.mark.parametrize("engine", ENGINES)
+def test_bf16_forward_refuses_what_it_cannot_read(engine, monkeypatch):
+    use_softmax(monkeypatch, engine)
+    forward = native.native_ops().longformer_forward_bf16_
+    good = _bf16_forward_inputs() | {"tiles": engine == "amx"}
     forward(**good)  # the inputs below differ from these in one thing each
 
     def refused(match, **change):
         with pytest.raises(RuntimeError, match=match):
             forward(**{**good, **change})
 
-    refused("head dims 32 and 64, got 16", **{k: v[..., :16] for k, v in good.items() if k in INPUTS + ("output",)})
+    refused("head dims 32 and 64, got 16", **{k: v[..., :16] for k, v in good.items() if k in (*INPUTS, "output")})
     refused("keys must be a bfloat16 CPU tensor, got Float", keys=good["keys"].float())
     refused("queries hold 117 tokens, not a 9x12 map", width=12)
     refused("values must be \\(2, 3, 117, 32\\) with unit stride", values=good["values"][:1])
@@ -252,44 +258,89 @@ def test_amx_forward_refuses_what_it_cannot_read(monkeypatch):
     refused("key_extents must be int64 \\(2, 2\\)", key_extents=torch.tensor([[9, 13]]))
 
 
-def test_amx_setting_chooses_and_logs_why(monkeypatch, caplog):
+def test_bf16_forward_refuses_an_engine_this_cpu_lacks(monkeypatch):
+    use_softmax(monkeypatch, "c++")
+    ops = native.native_ops()
+    lacking = [engine for engine in ENGINES if engine not in native._engines(ops)]
+    if not lacking:
+        pytest.skip("this CPU has both engines")
+    needs = {"amx": "on tiles needs a CPU with AMX-BF16", "avx512": "needs a CPU with AVX512-BF16"}
+    for engine in lacking:
+        with pytest.raises(RuntimeError, match=needs[engine]):
+            ops.longformer_forward_bf16_(**_bf16_forward_inputs(), tiles=engine == "amx")
+
+
+def test_bf16_forward_setting_chooses_and_logs_why(monkeypatch, caplog):
     monkeypatch.setattr(native, "_built", {"ops": None, "error": None})
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
     bfloat16_queries = torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)
     with caplog.at_level(logging.INFO, logger="vil_kernels.native"):
-        monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "0")
-        assert blocked._amx_forward_ops(bfloat16_queries) is None
-        monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "auto")
-        assert blocked._amx_forward_ops(bfloat16_queries) is None
-        assert blocked._amx_forward_ops(bfloat16_queries) is None  # the same reason is not logged again
+        monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, "aten")
+        assert blocked._bf16_forward(bfloat16_queries) is None
+        monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, "auto")
+        assert blocked._bf16_forward(bfloat16_queries) is None
+        assert blocked._bf16_forward(bfloat16_queries) is None  # the same reason is not logged again
     reasons = [r.getMessage() for r in caplog.records]
     assert reasons == [
-        "blocked longformer, bfloat16 forward: ATen products (VIL_KERNELS_AMX=0)",
+        "blocked longformer, bfloat16 forward: ATen products (VIL_KERNELS_BF16_FORWARD=aten)",
         "blocked longformer, bfloat16 forward: ATen products (the C++ kernels are off or did not build)",
     ]
-    monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "1")
-    with pytest.raises(RuntimeError, match="VIL_KERNELS_AMX=1 but .* cannot run: the C\\+\\+ kernels are off"):
-        blocked._amx_forward_ops(bfloat16_queries)
-    monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "yes")
-    with pytest.raises(ValueError, match="VIL_KERNELS_AMX='yes': use 'auto'"):
-        blocked._amx_forward_ops(bfloat16_queries)
+    monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, "avx512")
+    with pytest.raises(RuntimeError, match="BF16_FORWARD=avx512 but .* cannot run: the C\\+\\+ kernels are off"):
+        blocked._bf16_forward(bfloat16_queries)
+    monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, "1")
+    with pytest.raises(ValueError, match="VIL_KERNELS_BF16_FORWARD='1': use 'auto'"):
+        blocked._bf16_forward(bfloat16_queries)
 
 
-class _NoAMX:
+class _CPU:
+    """Native ops as a CPU with these engines would report them."""
+
+    def __init__(self, amx: bool, avx512: bool):
+        self.amx, self.avx512 = amx, avx512
+
     def amx_available(self):
-        return False
+        return self.amx
+
+    def avx512_bf16_available(self):
+        return self.avx512
 
 
-def test_amx_forward_is_for_bfloat16_head_dims_32_and_64_on_cpus_with_amx(monkeypatch):
-    monkeypatch.setattr(native, "_built", {"ops": _NoAMX(), "error": None})
+@pytest.mark.parametrize(
+    "amx,avx512,auto", [(True, True, "amx"), (False, True, "avx512"), (False, False, None)], ids=["amx", "zen4", "none"]
+)
+def test_bf16_forward_takes_the_fastest_engine_and_requires_the_one_named(amx, avx512, auto, monkeypatch, caplog):
+    cpu = _CPU(amx, avx512)
+    monkeypatch.setattr(native, "_built", {"ops": cpu, "error": None})
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
-    monkeypatch.setenv(native.AMX_ENVIRONMENT_VARIABLE, "auto")
-    assert blocked._amx_forward_ops(torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)) is None  # no AMX here
-    monkeypatch.setattr(native, "_built", {"ops": "the ops", "error": None, "amx": True})
+    queries = torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)
+    monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, "auto")
+    with caplog.at_level(logging.INFO, logger="vil_kernels.native"):
+        assert blocked._bf16_forward(queries) == (None if auto is None else (cpu, auto))
+    expected = {
+        "amx": "one C++ pass per chunk on AMX tiles, one call per layer",
+        "avx512": "one C++ pass per chunk in AVX512-BF16 registers, one call per layer",
+        None: "ATen products (this CPU has neither AMX bfloat16 tiles nor AVX512-BF16)",
+    }[auto]
+    assert [r.getMessage() for r in caplog.records] == [f"blocked longformer, bfloat16 forward: {expected}"]
+    for engine, here in (("amx", amx), ("avx512", avx512)):
+        monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, engine)
+        if here:
+            assert blocked._bf16_forward(queries) == (cpu, engine)
+        else:
+            with pytest.raises(RuntimeError, match=f"={engine} but .* cannot run: this CPU"):
+                blocked._bf16_forward(queries)
+
+
+def test_bf16_forward_is_for_bfloat16_head_dims_32_and_64_on_the_cpu(monkeypatch):
+    cpu = _CPU(amx=False, avx512=True)
+    monkeypatch.setattr(native, "_built", {"ops": cpu, "error": None})
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
+    monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, "auto")
     for queries in (
         torch.zeros(1, 1, 4, 32),
         torch.zeros(1, 1, 4, 48, dtype=torch.bfloat16),
         torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16, device="meta"),
     ):
-        assert blocked._amx_forward_ops(queries) is None
-    assert blocked._amx_forward_ops(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)) == "the ops"
+        assert blocked._bf16_forward(queries) is None
+    assert blocked._bf16_forward(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)) == (cpu, "avx512")

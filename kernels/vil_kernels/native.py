@@ -10,9 +10,10 @@ default ``~/.cache/torch_extensions``).
 ``VIL_KERNELS_NATIVE`` chooses: ``auto`` (default) builds and, if that fails, warns once and falls back;
 ``0`` never builds; ``1`` requires the build and raises if it fails.
 
-On CPUs with AMX (bfloat16 tiles, Linux granting the tile state) the blocked kernel's bfloat16 forward is one C++
-call over the whole batch (``attention_amx.cpp``). ``VIL_KERNELS_AMX`` chooses: ``auto`` (default) where available,
-``0`` never (the ATen products), ``1`` requires it.
+On CPUs with AMX (bfloat16 tiles, Linux granting the tile state) or AVX512-BF16 the blocked kernel's bfloat16
+forward is one C++ call over the whole batch (``attention_bf16.cpp``), its products on AMX tiles or in AVX-512
+registers. ``VIL_KERNELS_BF16_FORWARD`` chooses: ``auto`` (default) AMX where the CPU has it, else AVX512-BF16, else
+the ATen products; ``amx`` or ``avx512`` require that engine; ``aten`` never runs the C++ forward.
 """
 
 from __future__ import annotations
@@ -28,19 +29,19 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENVIRONMENT_VARIABLE = "VIL_KERNELS_NATIVE"
-AMX_ENVIRONMENT_VARIABLE = "VIL_KERNELS_AMX"
+BF16_FORWARD_VARIABLE = "VIL_KERNELS_BF16_FORWARD"
 _SOURCES = [
-    Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "attention_amx.cpp", "roi_align.cpp", "nms.cpp")
+    Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "attention_bf16.cpp", "roi_align.cpp", "nms.cpp")
 ]
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # once decided, "ops": the op namespace or None, and "error": why not
 
 
-def _mode(variable: str = ENVIRONMENT_VARIABLE, never: str = "never build") -> str:
-    """The setting of ``variable``: 'auto' (default), '0' or '1'."""
-    mode = os.environ.get(variable, "auto").strip().lower()
+def _mode() -> str:
+    """The setting of ``VIL_KERNELS_NATIVE``: 'auto' (default), '0' or '1'."""
+    mode = os.environ.get(ENVIRONMENT_VARIABLE, "auto").strip().lower()
     if mode not in ("auto", "0", "1"):
-        raise ValueError(f"{variable}={mode!r}: use 'auto' (default), '0' ({never}) or '1' (require).")
+        raise ValueError(f"{ENVIRONMENT_VARIABLE}={mode!r}: use 'auto' (default), '0' (never build) or '1' (require).")
     return mode
 
 
@@ -93,34 +94,54 @@ def native_ops():
     return _built["ops"]
 
 
-def amx_ops():
-    """The native ops where their AMX attention forward runs here (``VIL_KERNELS_AMX``), else None. The choice and
-    its reason are logged when they change."""
-    mode = _mode(AMX_ENVIRONMENT_VARIABLE, "never: the ATen products")
-    ops = None if mode == "0" else native_ops()
-    if mode == "0":
-        reason = f"{AMX_ENVIRONMENT_VARIABLE}=0"
+_ENGINES = {"amx": "on AMX tiles", "avx512": "in AVX512-BF16 registers"}
+_MISSING = {
+    "amx": "this CPU (or its kernel) grants no AMX bfloat16 tiles",
+    "avx512": "this CPU has no AVX512-BF16",
+}
+
+
+def bf16_forward():
+    """``(ops, engine)`` where the native bfloat16 attention forward (``ops.longformer_forward_bf16_``) runs here,
+    ``engine`` "amx" or "avx512"; None where the ATen products run instead (``VIL_KERNELS_BF16_FORWARD``). The choice
+    and its reason are logged when they change."""
+    setting = os.environ.get(BF16_FORWARD_VARIABLE, "auto").strip().lower()
+    if setting not in ("auto", "aten", *_ENGINES):
+        raise ValueError(
+            f"{BF16_FORWARD_VARIABLE}={setting!r}: use 'auto' (default: AMX, else AVX512-BF16, where the CPU has "
+            "them), 'amx' or 'avx512' (require that one) or 'aten' (never: the ATen products)."
+        )
+    ops = None if setting == "aten" else native_ops()
+    engines = _engines(ops) if ops is not None else ()
+    engine, reason = None, None
+    if setting == "aten":
+        reason = f"{BF16_FORWARD_VARIABLE}=aten"
     elif ops is None:
         reason = "the C++ kernels are off or did not build"
-    elif not _amx_available(ops):
-        reason = "this CPU (or its kernel) grants no AMX bfloat16 tiles"
+    elif setting == "auto":
+        engine = engines[0] if engines else None
+        reason = None if engines else "this CPU has neither AMX bfloat16 tiles nor AVX512-BF16"
+    elif setting in engines:
+        engine = setting
     else:
-        reason = None
-    if mode == "1" and reason is not None:
-        raise RuntimeError(f"{AMX_ENVIRONMENT_VARIABLE}=1 but the AMX attention forward cannot run: {reason}.")
-    if _built.get("amx_reason", "") != reason:
-        _built["amx_reason"] = reason
+        reason = _MISSING[setting]
+    if setting in _ENGINES and reason is not None:
+        raise RuntimeError(f"{BF16_FORWARD_VARIABLE}={setting} but that bfloat16 forward cannot run: {reason}.")
+    if _built.get("bf16_forward", ()) != (engine, reason):
+        _built["bf16_forward"] = (engine, reason)
         logger.info(
             "blocked longformer, bfloat16 forward: %s",
-            "one AMX pass per chunk, one call per layer" if reason is None else f"ATen products ({reason})",
+            f"one C++ pass per chunk {_ENGINES[engine]}, one call per layer" if engine else f"ATen products ({reason})",
         )
-    return ops if reason is None else None
+    return None if engine is None else (ops, engine)
 
 
-def _amx_available(ops) -> bool:
-    if "amx" not in _built:
-        _built["amx"] = bool(ops.amx_available())
-    return _built["amx"]
+def _engines(ops) -> tuple[str, ...]:
+    """The native forward's engines that this CPU runs, fastest first."""
+    if "engines" not in _built:
+        available = {"amx": ops.amx_available(), "avx512": ops.avx512_bf16_available()}
+        _built["engines"] = tuple(engine for engine in _ENGINES if available[engine])
+    return _built["engines"]
 
 
-__all__ = ["AMX_ENVIRONMENT_VARIABLE", "ENVIRONMENT_VARIABLE", "amx_ops", "native_ops"]
+__all__ = ["BF16_FORWARD_VARIABLE", "ENVIRONMENT_VARIABLE", "bf16_forward", "native_ops"]

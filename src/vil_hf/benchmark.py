@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from vil_kernels.native import amx_ops, native_ops
+from vil_kernels.native import bf16_forward, native_ops
 
 from .io_utils import atomic_write_text
 
@@ -193,6 +193,13 @@ def cpu_bfloat16_support() -> tuple[str, bool]:
     capabilities = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
     native = bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
     return torch.backends.cpu.get_cpu_capability(), native
+
+
+BF16_FORWARD_WORDS = {
+    "amx": "in one C++ pass on AMX tiles",
+    "avx512": "in one C++ pass in AVX512-BF16 registers",
+    "aten": "on ATen products (no native pass here)",
+}
 
 
 def _synchronize(device: str) -> None:
@@ -424,7 +431,8 @@ def run(
             "native_bfloat16": native_bfloat16,
             # built here, before any timing, where it builds at all
             "cpu_softmax": ("c++" if native_ops() is not None else "pytorch") if device == "cpu" else None,
-            "cpu_amx_forward": amx_ops() is not None if device == "cpu" else None,
+            # the native bfloat16 forward's engine: "amx", "avx512", or "aten" (its products on ATen)
+            "cpu_bf16_forward": (bf16_forward() or (None, "aten"))[1] if device == "cpu" else None,
             "parts": list(parts),
             "image": list(sizes.image),
             "scaled_image": list(sizes.scaled_image),
@@ -664,11 +672,8 @@ def markdown(results: dict) -> str:
             about.append(
                 f"blocked kernel's softmax steps in {'C++' if setup['cpu_softmax'] == 'c++' else 'PyTorch ops'}"
             )
-        if setup.get("cpu_amx_forward") is not None and "bfloat16" in setup["dtypes"]:
-            about.append(
-                "its bfloat16 forward "
-                + ("in one AMX pass" if setup["cpu_amx_forward"] else "on ATen products (no AMX pass here)")
-            )
+        if setup.get("cpu_bf16_forward") is not None and "bfloat16" in setup["dtypes"]:
+            about.append(f"its bfloat16 forward {BF16_FORWARD_WORDS[setup['cpu_bf16_forward']]}")
     if measured & {"backbone", "scaling", "memory"}:
         about.append(
             f"backbones in {' and '.join(setup['dtypes'])} at batch {setup['batch']} (scaling and memory: "

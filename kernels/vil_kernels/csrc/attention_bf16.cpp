@@ -1,0 +1,676 @@
+// The blocked longformer kernel's bfloat16 forward in one C++ pass (vil_kernels/longformer/blocked.py), its products
+// on AMX tiles or, on CPUs with AVX512-BF16 but no AMX (AMD's Zen 4 and later), in AVX-512 registers.
+//
+// The ATen path copies the map's keys and values three times into chunk-window buffers, then per run of chunks runs
+// bmm, bias + softmax, bmm: oneDNN's batched products of 49 x 33 by 33 x 444 per chunk take about twice the time of
+// one product of the same work, each writes its scores out in bfloat16, and the key windows are copied once more
+// (a CPU bfloat16 bmm copies a transposed operand that overlaps itself). Here every (image, head, chunk) is one task
+// that reads its queries and its window's keys and values straight from the projections, row by row in the slot
+// order of the shared bias (blocked.py's _slot_geometry): the keys are packed into the pair-interleaved layout that
+// both AMX's and AVX512-BF16's dot products take, the scores of the chunk's queries against every key accumulate in
+// float32, the bias, padding flags and softmax run on that float32 row (never rounded to bfloat16), the weights are
+// rounded once for the product with the values, and the output once, written to the output tensor. The backward is
+// unchanged: it recomputes the probabilities with the ATen products (as before, from bfloat16 scores).
+//
+// The two engines share everything but the products (chunk_forward<kTiles>). AMX needs Linux's grant of the tile
+// state (amx_available); head dims 32 and 64. Elsewhere blocked.py runs the ATen path, which stays the reference the
+// tests hold both against.
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+// GCC 11 brought the AMX intrinsics; other compilers and systems build the op without its body (amx_available and
+// avx512_bf16_available are false there, so it is never called)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
+#define VIL_HAVE_X86_BF16 1
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#else
+#define VIL_HAVE_X86_BF16 0
+#endif
+
+namespace {
+
+using bfloat16_bits = uint16_t;
+
+#if VIL_HAVE_X86_BF16
+
+// Every function here may use AMX and AVX512-BF16; the vector engine's never executes an AMX instruction (GCC emits
+// none but the intrinsics), so it runs on CPUs without AMX.
+#define VIL_X86_TARGET __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+constexpr int64_t kTile = 16;  // rows of every tile here; 64 bytes a row: 32 bfloat16, 16 float32 or 16 pairs
+
+// The AVX-512 subsets that everything but the tile products uses (the OS saving ZMM state included).
+bool avx512_bf16_ready() {
+  static const bool ready = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                            __builtin_cpu_supports("avx512bf16");
+  return ready;
+}
+
+// The CPU reports AMX-TILE and AMX-BF16 besides the above, and Linux grants this process the tile data state, which
+// it hands out only on request (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA).
+bool request_amx() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (!avx512_bf16_ready() || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+  const bool amx_bf16 = edx & (1u << 22), amx_tile = edx & (1u << 24);
+  if (!(amx_bf16 && amx_tile)) return false;
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+bool amx_ready() {
+  static const bool ready = request_amx();
+  return ready;
+}
+
+// Palette 1 with tiles 0-7 all 16 rows x 64 bytes.
+struct alignas(64) TileConfig {
+  uint8_t palette = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Sizes of one call: every chunk has `slots` queries against `keys` key slots, head dim `dim`.
+struct Shape {
+  int64_t slots, keys, dim;
+  int64_t padded_keys;  // keys rounded up to 32 (one bfloat16 tile row of weights)
+  int64_t query_tiles;  // ceil(slots / 16)
+  int64_t feature_steps;  // dim / 32: products over the head dim, one tile row of 32 features each
+  int64_t dim_tiles;  // dim / 16: output tiles of 16 float32 columns
+};
+
+// Zeros read in place of the rows of padding (queries, keys and values; 64 features at most).
+alignas(64) const bfloat16_bits kZeroRow[64] = {};
+
+// Per thread: one chunk's rows (pointers into the inputs, kZeroRow for padding), its packed operands, a pair of
+// query tiles' scores, weights and outputs.
+struct Scratch {
+  std::vector<const bfloat16_bits*> query_rows, key_rows, value_rows;
+  std::vector<bfloat16_bits*> output_rows;  // nullptr: a padding query, not written
+  std::vector<bfloat16_bits> queries, keys, values, weights;
+  std::vector<float> flags, scores, outputs;
+  bool padding_keys = false;  // whether any of the chunk's key slots is padding (a flag other than 0)
+  void fit(const Shape& s) {
+    query_rows.assign(s.query_tiles * kTile, kZeroRow);
+    key_rows.assign(s.padded_keys, kZeroRow);
+    value_rows.assign(s.padded_keys, kZeroRow);
+    output_rows.assign(s.slots, nullptr);
+    queries.resize(s.query_tiles * kTile * s.dim);
+    keys.resize(s.padded_keys * s.dim);
+    values.resize(s.padded_keys * s.dim);
+    weights.assign(2 * kTile * s.padded_keys, 0);
+    flags.assign(s.padded_keys, -std::numeric_limits<float>::infinity());
+    scores.resize(2 * kTile * s.padded_keys);
+    outputs.resize(2 * kTile * s.dim);
+  }
+};
+
+// rows[i] (16 32-bit words each) -> rows[j] holding word j of every input row: a 16 x 16 transpose in three steps
+// (32-bit and 64-bit interleaves within 128-bit lanes, then lanes).
+VIL_X86_TARGET inline void transpose_16x16_words(__m512i rows[16]) {
+  __m512i pairs[16], quads[16];
+  for (int i = 0; i < 16; i += 2) {
+    pairs[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    pairs[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  // quads[4g + o], lane L: word 4L + o of rows 4g .. 4g + 3
+  for (int g = 0; g < 16; g += 4) {
+    quads[g + 0] = _mm512_unpacklo_epi64(pairs[g], pairs[g + 2]);
+    quads[g + 1] = _mm512_unpackhi_epi64(pairs[g], pairs[g + 2]);
+    quads[g + 2] = _mm512_unpacklo_epi64(pairs[g + 1], pairs[g + 3]);
+    quads[g + 3] = _mm512_unpackhi_epi64(pairs[g + 1], pairs[g + 3]);
+  }
+  for (int o = 0; o < 4; ++o) {
+    const __m512i low01 = _mm512_shuffle_i32x4(quads[o], quads[4 + o], 0x44);
+    const __m512i high01 = _mm512_shuffle_i32x4(quads[o], quads[4 + o], 0xEE);
+    const __m512i low23 = _mm512_shuffle_i32x4(quads[8 + o], quads[12 + o], 0x44);
+    const __m512i high23 = _mm512_shuffle_i32x4(quads[8 + o], quads[12 + o], 0xEE);
+    rows[o] = _mm512_shuffle_i32x4(low01, low23, 0x88);  // lane 0 of each quad: word o
+    rows[4 + o] = _mm512_shuffle_i32x4(low01, low23, 0xDD);
+    rows[8 + o] = _mm512_shuffle_i32x4(high01, high23, 0x88);
+    rows[12 + o] = _mm512_shuffle_i32x4(high01, high23, 0xDD);
+  }
+}
+
+// Key rows -> the B operand of scores = Q K^T: for key tile j (16 keys) and feature step t, 16 rows (feature pairs
+// t*16 + r) of 16 keys x 2 features, i.e. 32-bit word [r][i] = key j*16+i's feature pair t*16+r: a transpose of
+// 16 x 16 words.
+VIL_X86_TARGET void pack_keys(const bfloat16_bits* const* rows, const Shape& s, bfloat16_bits* packed) {
+  for (int64_t first = 0; first < s.padded_keys; first += kTile) {
+    for (int64_t step = 0; step < s.feature_steps; ++step) {
+      __m512i words[16];
+      for (int64_t i = 0; i < kTile; ++i) words[i] = _mm512_loadu_si512(rows[first + i] + step * 32);
+      transpose_16x16_words(words);
+      bfloat16_bits* tile = packed + ((first / kTile) * s.feature_steps + step) * kTile * 32;
+      for (int64_t r = 0; r < kTile; ++r) _mm512_storeu_si512(tile + r * 32, words[r]);
+    }
+  }
+}
+
+// Value rows -> the B operand of out = weights V: for key block b (32 keys) and dim tile d (16 columns), 16 rows
+// (key pairs) of 16 columns x 2 keys.
+// Lane order of one packed value row (vpermt2w indices): column i of the even key, then column i of the odd key.
+alignas(64) constexpr int16_t kInterleavePairs[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                      8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+
+VIL_X86_TARGET void pack_values(const bfloat16_bits* const* rows, const Shape& s, bfloat16_bits* packed) {
+  const __m512i interleave = _mm512_load_si512(kInterleavePairs);
+  for (int64_t key = 0; key < s.padded_keys; key += 2) {
+    const int64_t block = key / 32, row = (key % 32) / 2;
+    for (int64_t d = 0; d < s.dim_tiles; ++d) {
+      const __m512i even =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[key] + d * kTile)));
+      const __m512i odd =
+          _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[key + 1] + d * kTile)));
+      _mm512_storeu_si512(packed + ((block * s.dim_tiles + d) * kTile + row) * 32,
+                          _mm512_permutex2var_epi16(even, interleave, odd));
+    }
+  }
+}
+
+// exp(x) for x <= 0 on 16 lanes: softmax.cpp's exp_nonpositive range reduction and polynomial, in fused
+// multiply-adds, scaled by 2^n with scalef. Lanes below -87 (and -inf) give 0.
+VIL_X86_TARGET inline __m512 exp_nonpositive16(__m512 x) {
+  const __mmask16 kept = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_GE_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f),
+                                   _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x));
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_scalef_ps(kept, p, n);
+}
+
+// 16 float32 -> bfloat16, rounding to nearest even (vcvtneps2bf16), as PyTorch's conversion does for finite values.
+VIL_X86_TARGET inline __m256i round_to_bfloat16(__m512 x) { return reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x)); }
+
+// 16 slots from k of the terms added to the scores: bias (read masked past `keys`) + the keys' padding flags
+// (key_terms, -inf past `keys`). Chunks without padding keys skip the flags and only set -inf past `keys`.
+template <bool kPaddingKeys>
+VIL_X86_TARGET inline __m512 score_terms(const float* bias, const float* key_terms, int64_t k, int64_t keys) {
+  const int64_t valid = std::clamp<int64_t>(keys - k, 0, 16);
+  const __mmask16 on_keys = static_cast<__mmask16>((1u << valid) - 1u);
+  const __m512 value = _mm512_maskz_loadu_ps(on_keys, bias + k);
+  if constexpr (kPaddingKeys) return _mm512_add_ps(value, _mm512_loadu_ps(key_terms + k));
+  if (valid < 16) return _mm512_mask_mov_ps(_mm512_set1_ps(-std::numeric_limits<float>::infinity()), on_keys, value);
+  return value;
+}
+
+// 16 slots from k of softmax_row's first pass: the scores plus their terms (unless kTermsAdded: the products
+// started from them), stored back.
+template <bool kPaddingKeys, bool kTermsAdded>
+VIL_X86_TARGET inline __m512 add_terms(float* scores, const float* bias, const float* key_terms, int64_t k,
+                                       int64_t keys) {
+  if constexpr (kTermsAdded) return _mm512_loadu_ps(scores + k);
+  const __m512 value = _mm512_add_ps(_mm512_loadu_ps(scores + k), score_terms<kPaddingKeys>(bias, key_terms, k, keys));
+  _mm512_storeu_ps(scores + k, value);
+  return value;
+}
+
+// 16 slots from k of its second pass: exp(x - row max), rounded to bfloat16 into weights; returns the float32 values.
+VIL_X86_TARGET inline __m512 exp_and_round(const float* scores, bfloat16_bits* weights, int64_t k, __m512 row_max) {
+  const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(scores + k), row_max));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + k), round_to_bfloat16(e));
+  return e;
+}
+
+// One query row, over all padded_keys slots (a multiple of 32): weights = exp(x - max x), x = scores + bias +
+// key_terms (the scores hold them already where kTermsAdded), rounded to bfloat16 into `weights`; returns 1 / their
+// float32 sum, by which the row's output is scaled (so the weights are not normalised one by one); past `keys` the
+// weights are 0. Two accumulators per reduction: one would serialise each pass on its latency.
+template <bool kPaddingKeys, bool kTermsAdded>
+VIL_X86_TARGET float softmax_row(float* scores, const float* bias, const float* key_terms, bfloat16_bits* weights,
+                                 int64_t keys, int64_t padded_keys) {
+  __m512 most_even = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), most_odd = most_even;
+  for (int64_t k = 0; k < padded_keys; k += 32) {
+    most_even = _mm512_max_ps(most_even, add_terms<kPaddingKeys, kTermsAdded>(scores, bias, key_terms, k, keys));
+    most_odd = _mm512_max_ps(most_odd, add_terms<kPaddingKeys, kTermsAdded>(scores, bias, key_terms, k + 16, keys));
+  }
+  const __m512 row_max = _mm512_set1_ps(_mm512_reduce_max_ps(_mm512_max_ps(most_even, most_odd)));
+  __m512 total_even = _mm512_setzero_ps(), total_odd = total_even;
+  for (int64_t k = 0; k < padded_keys; k += 32) {
+    total_even = _mm512_add_ps(total_even, exp_and_round(scores, weights, k, row_max));
+    total_odd = _mm512_add_ps(total_odd, exp_and_round(scores, weights, k + 16, row_max));
+  }
+  return 1.0f / _mm512_reduce_add_ps(_mm512_add_ps(total_even, total_odd));
+}
+
+// Tiles 2-5 hold the four accumulators of every product here (tile numbers are immediates).
+VIL_X86_TARGET inline void zero_accumulators() {
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+}
+
+// Scores of a pair of query tiles (32 rows at scores, padded_keys apart) against every key, on tiles: each key tile
+// loaded serves both query tiles, so four accumulators are in flight (a lone last tile is paired with itself; its
+// copy is not used): with one tile of queries the stores of each product's scores waited on its latency.
+VIL_X86_TARGET void tile_scores(const bfloat16_bits* first_queries, const bfloat16_bits* second_queries,
+                                const bfloat16_bits* packed_keys, const Shape& s, float* scores) {
+  const int64_t packed_tile = kTile * 32, score_stride = s.padded_keys * 4;
+  float* second_scores = scores + kTile * s.padded_keys;
+  if (s.feature_steps == 1) {
+    _tile_loadd(0, first_queries, s.dim * 2);
+    _tile_loadd(1, second_queries, s.dim * 2);
+  }
+  for (int64_t j = 0; j < s.padded_keys / kTile; j += 2) {  // two key tiles at a time (padded_keys: 32s)
+    const bfloat16_bits* first_keys = packed_keys + j * s.feature_steps * packed_tile;
+    const bfloat16_bits* second_keys = first_keys + s.feature_steps * packed_tile;
+    zero_accumulators();
+    for (int64_t t = 0; t < s.feature_steps; ++t) {
+      if (s.feature_steps > 1) {
+        _tile_loadd(0, first_queries + t * 32, s.dim * 2);
+        _tile_loadd(1, second_queries + t * 32, s.dim * 2);
+      }
+      _tile_loadd(6, first_keys + t * packed_tile, 64);
+      _tile_loadd(7, second_keys + t * packed_tile, 64);
+      _tile_dpbf16ps(2, 0, 6);
+      _tile_dpbf16ps(3, 0, 7);
+      _tile_dpbf16ps(4, 1, 6);
+      _tile_dpbf16ps(5, 1, 7);
+    }
+    _tile_stored(2, scores + j * kTile, score_stride);
+    _tile_stored(3, scores + (j + 1) * kTile, score_stride);
+    _tile_stored(4, second_scores + j * kTile, score_stride);
+    _tile_stored(5, second_scores + (j + 1) * kTile, score_stride);
+  }
+}
+
+// outputs (32 rows, dim) = weights (32 rows, padded_keys apart) V over blocks of 32 keys, on tiles; `pair`: whether
+// the second query tile is used.
+VIL_X86_TARGET void tile_outputs(const bfloat16_bits* weights, bool pair, const bfloat16_bits* packed_values,
+                                 const Shape& s, float* outputs) {
+  const int64_t packed_tile = kTile * 32, weight_stride = s.padded_keys * 2, out_stride = s.dim * 4;
+  const bfloat16_bits* second_weights = weights + kTile * s.padded_keys;
+  if (s.dim_tiles == 2) {  // both query tiles x both dim tiles at once
+    zero_accumulators();
+    for (int64_t b = 0; b < s.padded_keys / 32; ++b) {
+      const bfloat16_bits* block_values = packed_values + b * 2 * packed_tile;
+      _tile_loadd(0, weights + b * 32, weight_stride);
+      _tile_loadd(1, second_weights + b * 32, weight_stride);
+      _tile_loadd(6, block_values, 64);
+      _tile_loadd(7, block_values + packed_tile, 64);
+      _tile_dpbf16ps(2, 0, 6);
+      _tile_dpbf16ps(3, 0, 7);
+      _tile_dpbf16ps(4, 1, 6);
+      _tile_dpbf16ps(5, 1, 7);
+    }
+    _tile_stored(2, outputs, out_stride);
+    _tile_stored(3, outputs + kTile, out_stride);
+    _tile_stored(4, outputs + kTile * s.dim, out_stride);
+    _tile_stored(5, outputs + kTile * s.dim + kTile, out_stride);
+    return;
+  }
+  for (int64_t half = 0; half < (pair ? 2 : 1); ++half) {  // four dim tiles: one query tile at a time
+    zero_accumulators();
+    for (int64_t b = 0; b < s.padded_keys / 32; ++b) {
+      const bfloat16_bits* block_values = packed_values + b * 4 * packed_tile;
+      _tile_loadd(0, weights + half * kTile * s.padded_keys + b * 32, weight_stride);
+      _tile_loadd(6, block_values, 64);
+      _tile_loadd(7, block_values + packed_tile, 64);
+      _tile_dpbf16ps(2, 0, 6);
+      _tile_dpbf16ps(3, 0, 7);
+      _tile_loadd(6, block_values + 2 * packed_tile, 64);
+      _tile_loadd(7, block_values + 3 * packed_tile, 64);
+      _tile_dpbf16ps(4, 0, 6);
+      _tile_dpbf16ps(5, 0, 7);
+    }
+    float* out = outputs + half * kTile * s.dim;
+    _tile_stored(2, out, out_stride);
+    _tile_stored(3, out + kTile, out_stride);
+    _tile_stored(4, out + 2 * kTile, out_stride);
+    _tile_stored(5, out + 3 * kTile, out_stride);
+  }
+}
+
+// 32-bit word `index` of a bfloat16 row: one pair of features or of weights, broadcast as a dot product's operand.
+VIL_X86_TARGET inline __m512bh broadcast_pair(const bfloat16_bits* row, int64_t index) {
+  uint32_t word;
+  std::memcpy(&word, row + 2 * index, sizeof(word));
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(word));
+}
+
+// The same products in AVX512-BF16 registers (vdpbf16ps: 16 float32 lanes, each += a pair of bfloat16 products),
+// from the same packed operands: a packed key row holds one feature pair of 16 keys, a packed value row one key pair
+// of 16 columns, so each query's (or weight row's) pair is broadcast against it. Register blocks of 16 accumulators
+// keep the vector unit busy (a lone row's two or four chains wait on the product's latency); a last one or two rows
+// go alone all the same, faster than a block of 8 padded with rows that are not slots.
+constexpr int64_t kBlockRows = 8;  // query rows per register block of the score product
+
+// Rows [0, rows) in blocks of `block` (then single rows where at most two are left): calls
+// rows_at(first row, whether a block) for each.
+template <typename RowsAt>
+VIL_X86_TARGET inline void in_register_blocks(int64_t rows, int64_t block, RowsAt rows_at) {
+  int64_t first = 0;
+  for (; rows - first > 2; first += block) rows_at(first, true);
+  for (; first < rows; ++first) rows_at(first, false);
+}
+
+// Scores of kRows query rows (queries, rows dim apart; bias rows at row_bias) against every key, 32 keys at a time:
+// the accumulators start from the bias and padding terms, so the scores leave here whole and softmax_row only reads
+// them.
+template <bool kPaddingKeys, int64_t kRows>
+VIL_X86_TARGET void score_rows(const bfloat16_bits* queries, const float* const* row_bias,
+                               const bfloat16_bits* packed_keys, const float* key_terms, const Shape& s,
+                               float* scores) {
+  const int64_t packed_tile = kTile * 32;
+  for (int64_t j = 0; j < s.padded_keys / kTile; j += 2) {
+    __m512 sums[kRows][2];
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kRows; ++i) {
+      sums[i][0] = score_terms<kPaddingKeys>(row_bias[i], key_terms, j * kTile, s.keys);
+      sums[i][1] = score_terms<kPaddingKeys>(row_bias[i], key_terms, (j + 1) * kTile, s.keys);
+    }
+    for (int64_t t = 0; t < s.feature_steps; ++t) {
+      const bfloat16_bits* first_keys = packed_keys + (j * s.feature_steps + t) * packed_tile;
+      const bfloat16_bits* second_keys = first_keys + s.feature_steps * packed_tile;
+      for (int64_t r = 0; r < kTile; ++r) {
+        const __m512bh first = (__m512bh)_mm512_loadu_si512(first_keys + r * 32);
+        const __m512bh second = (__m512bh)_mm512_loadu_si512(second_keys + r * 32);
+#pragma GCC unroll 16
+        for (int64_t i = 0; i < kRows; ++i) {
+          const __m512bh pair = broadcast_pair(queries + i * s.dim, t * kTile + r);
+          sums[i][0] = _mm512_dpbf16_ps(sums[i][0], pair, first);
+          sums[i][1] = _mm512_dpbf16_ps(sums[i][1], pair, second);
+        }
+      }
+    }
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kRows; ++i) {
+      _mm512_storeu_ps(scores + i * s.padded_keys + j * kTile, sums[i][0]);
+      _mm512_storeu_ps(scores + i * s.padded_keys + (j + 1) * kTile, sums[i][1]);
+    }
+  }
+}
+
+// Scores of query rows [0, rows) (bias: the first row's, rows at bias_stride). A block's rows past `rows` are
+// padding (zero queries, within the buffers) and read the last row's bias (past it lies the next head's).
+template <bool kPaddingKeys>
+VIL_X86_TARGET void vector_scores(const bfloat16_bits* queries, int64_t rows, const bfloat16_bits* packed_keys,
+                                  const float* bias, int64_t bias_stride, const float* key_terms, const Shape& s,
+                                  float* scores) {
+  in_register_blocks(rows, kBlockRows, [&](int64_t first, bool block) {
+    const float* row_bias[kBlockRows];
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kBlockRows; ++i) row_bias[i] = bias + std::min(first + i, rows - 1) * bias_stride;
+    (block ? score_rows<kPaddingKeys, kBlockRows> : score_rows<kPaddingKeys, 1>)(
+        queries + first * s.dim, row_bias, packed_keys, key_terms, s, scores + first * s.padded_keys);
+  });
+}
+
+// outputs (kRows, dim) = weights (kRows, padded_keys) V, kDimTiles x 16 columns, over key pairs.
+template <int64_t kRows, int64_t kDimTiles>
+VIL_X86_TARGET void output_rows(const bfloat16_bits* weights, const bfloat16_bits* packed_values, const Shape& s,
+                                float* outputs) {
+  const int64_t packed_tile = kTile * 32;
+  __m512 sums[kRows][kDimTiles];
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int64_t d = 0; d < kDimTiles; ++d) sums[i][d] = _mm512_setzero_ps();
+  }
+  for (int64_t pair = 0; pair < s.padded_keys / 2; ++pair) {
+    // packed value row of key pair `pair`, dim tile d: block pair / 16, row pair % 16
+    const bfloat16_bits* value_row = packed_values + ((pair / kTile) * kDimTiles * kTile + pair % kTile) * 32;
+    __m512bh columns[kDimTiles];
+#pragma GCC unroll 4
+    for (int64_t d = 0; d < kDimTiles; ++d) columns[d] = (__m512bh)_mm512_loadu_si512(value_row + d * packed_tile);
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kRows; ++i) {
+      const __m512bh weight = broadcast_pair(weights + i * s.padded_keys, pair);
+#pragma GCC unroll 4
+      for (int64_t d = 0; d < kDimTiles; ++d) sums[i][d] = _mm512_dpbf16_ps(sums[i][d], weight, columns[d]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int64_t d = 0; d < kDimTiles; ++d) _mm512_storeu_ps(outputs + i * s.dim + d * kTile, sums[i][d]);
+  }
+}
+
+// outputs (rows, dim) = weights V, in blocks of 16 / kDimTiles rows (16 accumulators: 4 rows for head dim 64, 8 for
+// 32).
+template <int64_t kDimTiles>
+VIL_X86_TARGET void vector_outputs(const bfloat16_bits* weights, int64_t rows, const bfloat16_bits* packed_values,
+                                   const Shape& s, float* outputs) {
+  constexpr int64_t kRows = 16 / kDimTiles;
+  in_register_blocks(rows, kRows, [&](int64_t first, bool block) {
+    (block ? output_rows<kRows, kDimTiles> : output_rows<1, kDimTiles>)(weights + first * s.padded_keys,
+                                                                         packed_values, s, outputs + first * s.dim);
+  });
+}
+
+// One chunk, its rows in w (Scratch::fit, then filled by the caller): bias (slots, keys) with rows at bias_stride.
+// Query tiles go in pairs (32 rows of scores, weights and outputs at a time); kTiles: the products on AMX tiles, else
+// in AVX512-BF16 registers.
+template <bool kTiles>
+VIL_X86_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const Shape& s, Scratch& w) {
+  for (int64_t q = 0; q < s.query_tiles * kTile; ++q) {
+    std::memcpy(w.queries.data() + q * s.dim, w.query_rows[q], s.dim * sizeof(bfloat16_bits));
+  }
+  pack_keys(w.key_rows.data(), s, w.keys.data());
+  pack_values(w.value_rows.data(), s, w.values.data());
+  for (int64_t qt = 0; qt < s.query_tiles; qt += 2) {
+    const bool pair = qt + 1 < s.query_tiles;
+    const bfloat16_bits* first_queries = w.queries.data() + qt * kTile * s.dim;
+    // rows of the pair that are slots: [0, first_rows) and [16, 16 + second_rows); contiguous, as the first tile of
+    // a pair is full
+    const int64_t first_rows = std::min(kTile, s.slots - qt * kTile);
+    const int64_t second_rows = pair ? std::min(kTile, s.slots - (qt + 1) * kTile) : 0;
+    const int64_t rows = first_rows + second_rows;
+    const float* pair_bias = bias + qt * kTile * bias_stride;
+    if constexpr (kTiles) {
+      tile_scores(first_queries, first_queries + (pair ? kTile * s.dim : 0), w.keys.data(), s, w.scores.data());
+    } else {
+      (w.padding_keys ? vector_scores<true> : vector_scores<false>)(first_queries, rows, w.keys.data(), pair_bias,
+                                                                    bias_stride, w.flags.data(), s, w.scores.data());
+    }
+    float inverse_sums[2 * kTile];
+    for (int64_t r = 0; r < rows; ++r) {
+      inverse_sums[r] = (w.padding_keys ? softmax_row<true, !kTiles> : softmax_row<false, !kTiles>)(
+          w.scores.data() + r * s.padded_keys, pair_bias + r * bias_stride, w.flags.data(),
+          w.weights.data() + r * s.padded_keys, s.keys, s.padded_keys);
+    }
+    // rows past `rows` are not slots: their outputs are not written
+    if constexpr (kTiles) {
+      tile_outputs(w.weights.data(), pair, w.values.data(), s, w.outputs.data());
+    } else if (s.dim_tiles == 2) {
+      vector_outputs<2>(w.weights.data(), rows, w.values.data(), s, w.outputs.data());
+    } else {
+      vector_outputs<4>(w.weights.data(), rows, w.values.data(), s, w.outputs.data());
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      bfloat16_bits* out_row = w.output_rows[qt * kTile + r];
+      if (out_row == nullptr) continue;
+      const float* row = w.outputs.data() + r * s.dim;
+      const __m512 inverse = _mm512_set1_ps(inverse_sums[r]);
+      for (int64_t d = 0; d < s.dim; d += 16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row + d),
+                            round_to_bfloat16(_mm512_mul_ps(_mm512_loadu_ps(row + d), inverse)));
+      }
+    }
+  }
+}
+
+VIL_X86_TARGET void configure_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.colsb[t] = 64;
+    config.rows[t] = kTile;
+  }
+  // GCC's _tile_loadconfig tells the compiler it reads 8 bytes of the config: without this barrier the stores to
+  // the rest of it can be dropped as dead
+  asm volatile("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+VIL_X86_TARGET void release_tiles() { _tile_release(); }
+
+#endif  // VIL_HAVE_X86_BF16
+
+bool amx_available() {
+#if VIL_HAVE_X86_BF16
+  return amx_ready();
+#else
+  return false;
+#endif
+}
+
+bool avx512_bf16_available() {
+#if VIL_HAVE_X86_BF16
+  return avx512_bf16_ready();
+#else
+  return false;
+#endif
+}
+
+// A (B, H, tokens, M) bfloat16 CPU tensor with unit stride in M.
+void check_tokens(const at::Tensor& t, const char* name, int64_t batch, int64_t heads, int64_t tokens, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.device().is_cpu(), name, " must be a bfloat16 CPU tensor, got ",
+              t.scalar_type(), " on ", t.device());
+  TORCH_CHECK(t.dim() == 4 && t.size(0) == batch && t.size(1) == heads && t.size(2) == tokens && t.size(3) == dim &&
+                  t.stride(3) == 1,
+              name, " must be (", batch, ", ", heads, ", ", tokens, ", ", dim, ") with unit stride in the last dim, got ",
+              t.sizes(), " strides ", t.strides());
+}
+
+// output (B, H, L, M) = the longformer attention of queries (B, H, L, M) over their windows' keys and values (B, H, L,
+// M) and the global keys and values (B, H, G, M), L = height x width. Query chunk (i, j) sees, per block of key slots,
+// `chunks_per_block` chunks at chunk_offsets (P, 2: chunk rows, chunk columns; P = blocks x chunks_per_block, in slot
+// order) and then the G globals; keys outside the map or beyond their image's key_extents (B, 2: rows, cols) are
+// padding. bias (H, W^2, S) float32 is added to the scores (relative bias, masks: blocked.py's _shared_scores_bias).
+// tiles: the products on AMX tiles, else in AVX512-BF16 registers.
+void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+                              const at::Tensor& global_keys, const at::Tensor& global_values, const at::Tensor& bias,
+                              const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
+                              int64_t window, const std::optional<at::Tensor>& key_extents, at::Tensor output,
+                              bool tiles) {
+  TORCH_CHECK(!tiles || amx_available(),
+              "longformer_forward_bf16_ on tiles needs a CPU with AMX-BF16 and Linux's tile permission");
+  TORCH_CHECK(tiles || avx512_bf16_available(),
+              "longformer_forward_bf16_ needs a CPU with AVX512-BF16 (and AVX512-F/BW/VL/DQ)");
+  TORCH_CHECK(queries.dim() == 4, "queries must be (batch, heads, tokens, head dim), got ", queries.sizes());
+  const int64_t batch = queries.size(0), heads = queries.size(1), length = queries.size(2), dim = queries.size(3);
+  TORCH_CHECK(dim == 32 || dim == 64, "longformer_forward_bf16_ takes head dims 32 and 64, got ", dim);
+  TORCH_CHECK(height > 0 && width > 0 && window > 0 && length == height * width, "queries hold ", length,
+              " tokens, not a ", height, "x", width, " map");
+  const int64_t num_global = global_keys.dim() == 4 ? global_keys.size(2) : -1;
+  check_tokens(queries, "queries", batch, heads, length, dim);
+  check_tokens(keys, "keys", batch, heads, length, dim);
+  check_tokens(values, "values", batch, heads, length, dim);
+  check_tokens(global_keys, "global_keys", batch, heads, num_global, dim);
+  check_tokens(global_values, "global_values", batch, heads, num_global, dim);
+  check_tokens(output, "output", batch, heads, length, dim);
+  TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
+                  chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
+              "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
+  const int64_t area = window * window, blocks = chunk_offsets.size(0) / chunks_per_block;
+  const int64_t slots_per_block = chunks_per_block * area + num_global, key_slots = blocks * slots_per_block;
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 3 && bias.size(0) == heads && bias.size(1) == area &&
+                  bias.size(2) == key_slots && bias.is_contiguous(),
+              "bias must be contiguous float32 (", heads, ", ", area, ", ", key_slots, "), got ", bias.scalar_type(),
+              " ", bias.sizes());
+  if (key_extents.has_value()) {
+    TORCH_CHECK(key_extents->scalar_type() == at::kLong && key_extents->dim() == 2 && key_extents->size(0) == batch &&
+                    key_extents->size(1) == 2,
+                "key_extents must be int64 (", batch, ", 2), got ", key_extents->sizes());
+  }
+#if VIL_HAVE_X86_BF16
+  const Shape shape{area, key_slots, dim, (key_slots + 31) / 32 * 32, (area + kTile - 1) / kTile, dim / 32, dim / kTile};
+  const int64_t chunk_rows = (height + window - 1) / window, chunk_cols = (width + window - 1) / window;
+  const auto offsets = chunk_offsets.contiguous();
+  const int64_t* offset_data = offsets.const_data_ptr<int64_t>();
+  std::vector<int64_t> extents(2 * batch);  // per image: the rows and columns of keys that are not padding
+  const auto given = key_extents.has_value() ? key_extents->contiguous() : at::Tensor();
+  for (int64_t b = 0; b < batch; ++b) {
+    extents[2 * b] = given.defined() ? std::min(height, given.const_data_ptr<int64_t>()[2 * b]) : height;
+    extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
+  }
+  auto rows_of = [](const at::Tensor& t, int64_t b, int64_t h) {
+    return reinterpret_cast<const bfloat16_bits*>(t.const_data_ptr()) + b * t.stride(0) + h * t.stride(1);
+  };
+  const float* bias_data = bias.const_data_ptr<float>();
+  const float padding_flag = std::numeric_limits<float>::lowest() / 4;  // as blocked.py's: exp() of it is 0
+  at::parallel_for(0, batch * heads * chunk_rows * chunk_cols, 1, [&](int64_t begin, int64_t end) {
+    thread_local Scratch scratch;
+    Scratch& w = scratch;
+    w.fit(shape);
+    if (tiles) configure_tiles();
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t cj = task % chunk_cols, ci = task / chunk_cols % chunk_rows;
+      const int64_t h = task / (chunk_cols * chunk_rows) % heads, b = task / (chunk_cols * chunk_rows * heads);
+      const bfloat16_bits *q = rows_of(queries, b, h), *k = rows_of(keys, b, h), *v = rows_of(values, b, h);
+      const bfloat16_bits *gk = rows_of(global_keys, b, h), *gv = rows_of(global_values, b, h);
+      auto* o = reinterpret_cast<bfloat16_bits*>(output.data_ptr()) + b * output.stride(0) + h * output.stride(1);
+      const int64_t q_step = queries.stride(2), k_step = keys.stride(2), v_step = values.stride(2);
+      const int64_t o_step = output.stride(2);
+      // (nested loops, no division per slot)
+      for (int64_t dy = 0, slot = 0; dy < window; ++dy) {
+        for (int64_t dx = 0; dx < window; ++dx, ++slot) {
+          const int64_t y = ci * window + dy, x = cj * window + dx;
+          const bool on_map = y < height && x < width;
+          w.query_rows[slot] = on_map ? q + (y * width + x) * q_step : kZeroRow;
+          w.output_rows[slot] = on_map ? o + (y * width + x) * o_step : nullptr;
+        }
+      }
+      int64_t slot = 0;
+      w.padding_keys = false;
+      for (int64_t block = 0; block < blocks; ++block) {
+        for (int64_t c = 0; c < chunks_per_block; ++c) {
+          const int64_t* offset = offset_data + 2 * (block * chunks_per_block + c);
+          const int64_t top = (ci + offset[0]) * window, left = (cj + offset[1]) * window;
+          for (int64_t y = top; y < top + window; ++y) {
+            for (int64_t x = left; x < left + window; ++x, ++slot) {
+              const bool seen = y >= 0 && x >= 0 && y < extents[2 * b] && x < extents[2 * b + 1];
+              w.key_rows[slot] = seen ? k + (y * width + x) * k_step : kZeroRow;
+              w.value_rows[slot] = seen ? v + (y * width + x) * v_step : kZeroRow;
+              w.flags[slot] = seen ? 0.0f : padding_flag;
+              w.padding_keys |= !seen;
+            }
+          }
+        }
+        for (int64_t g = 0; g < num_global; ++g, ++slot) {
+          w.key_rows[slot] = gk + g * global_keys.stride(2);
+          w.value_rows[slot] = gv + g * global_values.stride(2);
+          w.flags[slot] = 0.0f;
+        }
+      }
+      (tiles ? chunk_forward<true> : chunk_forward<false>)(bias_data + h * area * key_slots, key_slots, shape, w);
+    }
+    if (tiles) release_tiles();
+  });
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(vil_kernels_native, m) {
+  m.def("amx_available() -> bool", &amx_available);
+  m.def("avx512_bf16_available() -> bool", &avx512_bf16_available);
+  m.def(
+      "longformer_forward_bf16_(Tensor queries, Tensor keys, Tensor values, Tensor global_keys, Tensor global_values, "
+      "Tensor bias, Tensor chunk_offsets, int chunks_per_block, int height, int width, int window, "
+      "Tensor? key_extents, Tensor(a!) output, bool tiles) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(vil_kernels_native, CPU, m) { m.impl("longformer_forward_bf16_", &longformer_forward_bf16_); }
