@@ -400,6 +400,7 @@ def test_blocked_logs_how_it_cuts_a_map_size(chunks_per_run, says, monkeypatch, 
     from vil_kernels.longformer import blocked
 
     height, width, window = 11, 16, 5
+    monkeypatch.setenv("VIL_KERNELS_F32_FORWARD", "aten")  # the ATen forward's runs (the native one has none)
     layout = blocked._layout(height, width, window, None, 1)
     monkeypatch.setattr(blocked, "_BLOCK_BYTES", chunks_per_run * window**2 * layout.window_keys * 4)
     blocked.release_workspaces()
@@ -412,9 +413,10 @@ def test_blocked_logs_how_it_cuts_a_map_size(chunks_per_run, says, monkeypatch, 
     blocked.release_workspaces()
 
 
-def test_blocked_workspaces_are_reused_and_can_be_released():
+def test_blocked_workspaces_are_reused_and_can_be_released(monkeypatch):
     from vil_kernels.longformer import blocked
 
+    monkeypatch.setenv("VIL_KERNELS_F32_FORWARD", "aten")  # the ATen forward's workspaces (the native one has none)
     blocked.release_workspaces()
     tensors = _inputs(1, 2, 9, 13, 1, 8, 5, torch.float32, 0)
     first = _run("blocked", tensors, 9, 13, 5, False, None, True)

@@ -17,21 +17,27 @@ HAS_COMPILER = shutil.which("ninja") is not None and (shutil.which("c++") or shu
 NO_COMPILER = "no C++ compiler or ninja here: vil_kernels.native falls back"
 needs_compiler = pytest.mark.skipif(not HAS_COMPILER, reason=NO_COMPILER)
 ENGINES = ("amx", "avx512")  # of the native bfloat16 forward
+F32_ENGINE = "float32-avx512"  # the native float32 forward (VIL_KERNELS_F32_FORWARD=avx512)
 NO_ENGINE = {
     "amx": "this CPU has no AMX bfloat16 tiles (or Linux does not grant them): not run here",
     "avx512": "this CPU has no AVX512-BF16: not run here",
+    F32_ENGINE: "this CPU has no AVX-512: not run here",
 }
 
 
 def use_softmax(monkeypatch, which: str) -> None:
     """Run the blocked kernel's softmax steps in C++ ("c++", required to build) or as PyTorch ops ("pytorch"), between
     ATen products; or its bfloat16 forward as one C++ pass per chunk on AMX tiles ("amx") or AVX512-BF16 registers
-    ("avx512"), required (skipped where the CPU has not that engine)."""
+    ("avx512"), or its float32 forward in AVX-512 registers (F32_ENGINE), required (skipped where the CPU has not that
+    engine). Each choice but the last runs the float32 forward on the ATen products."""
     if which != "pytorch" and not HAS_COMPILER:
         pytest.skip(NO_COMPILER)
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0" if which == "pytorch" else "1")
     monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, which if which in ENGINES else "aten")
+    monkeypatch.setenv(native.F32_FORWARD_VARIABLE, "avx512" if which == F32_ENGINE else "aten")
     if which in ENGINES and which not in native._engines(native.native_ops()):
+        pytest.skip(NO_ENGINE[which])
+    if which == F32_ENGINE and not native.native_ops().avx512_available():
         pytest.skip(NO_ENGINE[which])
 
 
@@ -210,13 +216,14 @@ def test_an_unknown_setting_is_a_clear_error(monkeypatch):
 INPUTS = ("queries", "keys", "values", "global_keys", "global_values")
 
 
-def _bf16_forward_inputs(dim=32, height=9, width=13, num_global=1):
-    """Tokens for ``longformer_forward_bf16_``: (B, H, L, M) queries, keys, values; globals; window 5, sliding chunks."""
+def _fused_forward_inputs(dim=32, height=9, width=13, num_global=1, dtype=torch.bfloat16):
+    """Tokens for ``longformer_forward_bf16_`` (or ``_f32_``, given float32): (B, H, L, M) queries, keys, values;
+    globals; window 5, sliding chunks."""
     generator = torch.Generator().manual_seed(0)
     length, heads = height * width, 3
 
     def rand(*shape):
-        return torch.randn(*shape, generator=generator).bfloat16()
+        return torch.randn(*shape, generator=generator).to(dtype)
 
     offsets, span = blocked._slot_chunks(None)
     slots = span * (len(offsets) // span * 25 + num_global)
@@ -233,7 +240,7 @@ def _bf16_forward_inputs(dim=32, height=9, width=13, num_global=1):
         width=width,
         window=5,
         key_extents=None,
-        output=torch.empty(2, heads, length, dim, dtype=torch.bfloat16),
+        output=torch.empty(2, heads, length, dim, dtype=dtype),
     )
 
 
@@ -241,7 +248,7 @@ def _bf16_forward_inputs(dim=32, height=9, width=13, num_global=1):
 def test_bf16_forward_refuses_what_it_cannot_read(engine, monkeypatch):
     use_softmax(monkeypatch, engine)
     forward = native.native_ops().longformer_forward_bf16_
-    good = _bf16_forward_inputs() | {"tiles": engine == "amx"}
+    good = _fused_forward_inputs() | {"tiles": engine == "amx"}
     forward(**good)  # the inputs below differ from these in one thing each
 
     def refused(match, **change):
@@ -249,7 +256,7 @@ def test_bf16_forward_refuses_what_it_cannot_read(engine, monkeypatch):
             forward(**{**good, **change})
 
     refused("head dims 32 and 64, got 16", **{k: v[..., :16] for k, v in good.items() if k in (*INPUTS, "output")})
-    refused("keys must be a bfloat16 CPU tensor, got Float", keys=good["keys"].float())
+    refused("keys must be a BFloat16 CPU tensor, got Float", keys=good["keys"].float())
     refused("queries hold 117 tokens, not a 9x12 map", width=12)
     refused("values must be \\(2, 3, 117, 32\\) with unit stride", values=good["values"][:1])
     refused("output must be .* unit stride", output=good["output"].transpose(2, 3).contiguous().transpose(2, 3))
@@ -267,7 +274,7 @@ def test_bf16_forward_refuses_an_engine_this_cpu_lacks(monkeypatch):
     needs = {"amx": "on tiles needs a CPU with AMX-BF16", "avx512": "needs a CPU with AVX512-BF16"}
     for engine in lacking:
         with pytest.raises(RuntimeError, match=needs[engine]):
-            ops.longformer_forward_bf16_(**_bf16_forward_inputs(), tiles=engine == "amx")
+            ops.longformer_forward_bf16_(**_fused_forward_inputs(), tiles=engine == "amx")
 
 
 def test_bf16_forward_setting_chooses_and_logs_why(monkeypatch, caplog):
@@ -294,16 +301,20 @@ def test_bf16_forward_setting_chooses_and_logs_why(monkeypatch, caplog):
 
 
 class _CPU:
-    """Native ops as a CPU with these engines would report them."""
+    """Native ops as a CPU with these engines would report them (AVX512-BF16 implies AVX-512)."""
 
-    def __init__(self, amx: bool, avx512: bool):
+    def __init__(self, amx: bool, avx512: bool, avx512_f32: bool | None = None):
         self.amx, self.avx512 = amx, avx512
+        self.avx512_f32 = avx512 if avx512_f32 is None else avx512_f32
 
     def amx_available(self):
         return self.amx
 
     def avx512_bf16_available(self):
         return self.avx512
+
+    def avx512_available(self):
+        return self.avx512_f32
 
 
 @pytest.mark.parametrize(
@@ -344,3 +355,52 @@ def test_bf16_forward_is_for_bfloat16_head_dims_32_and_64_on_the_cpu(monkeypatch
     ):
         assert blocked._bf16_forward(queries) is None
     assert blocked._bf16_forward(torch.zeros(1, 1, 4, 64, dtype=torch.bfloat16)) == (cpu, "avx512")
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
+def test_f32_forward_setting_chooses_and_logs_why(avx512, monkeypatch, caplog):
+    """``VIL_KERNELS_F32_FORWARD``: ``auto`` takes AVX-512 where the CPU has it, ``avx512`` requires it, ``aten``
+    never; float32 CPU tensors of head dims up to 64 only; each change of choice logged once, with its reason."""
+    cpu = _CPU(amx=False, avx512=False, avx512_f32=avx512)
+    monkeypatch.setattr(native, "_built", {"ops": cpu, "error": None})
+    monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
+    queries = torch.zeros(1, 1, 4, 24)
+    with caplog.at_level(logging.INFO, logger="vil_kernels.native"):
+        monkeypatch.setenv(native.F32_FORWARD_VARIABLE, "auto")
+        assert blocked._f32_forward(queries) == ((cpu, "avx512") if avx512 else None)
+        assert blocked._f32_forward(queries) == ((cpu, "avx512") if avx512 else None)  # not logged again
+        for other in (
+            torch.zeros(1, 1, 4, 65),
+            torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16),
+            torch.zeros(1, 1, 4, 32, dtype=torch.float64),
+            torch.zeros(1, 1, 4, 32, device="meta"),
+        ):
+            assert blocked._f32_forward(other) is None
+        monkeypatch.setenv(native.F32_FORWARD_VARIABLE, "aten")
+        assert blocked._f32_forward(queries) is None
+    if avx512:
+        auto = "one C++ pass per chunk in AVX-512 registers, one call per layer"
+    else:
+        auto = "ATen products (this CPU has no AVX-512)"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"blocked longformer, float32 forward: {auto}",
+        "blocked longformer, float32 forward: ATen products (VIL_KERNELS_F32_FORWARD=aten)",
+    ]
+    monkeypatch.setenv(native.F32_FORWARD_VARIABLE, "avx512")
+    if avx512:
+        assert blocked._f32_forward(queries) == (cpu, "avx512")
+    else:
+        with pytest.raises(RuntimeError, match="F32_FORWARD=avx512 but that float32 forward cannot run: this CPU"):
+            blocked._f32_forward(queries)
+    monkeypatch.setenv(native.F32_FORWARD_VARIABLE, "amx")
+    with pytest.raises(ValueError, match="VIL_KERNELS_F32_FORWARD='amx': use 'auto' .*'avx512' .*'aten'"):
+        blocked._f32_forward(queries)
+
+
+def test_f32_forward_refuses_a_cpu_without_avx512(monkeypatch):
+    use_softmax(monkeypatch, "c++")
+    ops = native.native_ops()
+    if ops.avx512_available():
+        pytest.skip("this CPU has AVX-512: the op runs here (tests/test_kernels_f32.py)")
+    with pytest.raises(RuntimeError, match="needs a CPU with AVX-512"):
+        ops.longformer_forward_f32_(**_fused_forward_inputs(dtype=torch.float32))

@@ -11,9 +11,10 @@ default ``~/.cache/torch_extensions``).
 ``0`` never builds; ``1`` requires the build and raises if it fails.
 
 On CPUs with AMX (bfloat16 tiles, Linux granting the tile state) or AVX512-BF16 the blocked kernel's bfloat16
-forward is one C++ call over the whole batch (``attention_bf16.cpp``), its products on AMX tiles or in AVX-512
+forward is one C++ call over the whole batch (``attention_fused.cpp``), its products on AMX tiles or in AVX-512
 registers. ``VIL_KERNELS_BF16_FORWARD`` chooses: ``auto`` (default) AMX where the CPU has it, else AVX512-BF16, else
-the ATen products; ``amx`` or ``avx512`` require that engine; ``aten`` never runs the C++ forward.
+the ATen products; ``amx`` or ``avx512`` require that engine; ``aten`` never runs the C++ forward. Its float32 forward
+likewise, in AVX-512 registers on CPUs with AVX-512 (``VIL_KERNELS_F32_FORWARD``: ``auto``, ``avx512`` or ``aten``).
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ logger = logging.getLogger(__name__)
 
 ENVIRONMENT_VARIABLE = "VIL_KERNELS_NATIVE"
 BF16_FORWARD_VARIABLE = "VIL_KERNELS_BF16_FORWARD"
+F32_FORWARD_VARIABLE = "VIL_KERNELS_F32_FORWARD"
 _SOURCES = [
-    Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "attention_bf16.cpp", "roi_align.cpp", "nms.cpp")
+    Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "attention_fused.cpp", "roi_align.cpp", "nms.cpp")
 ]
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # once decided, "ops": the op namespace or None, and "error": why not
@@ -94,54 +96,89 @@ def native_ops():
     return _built["ops"]
 
 
-_ENGINES = {"amx": "on AMX tiles", "avx512": "in AVX512-BF16 registers"}
+_ENGINES = {"amx": "on AMX tiles", "avx512": "in AVX512-BF16 registers"}  # of the bfloat16 forward, fastest first
 _MISSING = {
     "amx": "this CPU (or its kernel) grants no AMX bfloat16 tiles",
     "avx512": "this CPU has no AVX512-BF16",
 }
 
 
-def bf16_forward():
-    """``(ops, engine)`` where the native bfloat16 attention forward (``ops.longformer_forward_bf16_``) runs here,
-    ``engine`` "amx" or "avx512"; None where the ATen products run instead (``VIL_KERNELS_BF16_FORWARD``). The choice
-    and its reason are logged when they change."""
-    setting = os.environ.get(BF16_FORWARD_VARIABLE, "auto").strip().lower()
-    if setting not in ("auto", "aten", *_ENGINES):
+def _choose(name: str, variable: str, engines: dict[str, str], missing: dict[str, str], available, auto_words: str):
+    """``(ops, engine)`` for the native ``name`` forward as ``variable`` and this CPU allow, else None; the choice and
+    its reason logged when they change. ``available(ops)``: the engines this CPU runs, fastest first."""
+    setting = os.environ.get(variable, "auto").strip().lower()
+    named = " or ".join(f"'{engine}'" for engine in engines)
+    if setting not in ("auto", "aten", *engines):
         raise ValueError(
-            f"{BF16_FORWARD_VARIABLE}={setting!r}: use 'auto' (default: AMX, else AVX512-BF16, where the CPU has "
-            "them), 'amx' or 'avx512' (require that one) or 'aten' (never: the ATen products)."
+            f"{variable}={setting!r}: use 'auto' (default: {auto_words}), {named} (require that one) or 'aten' "
+            "(never: the ATen products)."
         )
     ops = None if setting == "aten" else native_ops()
-    engines = _engines(ops) if ops is not None else ()
+    here = available(ops) if ops is not None else ()
     engine, reason = None, None
     if setting == "aten":
-        reason = f"{BF16_FORWARD_VARIABLE}=aten"
+        reason = f"{variable}=aten"
     elif ops is None:
         reason = "the C++ kernels are off or did not build"
     elif setting == "auto":
-        engine = engines[0] if engines else None
-        reason = None if engines else "this CPU has neither AMX bfloat16 tiles nor AVX512-BF16"
-    elif setting in engines:
+        engine = here[0] if here else None
+        reason = None if here else missing["auto"]
+    elif setting in here:
         engine = setting
     else:
-        reason = _MISSING[setting]
-    if setting in _ENGINES and reason is not None:
-        raise RuntimeError(f"{BF16_FORWARD_VARIABLE}={setting} but that bfloat16 forward cannot run: {reason}.")
-    if _built.get("bf16_forward", ()) != (engine, reason):
-        _built["bf16_forward"] = (engine, reason)
+        reason = missing[setting]
+    if setting in engines and reason is not None:
+        raise RuntimeError(f"{variable}={setting} but that {name} forward cannot run: {reason}.")
+    if _built.get(name + " forward", ()) != (engine, reason):
+        _built[name + " forward"] = (engine, reason)
         logger.info(
-            "blocked longformer, bfloat16 forward: %s",
-            f"one C++ pass per chunk {_ENGINES[engine]}, one call per layer" if engine else f"ATen products ({reason})",
+            "blocked longformer, %s forward: %s",
+            name,
+            f"one C++ pass per chunk {engines[engine]}, one call per layer" if engine else f"ATen products ({reason})",
         )
     return None if engine is None else (ops, engine)
 
 
+def bf16_forward():
+    """``(ops, engine)`` where the native bfloat16 attention forward (``ops.longformer_forward_bf16_``) runs here,
+    ``engine`` "amx" or "avx512"; None where the ATen products run instead (``VIL_KERNELS_BF16_FORWARD``). The choice
+    and its reason are logged when they change."""
+    return _choose(
+        "bfloat16",
+        BF16_FORWARD_VARIABLE,
+        _ENGINES,
+        _MISSING | {"auto": "this CPU has neither AMX bfloat16 tiles nor AVX512-BF16"},
+        _engines,
+        "AMX, else AVX512-BF16, where the CPU has them",
+    )
+
+
+def f32_forward():
+    """``(ops, "avx512")`` where the native float32 attention forward (``ops.longformer_forward_f32_``) runs here;
+    None where the ATen products run instead (``VIL_KERNELS_F32_FORWARD``), logged as ``bf16_forward``'s choice."""
+    return _choose(
+        "float32",
+        F32_FORWARD_VARIABLE,
+        {"avx512": "in AVX-512 registers"},
+        {"avx512": "this CPU has no AVX-512", "auto": "this CPU has no AVX-512"},
+        lambda ops: ("avx512",) if ops.avx512_available() else (),
+        "AVX-512 where the CPU has it",
+    )
+
+
 def _engines(ops) -> tuple[str, ...]:
-    """The native forward's engines that this CPU runs, fastest first."""
+    """The native bfloat16 forward's engines that this CPU runs, fastest first."""
     if "engines" not in _built:
         available = {"amx": ops.amx_available(), "avx512": ops.avx512_bf16_available()}
         _built["engines"] = tuple(engine for engine in _ENGINES if available[engine])
     return _built["engines"]
 
 
-__all__ = ["BF16_FORWARD_VARIABLE", "ENVIRONMENT_VARIABLE", "bf16_forward", "native_ops"]
+__all__ = [
+    "BF16_FORWARD_VARIABLE",
+    "ENVIRONMENT_VARIABLE",
+    "F32_FORWARD_VARIABLE",
+    "bf16_forward",
+    "f32_forward",
+    "native_ops",
+]

@@ -41,12 +41,12 @@ softmax of a run, and the backward's dS with its bias-gradient sum, are one C++ 
 each, in float32 whatever the scores' dtype (no float32 copy in the forward); the PyTorch ops here are
 the fallback and the reference they are tested against.
 
-Native bfloat16 forward. Where the CPU has AMX bfloat16 tiles or AVX512-BF16 (``vil_kernels.native.bf16_forward``),
-the bfloat16 forward skips all of the above: one C++ call reads every chunk's queries and window keys and values
-straight from the input tensors, in the shared bias's slot order (``_slot_chunks``), and runs products, bias, padding
-flags and softmax per chunk in cache (``csrc/attention_bf16.cpp``): no workspace, no window copies, no Python loop
-over runs. Its scores stay in float32 (the products accumulate in float32). The backward below is the same either
-way.
+Native forward. Where the CPU has AMX bfloat16 tiles or AVX512-BF16 (``vil_kernels.native.bf16_forward``), the
+bfloat16 forward skips all of the above, and so does the float32 forward where it has AVX-512
+(``vil_kernels.native.f32_forward``): one C++ call reads every chunk's queries and window keys and values straight
+from the input tensors, in the shared bias's slot order (``_slot_chunks``), and runs products, bias, padding flags and
+softmax per chunk in cache (``csrc/attention_fused.cpp``): no workspace, no window copies, no Python loop over runs.
+Its scores stay in float32 (the products accumulate in float32). The backward below is the same either way.
 
 Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
 custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
@@ -66,7 +66,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..native import bf16_forward, native_ops
+from ..native import bf16_forward, f32_forward, native_ops
 from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
 
 logger = logging.getLogger(__name__)
@@ -294,10 +294,18 @@ def _native_ops(queries: torch.Tensor):
 
 def _bf16_forward(queries: torch.Tensor):
     """``(ops, engine)`` whose ``longformer_forward_bf16_`` runs this bfloat16 forward, or None (see
-    attention_bf16.cpp)."""
+    attention_fused.cpp)."""
     if queries.device.type != "cpu" or queries.dtype != torch.bfloat16 or queries.shape[-1] not in (32, 64):
         return None
     return bf16_forward()
+
+
+def _f32_forward(queries: torch.Tensor):
+    """``(ops, "avx512")`` whose ``longformer_forward_f32_`` runs this float32 forward (head dims up to 64), or
+    None."""
+    if queries.device.type != "cpu" or queries.dtype != torch.float32 or queries.shape[-1] > 64:
+        return None
+    return f32_forward()
 
 
 class _Workspace:
@@ -639,13 +647,13 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
     batch, heads, length, head_dim = queries.shape
     # (B, L, H, M) storage: what the output projection reads, so its reshape needs no copy
     output = queries.new_empty(batch, length, heads, head_dim).permute(0, 2, 1, 3)
-    fused = _bf16_forward(queries)
-    if fused is not None:  # one C++ call reads the tokens in place: no workspace (see attention_bf16.cpp)
+    fused = _bf16_forward(queries) or _f32_forward(queries)
+    if fused is not None:  # one C++ call reads the tokens in place: no workspace (see attention_fused.cpp)
         ops, engine = fused
         offsets, span = _slot_chunks(layout.neighbor)
         extents = None if key_extents is None else torch.tensor(key_extents, dtype=torch.long)
         tokens = (queries, keys, values, global_keys, global_values)
-        ops.longformer_forward_bf16_(
+        arguments = (
             *(t if t.stride(-1) == 1 else t.contiguous() for t in tokens),  # it reads rows of M features
             shared,
             torch.tensor(offsets, dtype=torch.long),
@@ -655,8 +663,11 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
             layout.window,
             extents,
             output,
-            engine == "amx",  # on tiles
         )
+        if queries.dtype == torch.float32:
+            ops.longformer_forward_f32_(*arguments)
+        else:
+            ops.longformer_forward_bf16_(*arguments, engine == "amx")  # on tiles
         return output
     images, heads_per_group = _group_shape(layout, head_dim, batch, heads, queries.element_size())
     workspace = _workspace(layout, head_dim, images * heads_per_group, queries.dtype, queries.device)

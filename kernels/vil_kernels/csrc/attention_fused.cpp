@@ -1,5 +1,6 @@
-// The blocked longformer kernel's bfloat16 forward in one C++ pass (vil_kernels/longformer/blocked.py), its products
-// on AMX tiles or, on CPUs with AVX512-BF16 but no AMX (AMD's Zen 4 and later), in AVX-512 registers.
+// The blocked longformer kernel's forward in one C++ pass (vil_kernels/longformer/blocked.py): in bfloat16 its
+// products on AMX tiles or, on CPUs with AVX512-BF16 but no AMX (AMD's Zen 4 and later), in AVX-512 registers; in
+// float32 in AVX-512 registers (chunk_forward_f32, below: the same tasks, rows and softmax).
 //
 // The ATen path copies the map's keys and values three times into chunk-window buffers, then per run of chunks runs
 // bmm, bias + softmax, bmm: oneDNN's batched products of 49 x 33 by 33 x 444 per chunk take about twice the time of
@@ -12,9 +13,9 @@
 // rounded once for the product with the values, and the output once, written to the output tensor. The backward is
 // unchanged: it recomputes the probabilities with the ATen products (as before, from bfloat16 scores).
 //
-// The two engines share everything but the products (chunk_forward<kTiles>). AMX needs Linux's grant of the tile
-// state (amx_available); head dims 32 and 64. Elsewhere blocked.py runs the ATen path, which stays the reference the
-// tests hold both against.
+// The two bfloat16 engines share everything but the products (chunk_forward<kTiles>). AMX needs Linux's grant of the
+// tile state (amx_available); head dims 32 and 64 (float32: 1 to 64). Elsewhere blocked.py runs the ATen path, which
+// stays the reference the tests hold every engine against.
 
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -23,10 +24,11 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // GCC 11 brought the AMX intrinsics; other compilers and systems build the op without its body (amx_available and
-// avx512_bf16_available are false there, so it is never called)
+// avx512_bf16_available and avx512_available are false there, so it is never called)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
 #define VIL_HAVE_X86_BF16 1
 #include <cpuid.h>
@@ -93,27 +95,41 @@ struct Shape {
 
 // Zeros read in place of the rows of padding (queries, keys and values; 64 features at most).
 alignas(64) const bfloat16_bits kZeroRow[64] = {};
+alignas(64) const float kZeroFloats[64] = {};
+
+template <typename T>
+const T* zero_row() {
+  if constexpr (std::is_same_v<T, float>) {
+    return kZeroFloats;
+  } else {
+    return kZeroRow;
+  }
+}
 
 // Per thread: one chunk's rows (pointers into the inputs, kZeroRow for padding), its packed operands, a pair of
 // query tiles' scores, weights and outputs.
+// T: bfloat16_bits or float, the tokens' type (the float32 engine reads queries and values in place and packs only
+// the keys).
+template <typename T>
 struct Scratch {
-  std::vector<const bfloat16_bits*> query_rows, key_rows, value_rows;
-  std::vector<bfloat16_bits*> output_rows;  // nullptr: a padding query, not written
-  std::vector<bfloat16_bits> queries, keys, values, weights;
+  std::vector<const T*> query_rows, key_rows, value_rows;
+  std::vector<T*> output_rows;  // nullptr: a padding query, not written
+  std::vector<T> queries, keys, values, weights;
   std::vector<float> flags, scores, outputs;
   bool padding_keys = false;  // whether any of the chunk's key slots is padding (a flag other than 0)
   void fit(const Shape& s) {
-    query_rows.assign(s.query_tiles * kTile, kZeroRow);
-    key_rows.assign(s.padded_keys, kZeroRow);
-    value_rows.assign(s.padded_keys, kZeroRow);
+    constexpr bool kBfloat16 = std::is_same_v<T, bfloat16_bits>;
+    query_rows.assign(s.query_tiles * kTile, zero_row<T>());
+    key_rows.assign(s.padded_keys, zero_row<T>());
+    value_rows.assign(s.padded_keys, zero_row<T>());
     output_rows.assign(s.slots, nullptr);
-    queries.resize(s.query_tiles * kTile * s.dim);
-    keys.resize(s.padded_keys * s.dim);
-    values.resize(s.padded_keys * s.dim);
+    queries.resize(kBfloat16 ? s.query_tiles * kTile * s.dim : 0);
+    keys.resize(s.padded_keys * s.dim_tiles * kTile);
+    values.resize(kBfloat16 ? s.padded_keys * s.dim : 0);
     weights.assign(2 * kTile * s.padded_keys, 0);
     flags.assign(s.padded_keys, -std::numeric_limits<float>::infinity());
     scores.resize(2 * kTile * s.padded_keys);
-    outputs.resize(2 * kTile * s.dim);
+    outputs.resize(2 * kTile * s.dim_tiles * kTile);
   }
 };
 
@@ -225,20 +241,29 @@ VIL_X86_TARGET inline __m512 add_terms(float* scores, const float* bias, const f
   return value;
 }
 
-// 16 slots from k of its second pass: exp(x - row max), rounded to bfloat16 into weights; returns the float32 values.
-VIL_X86_TARGET inline __m512 exp_and_round(const float* scores, bfloat16_bits* weights, int64_t k, __m512 row_max) {
+VIL_X86_TARGET inline void store_weights(bfloat16_bits* weights, __m512 values) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights), round_to_bfloat16(values));
+}
+
+VIL_X86_TARGET inline void store_weights(float* weights, __m512 values) { _mm512_storeu_ps(weights, values); }
+
+// 16 slots from k of its second pass: exp(x - row max) into weights (rounded to bfloat16 where they are); returns the
+// float32 values.
+template <typename T>
+VIL_X86_TARGET inline __m512 exp_and_round(const float* scores, T* weights, int64_t k, __m512 row_max) {
   const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(scores + k), row_max));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(weights + k), round_to_bfloat16(e));
+  store_weights(weights + k, e);
   return e;
 }
 
 // One query row, over all padded_keys slots (a multiple of 32): weights = exp(x - max x), x = scores + bias +
-// key_terms (the scores hold them already where kTermsAdded), rounded to bfloat16 into `weights`; returns 1 / their
-// float32 sum, by which the row's output is scaled (so the weights are not normalised one by one); past `keys` the
-// weights are 0. Two accumulators per reduction: one would serialise each pass on its latency.
-template <bool kPaddingKeys, bool kTermsAdded>
-VIL_X86_TARGET float softmax_row(float* scores, const float* bias, const float* key_terms, bfloat16_bits* weights,
-                                 int64_t keys, int64_t padded_keys) {
+// key_terms (the scores hold them already where kTermsAdded), into `weights` (rounded to bfloat16 for the bfloat16
+// engines); returns 1 / their float32 sum, by which the row's output is scaled (so the weights are not normalised one
+// by one); past `keys` the weights are 0. Two accumulators per reduction: one would serialise each pass on its
+// latency.
+template <bool kPaddingKeys, bool kTermsAdded, typename T>
+VIL_X86_TARGET float softmax_row(float* scores, const float* bias, const float* key_terms, T* weights, int64_t keys,
+                                 int64_t padded_keys) {
   __m512 most_even = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), most_odd = most_even;
   for (int64_t k = 0; k < padded_keys; k += 32) {
     most_even = _mm512_max_ps(most_even, add_terms<kPaddingKeys, kTermsAdded>(scores, bias, key_terms, k, keys));
@@ -464,7 +489,7 @@ VIL_X86_TARGET void vector_outputs(const bfloat16_bits* weights, int64_t rows, c
 // Query tiles go in pairs (32 rows of scores, weights and outputs at a time); kTiles: the products on AMX tiles, else
 // in AVX512-BF16 registers.
 template <bool kTiles>
-VIL_X86_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const Shape& s, Scratch& w) {
+VIL_X86_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const Shape& s, Scratch<bfloat16_bits>& w) {
   for (int64_t q = 0; q < s.query_tiles * kTile; ++q) {
     std::memcpy(w.queries.data() + q * s.dim, w.query_rows[q], s.dim * sizeof(bfloat16_bits));
   }
@@ -486,10 +511,11 @@ VIL_X86_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const 
                                                                     bias_stride, w.flags.data(), s, w.scores.data());
     }
     float inverse_sums[2 * kTile];
+    auto* softmax =
+        w.padding_keys ? softmax_row<true, !kTiles, bfloat16_bits> : softmax_row<false, !kTiles, bfloat16_bits>;
     for (int64_t r = 0; r < rows; ++r) {
-      inverse_sums[r] = (w.padding_keys ? softmax_row<true, !kTiles> : softmax_row<false, !kTiles>)(
-          w.scores.data() + r * s.padded_keys, pair_bias + r * bias_stride, w.flags.data(),
-          w.weights.data() + r * s.padded_keys, s.keys, s.padded_keys);
+      inverse_sums[r] = softmax(w.scores.data() + r * s.padded_keys, pair_bias + r * bias_stride, w.flags.data(),
+                                w.weights.data() + r * s.padded_keys, s.keys, s.padded_keys);
     }
     // rows past `rows` are not slots: their outputs are not written
     if constexpr (kTiles) {
@@ -507,6 +533,153 @@ VIL_X86_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const 
       for (int64_t d = 0; d < s.dim; d += 16) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(out_row + d),
                             round_to_bfloat16(_mm512_mul_ps(_mm512_loadu_ps(row + d), inverse)));
+      }
+    }
+  }
+}
+
+// The float32 engine: the same chunk tasks, rows and softmax, its products in float32 fused multiply-adds on
+// 16-lane registers (AVX-512F: Intel since Skylake-SP, AMD since Zen 4). Queries and values are read in place, one
+// feature (or one weight) broadcast against 16 keys (or 16 output columns); only the keys are packed, feature-major
+// per 16 keys. Any head dim up to 64: a last partial group of 16 features is read and written masked.
+
+// 16 features from `first` of a row that has `dim`: the lanes past dim read as 0.
+VIL_X86_TARGET inline __m512 load_features(const float* row, int64_t first, int64_t dim) {
+  const int64_t valid = std::min<int64_t>(dim - first, 16);
+  return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << valid) - 1u), row + first);
+}
+
+// Key rows -> for key tile j (16 keys) and feature d, the 16 keys' feature d at packed + (j * dim + d) * 16: per 16
+// features a 16 x 16 transpose.
+VIL_X86_TARGET void pack_keys_f32(const float* const* rows, const Shape& s, float* packed) {
+  for (int64_t first = 0; first < s.padded_keys; first += kTile) {
+    float* tile = packed + first * s.dim;
+    for (int64_t feature = 0; feature < s.dim; feature += 16) {
+      __m512i words[16];
+      for (int64_t i = 0; i < kTile; ++i) {
+        words[i] = _mm512_castps_si512(load_features(rows[first + i], feature, s.dim));
+      }
+      transpose_16x16_words(words);
+      for (int64_t r = 0; r < std::min<int64_t>(16, s.dim - feature); ++r) {
+        _mm512_storeu_si512(tile + (feature + r) * kTile, words[r]);
+      }
+    }
+  }
+}
+
+// Scores of kRows query rows (their rows in place) against every key, 32 keys at a time, the accumulators starting
+// from the bias and padding terms as the bfloat16 vector engine's.
+template <bool kPaddingKeys, int64_t kRows>
+VIL_X86_TARGET void score_rows_f32(const float* const* query_rows, const float* const* row_bias,
+                                   const float* packed_keys, const float* key_terms, const Shape& s, float* scores) {
+  for (int64_t j = 0; j < s.padded_keys / kTile; j += 2) {
+    __m512 sums[kRows][2];
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kRows; ++i) {
+      sums[i][0] = score_terms<kPaddingKeys>(row_bias[i], key_terms, j * kTile, s.keys);
+      sums[i][1] = score_terms<kPaddingKeys>(row_bias[i], key_terms, (j + 1) * kTile, s.keys);
+    }
+    const float* first_keys = packed_keys + j * kTile * s.dim;
+    const float* second_keys = first_keys + kTile * s.dim;
+    for (int64_t d = 0; d < s.dim; ++d) {
+      const __m512 first = _mm512_loadu_ps(first_keys + d * kTile);
+      const __m512 second = _mm512_loadu_ps(second_keys + d * kTile);
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < kRows; ++i) {
+        const __m512 feature = _mm512_set1_ps(query_rows[i][d]);
+        sums[i][0] = _mm512_fmadd_ps(feature, first, sums[i][0]);
+        sums[i][1] = _mm512_fmadd_ps(feature, second, sums[i][1]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kRows; ++i) {
+      _mm512_storeu_ps(scores + i * s.padded_keys + j * kTile, sums[i][0]);
+      _mm512_storeu_ps(scores + i * s.padded_keys + (j + 1) * kTile, sums[i][1]);
+    }
+  }
+}
+
+// outputs (kRows, dim_tiles x 16 apart) = weights (kRows, padded_keys apart) V over the `keys` slots, V's rows read in
+// place (padding slots: zero rows, weight 0).
+template <int64_t kRows, int64_t kDimTiles>
+VIL_X86_TARGET void output_rows_f32(const float* weights, const float* const* value_rows, const Shape& s,
+                                    float* outputs) {
+  __m512 sums[kRows][kDimTiles];
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int64_t d = 0; d < kDimTiles; ++d) sums[i][d] = _mm512_setzero_ps();
+  }
+  for (int64_t k = 0; k < s.keys; ++k) {
+    __m512 columns[kDimTiles];
+#pragma GCC unroll 4
+    for (int64_t d = 0; d < kDimTiles; ++d) columns[d] = load_features(value_rows[k], d * kTile, s.dim);
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kRows; ++i) {
+      const __m512 weight = _mm512_set1_ps(weights[i * s.padded_keys + k]);
+#pragma GCC unroll 4
+      for (int64_t d = 0; d < kDimTiles; ++d) sums[i][d] = _mm512_fmadd_ps(weight, columns[d], sums[i][d]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < kRows; ++i) {
+#pragma GCC unroll 4
+    for (int64_t d = 0; d < kDimTiles; ++d) _mm512_storeu_ps(outputs + (i * kDimTiles + d) * kTile, sums[i][d]);
+  }
+}
+
+template <int64_t kDimTiles>
+VIL_X86_TARGET void vector_outputs_f32(const float* weights, int64_t rows, const float* const* value_rows,
+                                       const Shape& s, float* outputs) {
+  constexpr int64_t kRows = 16 / kDimTiles;
+  in_register_blocks(rows, kRows, [&](int64_t first, bool block) {
+    (block ? output_rows_f32<kRows, kDimTiles> : output_rows_f32<1, kDimTiles>)(
+        weights + first * s.padded_keys, value_rows, s, outputs + first * kDimTiles * kTile);
+  });
+}
+
+// One chunk in float32, its rows in w (as chunk_forward's), 32 query rows at a time.
+VIL_X86_TARGET void chunk_forward_f32(const float* bias, int64_t bias_stride, const Shape& s, Scratch<float>& w) {
+  pack_keys_f32(w.key_rows.data(), s, w.keys.data());
+  for (int64_t first = 0; first < s.slots; first += 2 * kTile) {
+    const int64_t rows = std::min(2 * kTile, s.slots - first);
+    const float* rows_bias = bias + first * bias_stride;
+    const float* const* queries = w.query_rows.data() + first;
+    const bool padding = w.padding_keys;
+    // a block's rows past `rows` read zero queries (query_rows past the slots) and the last row's bias
+    in_register_blocks(rows, kBlockRows, [&](int64_t block_first, bool block) {
+      const float* row_bias[kBlockRows];
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < kBlockRows; ++i) {
+        row_bias[i] = rows_bias + std::min(block_first + i, rows - 1) * bias_stride;
+      }
+      auto* score = block ? (padding ? score_rows_f32<true, kBlockRows> : score_rows_f32<false, kBlockRows>)
+                          : (padding ? score_rows_f32<true, 1> : score_rows_f32<false, 1>);
+      score(queries + block_first, row_bias, w.keys.data(), w.flags.data(), s,
+            w.scores.data() + block_first * s.padded_keys);
+    });
+    float inverse_sums[2 * kTile];
+    auto* softmax = padding ? softmax_row<true, true, float> : softmax_row<false, true, float>;
+    for (int64_t r = 0; r < rows; ++r) {
+      inverse_sums[r] = softmax(w.scores.data() + r * s.padded_keys, rows_bias + r * bias_stride, w.flags.data(),
+                                w.weights.data() + r * s.padded_keys, s.keys, s.padded_keys);
+    }
+    const float* const* values = w.value_rows.data();
+    switch (s.dim_tiles) {
+      case 1: vector_outputs_f32<1>(w.weights.data(), rows, values, s, w.outputs.data()); break;
+      case 2: vector_outputs_f32<2>(w.weights.data(), rows, values, s, w.outputs.data()); break;
+      case 3: vector_outputs_f32<3>(w.weights.data(), rows, values, s, w.outputs.data()); break;
+      default: vector_outputs_f32<4>(w.weights.data(), rows, values, s, w.outputs.data()); break;
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* out_row = w.output_rows[first + r];
+      if (out_row == nullptr) continue;
+      const float* row = w.outputs.data() + r * s.dim_tiles * kTile;
+      const __m512 inverse = _mm512_set1_ps(inverse_sums[r]);
+      for (int64_t d = 0; d < s.dim; d += 16) {
+        const int64_t valid = std::min<int64_t>(s.dim - d, 16);
+        _mm512_mask_storeu_ps(out_row + d, static_cast<__mmask16>((1u << valid) - 1u),
+                              _mm512_mul_ps(_mm512_loadu_ps(row + d), inverse));
       }
     }
   }
@@ -544,43 +717,60 @@ bool avx512_bf16_available() {
 #endif
 }
 
-// A (B, H, tokens, M) bfloat16 CPU tensor with unit stride in M.
-void check_tokens(const at::Tensor& t, const char* name, int64_t batch, int64_t heads, int64_t tokens, int64_t dim) {
-  TORCH_CHECK(t.scalar_type() == at::kBFloat16 && t.device().is_cpu(), name, " must be a bfloat16 CPU tensor, got ",
+// The float32 engine's instructions: AVX-512 F/BW/VL/DQ (the functions here are compiled for the BF16 and AMX
+// targets as well, but it executes none of their instructions: GCC emits them only for their intrinsics).
+bool avx512_available() {
+#if VIL_HAVE_X86_BF16
+  static const bool ready = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                            __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ready;
+#else
+  return false;
+#endif
+}
+
+// A (B, H, tokens, M) CPU tensor of `dtype` with unit stride in M.
+void check_tokens(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t batch, int64_t heads,
+                  int64_t tokens, int64_t dim) {
+  TORCH_CHECK(t.scalar_type() == dtype && t.device().is_cpu(), name, " must be a ", dtype, " CPU tensor, got ",
               t.scalar_type(), " on ", t.device());
   TORCH_CHECK(t.dim() == 4 && t.size(0) == batch && t.size(1) == heads && t.size(2) == tokens && t.size(3) == dim &&
                   t.stride(3) == 1,
-              name, " must be (", batch, ", ", heads, ", ", tokens, ", ", dim, ") with unit stride in the last dim, got ",
-              t.sizes(), " strides ", t.strides());
+              name, " must be (", batch, ", ", heads, ", ", tokens, ", ", dim,
+              ") with unit stride in the last dim, got ", t.sizes(), " strides ", t.strides());
 }
+
+enum class Engine { kTiles, kBfloat16Vectors, kFloat32 };
 
 // output (B, H, L, M) = the longformer attention of queries (B, H, L, M) over their windows' keys and values (B, H, L,
 // M) and the global keys and values (B, H, G, M), L = height x width. Query chunk (i, j) sees, per block of key slots,
 // `chunks_per_block` chunks at chunk_offsets (P, 2: chunk rows, chunk columns; P = blocks x chunks_per_block, in slot
 // order) and then the G globals; keys outside the map or beyond their image's key_extents (B, 2: rows, cols) are
 // padding. bias (H, W^2, S) float32 is added to the scores (relative bias, masks: blocked.py's _shared_scores_bias).
-// tiles: the products on AMX tiles, else in AVX512-BF16 registers.
-void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
-                              const at::Tensor& global_keys, const at::Tensor& global_values, const at::Tensor& bias,
-                              const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
-                              int64_t window, const std::optional<at::Tensor>& key_extents, at::Tensor output,
-                              bool tiles) {
-  TORCH_CHECK(!tiles || amx_available(),
-              "longformer_forward_bf16_ on tiles needs a CPU with AMX-BF16 and Linux's tile permission");
-  TORCH_CHECK(tiles || avx512_bf16_available(),
-              "longformer_forward_bf16_ needs a CPU with AVX512-BF16 (and AVX512-F/BW/VL/DQ)");
+template <typename T>
+void fused_forward(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+                   const at::Tensor& global_keys, const at::Tensor& global_values, const at::Tensor& bias,
+                   const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
+                   int64_t window, const std::optional<at::Tensor>& key_extents, at::Tensor& output, Engine engine) {
+  constexpr bool kFloat32 = std::is_same_v<T, float>;
+  const char* op = kFloat32 ? "longformer_forward_f32_" : "longformer_forward_bf16_";
+  const auto dtype = kFloat32 ? at::kFloat : at::kBFloat16;
   TORCH_CHECK(queries.dim() == 4, "queries must be (batch, heads, tokens, head dim), got ", queries.sizes());
   const int64_t batch = queries.size(0), heads = queries.size(1), length = queries.size(2), dim = queries.size(3);
-  TORCH_CHECK(dim == 32 || dim == 64, "longformer_forward_bf16_ takes head dims 32 and 64, got ", dim);
+  if constexpr (kFloat32) {
+    TORCH_CHECK(dim >= 1 && dim <= 64, op, " takes head dims 1 to 64, got ", dim);
+  } else {
+    TORCH_CHECK(dim == 32 || dim == 64, op, " takes head dims 32 and 64, got ", dim);
+  }
   TORCH_CHECK(height > 0 && width > 0 && window > 0 && length == height * width, "queries hold ", length,
               " tokens, not a ", height, "x", width, " map");
   const int64_t num_global = global_keys.dim() == 4 ? global_keys.size(2) : -1;
-  check_tokens(queries, "queries", batch, heads, length, dim);
-  check_tokens(keys, "keys", batch, heads, length, dim);
-  check_tokens(values, "values", batch, heads, length, dim);
-  check_tokens(global_keys, "global_keys", batch, heads, num_global, dim);
-  check_tokens(global_values, "global_values", batch, heads, num_global, dim);
-  check_tokens(output, "output", batch, heads, length, dim);
+  check_tokens(queries, "queries", dtype, batch, heads, length, dim);
+  check_tokens(keys, "keys", dtype, batch, heads, length, dim);
+  check_tokens(values, "values", dtype, batch, heads, length, dim);
+  check_tokens(global_keys, "global_keys", dtype, batch, heads, num_global, dim);
+  check_tokens(global_values, "global_values", dtype, batch, heads, num_global, dim);
+  check_tokens(output, "output", dtype, batch, heads, length, dim);
   TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
                   chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
               "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
@@ -596,7 +786,9 @@ void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys,
                 "key_extents must be int64 (", batch, ", 2), got ", key_extents->sizes());
   }
 #if VIL_HAVE_X86_BF16
-  const Shape shape{area, key_slots, dim, (key_slots + 31) / 32 * 32, (area + kTile - 1) / kTile, dim / 32, dim / kTile};
+  // float32: feature_steps counts groups of 16 features (pack_keys_f32), dim_tiles the output's (the last partial)
+  const int64_t steps = kFloat32 ? (dim + 15) / 16 : dim / 32, tiles = kFloat32 ? (dim + 15) / 16 : dim / kTile;
+  const Shape shape{area, key_slots, dim, (key_slots + 31) / 32 * 32, (area + kTile - 1) / kTile, steps, tiles};
   const int64_t chunk_rows = (height + window - 1) / window, chunk_cols = (width + window - 1) / window;
   const auto offsets = chunk_offsets.contiguous();
   const int64_t* offset_data = offsets.const_data_ptr<int64_t>();
@@ -607,21 +799,22 @@ void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys,
     extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
   }
   auto rows_of = [](const at::Tensor& t, int64_t b, int64_t h) {
-    return reinterpret_cast<const bfloat16_bits*>(t.const_data_ptr()) + b * t.stride(0) + h * t.stride(1);
+    return reinterpret_cast<const T*>(t.const_data_ptr()) + b * t.stride(0) + h * t.stride(1);
   };
   const float* bias_data = bias.const_data_ptr<float>();
   const float padding_flag = std::numeric_limits<float>::lowest() / 4;  // as blocked.py's: exp() of it is 0
+  const T* zero = zero_row<T>();
   at::parallel_for(0, batch * heads * chunk_rows * chunk_cols, 1, [&](int64_t begin, int64_t end) {
-    thread_local Scratch scratch;
-    Scratch& w = scratch;
+    thread_local Scratch<T> scratch;
+    Scratch<T>& w = scratch;
     w.fit(shape);
-    if (tiles) configure_tiles();
+    if (engine == Engine::kTiles) configure_tiles();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t cj = task % chunk_cols, ci = task / chunk_cols % chunk_rows;
       const int64_t h = task / (chunk_cols * chunk_rows) % heads, b = task / (chunk_cols * chunk_rows * heads);
-      const bfloat16_bits *q = rows_of(queries, b, h), *k = rows_of(keys, b, h), *v = rows_of(values, b, h);
-      const bfloat16_bits *gk = rows_of(global_keys, b, h), *gv = rows_of(global_values, b, h);
-      auto* o = reinterpret_cast<bfloat16_bits*>(output.data_ptr()) + b * output.stride(0) + h * output.stride(1);
+      const T *q = rows_of(queries, b, h), *k = rows_of(keys, b, h), *v = rows_of(values, b, h);
+      const T *gk = rows_of(global_keys, b, h), *gv = rows_of(global_values, b, h);
+      auto* o = reinterpret_cast<T*>(output.data_ptr()) + b * output.stride(0) + h * output.stride(1);
       const int64_t q_step = queries.stride(2), k_step = keys.stride(2), v_step = values.stride(2);
       const int64_t o_step = output.stride(2);
       // (nested loops, no division per slot)
@@ -629,7 +822,7 @@ void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys,
         for (int64_t dx = 0; dx < window; ++dx, ++slot) {
           const int64_t y = ci * window + dy, x = cj * window + dx;
           const bool on_map = y < height && x < width;
-          w.query_rows[slot] = on_map ? q + (y * width + x) * q_step : kZeroRow;
+          w.query_rows[slot] = on_map ? q + (y * width + x) * q_step : zero;
           w.output_rows[slot] = on_map ? o + (y * width + x) * o_step : nullptr;
         }
       }
@@ -642,8 +835,8 @@ void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys,
           for (int64_t y = top; y < top + window; ++y) {
             for (int64_t x = left; x < left + window; ++x, ++slot) {
               const bool seen = y >= 0 && x >= 0 && y < extents[2 * b] && x < extents[2 * b + 1];
-              w.key_rows[slot] = seen ? k + (y * width + x) * k_step : kZeroRow;
-              w.value_rows[slot] = seen ? v + (y * width + x) * v_step : kZeroRow;
+              w.key_rows[slot] = seen ? k + (y * width + x) * k_step : zero;
+              w.value_rows[slot] = seen ? v + (y * width + x) * v_step : zero;
               w.flags[slot] = seen ? 0.0f : padding_flag;
               w.padding_keys |= !seen;
             }
@@ -655,11 +848,40 @@ void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys,
           w.flags[slot] = 0.0f;
         }
       }
-      (tiles ? chunk_forward<true> : chunk_forward<false>)(bias_data + h * area * key_slots, key_slots, shape, w);
+      const float* head_bias = bias_data + h * area * key_slots;
+      if constexpr (kFloat32) {
+        chunk_forward_f32(head_bias, key_slots, shape, w);
+      } else {
+        (engine == Engine::kTiles ? chunk_forward<true> : chunk_forward<false>)(head_bias, key_slots, shape, w);
+      }
     }
-    if (tiles) release_tiles();
+    if (engine == Engine::kTiles) release_tiles();
   });
 #endif
+}
+
+// tiles: the products on AMX tiles, else in AVX512-BF16 registers.
+void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+                              const at::Tensor& global_keys, const at::Tensor& global_values, const at::Tensor& bias,
+                              const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
+                              int64_t window, const std::optional<at::Tensor>& key_extents, at::Tensor output,
+                              bool tiles) {
+  TORCH_CHECK(!tiles || amx_available(),
+              "longformer_forward_bf16_ on tiles needs a CPU with AMX-BF16 and Linux's tile permission");
+  TORCH_CHECK(tiles || avx512_bf16_available(),
+              "longformer_forward_bf16_ needs a CPU with AVX512-BF16 (and AVX512-F/BW/VL/DQ)");
+  fused_forward<bfloat16_bits>(queries, keys, values, global_keys, global_values, bias, chunk_offsets,
+                               chunks_per_block, height, width, window, key_extents, output,
+                               tiles ? Engine::kTiles : Engine::kBfloat16Vectors);
+}
+
+void longformer_forward_f32_(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+                             const at::Tensor& global_keys, const at::Tensor& global_values, const at::Tensor& bias,
+                             const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
+                             int64_t window, const std::optional<at::Tensor>& key_extents, at::Tensor output) {
+  TORCH_CHECK(avx512_available(), "longformer_forward_f32_ needs a CPU with AVX-512 (F/BW/VL/DQ)");
+  fused_forward<float>(queries, keys, values, global_keys, global_values, bias, chunk_offsets, chunks_per_block,
+                       height, width, window, key_extents, output, Engine::kFloat32);
 }
 
 }  // namespace
@@ -667,10 +889,18 @@ void longformer_forward_bf16_(const at::Tensor& queries, const at::Tensor& keys,
 TORCH_LIBRARY_FRAGMENT(vil_kernels_native, m) {
   m.def("amx_available() -> bool", &amx_available);
   m.def("avx512_bf16_available() -> bool", &avx512_bf16_available);
+  m.def("avx512_available() -> bool", &avx512_available);
   m.def(
       "longformer_forward_bf16_(Tensor queries, Tensor keys, Tensor values, Tensor global_keys, Tensor global_values, "
       "Tensor bias, Tensor chunk_offsets, int chunks_per_block, int height, int width, int window, "
       "Tensor? key_extents, Tensor(a!) output, bool tiles) -> ()");
+  m.def(
+      "longformer_forward_f32_(Tensor queries, Tensor keys, Tensor values, Tensor global_keys, Tensor global_values, "
+      "Tensor bias, Tensor chunk_offsets, int chunks_per_block, int height, int width, int window, "
+      "Tensor? key_extents, Tensor(a!) output) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(vil_kernels_native, CPU, m) { m.impl("longformer_forward_bf16_", &longformer_forward_bf16_); }
+TORCH_LIBRARY_IMPL(vil_kernels_native, CPU, m) {
+  m.impl("longformer_forward_bf16_", &longformer_forward_bf16_);
+  m.impl("longformer_forward_f32_", &longformer_forward_f32_);
+}
