@@ -14,7 +14,7 @@ from vil_kernels.longformer import blocked
 
 from .test_kernels import _run_with_extents, case_seed
 from .test_modeling import TINY_ARCH, randomize
-from .test_native import ENGINES, use_softmax
+from .test_native import ENGINES, F32_ENGINE, use_softmax
 
 # Largest error allowed, as a fraction of the largest magnitude of the expected tensor.
 # - float32: products and softmax accumulate in float32; errors are a few ulps times the number of terms.
@@ -136,11 +136,13 @@ def test_native_bf16_forward_matches_the_float32_reference(
     assert calls == [((2, 3, shape[0] * shape[1], head_dim), engine == "amx")]  # the last argument: on tiles
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_native_bf16_forward_reads_inputs_of_any_strides(engine, monkeypatch):
-    """Rows of features need unit stride: other layouts are made contiguous first, with the same result."""
+@pytest.mark.parametrize("engine", [*ENGINES, F32_ENGINE])
+def test_native_forward_reads_inputs_of_any_strides(engine, monkeypatch):
+    """Rows of features need unit stride: other layouts are made contiguous first, with the same result (the bfloat16
+    engines and the float32 one)."""
     use_softmax(monkeypatch, engine)
-    values = {name: t.bfloat16() for name, t in _values(2, 3, 9, 13, 1, 32, 5, seed=4).items()}
+    dtype = torch.float32 if engine == F32_ENGINE else torch.bfloat16
+    values = {name: t.to(dtype) for name, t in _values(2, 3, 9, 13, 1, 32, 5, seed=4).items()}
     geometry = (9, 13, 5, False, None, None)
     expected = _attention("blocked", values, *geometry)
     strided = {

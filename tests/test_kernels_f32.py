@@ -11,7 +11,7 @@ from vil_hf import ViLConfig, ViLModel
 from vil_kernels import native
 from vil_kernels.longformer import blocked
 
-from .test_kernels_bf16 import INPUTS, NATIVE_CASES, _attention, _check_blocked_against_reference, _values
+from .test_kernels_bf16 import NATIVE_CASES, _attention, _check_blocked_against_reference, _values
 from .test_modeling import TINY_ARCH, randomize
 from .test_native import F32_ENGINE, _fused_forward_inputs, use_softmax
 
@@ -60,19 +60,6 @@ def test_native_f32_forward_agrees_with_the_aten_path(monkeypatch):
     scale = outputs["c++"].abs().max().item()
     assert not torch.equal(outputs[F32_ENGINE], outputs["c++"])  # two computations, not one path twice
     torch.testing.assert_close(outputs[F32_ENGINE], outputs["c++"], rtol=0, atol=1e-5 * scale)
-
-
-def test_native_f32_forward_reads_inputs_of_any_strides(monkeypatch):
-    """Rows of features need unit stride: other layouts are made contiguous first, with the same result."""
-    use_softmax(monkeypatch, F32_ENGINE)
-    values = _values(2, 3, 9, 13, 1, 24, 5, seed=4)
-    geometry = (9, 13, 5, False, None, None)
-    expected = _attention("blocked", values, *geometry)
-    strided = {
-        name: t.transpose(-1, -2).contiguous().transpose(-1, -2) if name in INPUTS else t for name, t in values.items()
-    }
-    assert strided["local_keys"].stride(-1) != 1
-    assert torch.equal(_attention("blocked", strided, *geometry), expected)
 
 
 def test_native_f32_forward_refuses_what_it_cannot_read(monkeypatch):

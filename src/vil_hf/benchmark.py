@@ -434,6 +434,7 @@ def run(
             "cpu_softmax": ("c++" if native_ops() is not None else "pytorch") if device == "cpu" else None,
             # the native bfloat16 forward's engine: "amx", "avx512", or "aten" (its products on ATen)
             "cpu_bf16_forward": (bf16_forward() or (None, "aten"))[1] if device == "cpu" else None,
+            # and its float32 forward's: "avx512", or "aten"
             "cpu_f32_forward": (f32_forward() or (None, "aten"))[1] if device == "cpu" else None,
             "parts": list(parts),
             "image": list(sizes.image),

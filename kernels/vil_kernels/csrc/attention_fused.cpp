@@ -390,6 +390,17 @@ VIL_X86_TARGET inline void in_register_blocks(int64_t rows, int64_t block, RowsA
   for (; first < rows; ++first) rows_at(first, false);
 }
 
+// The accumulators of kRows score rows x 32 keys from key tile j, started from the bias and padding terms.
+template <bool kPaddingKeys, int64_t kRows>
+VIL_X86_TARGET inline void start_from_terms(__m512 (&sums)[kRows][2], const float* const* row_bias,
+                                            const float* key_terms, int64_t j, int64_t keys) {
+#pragma GCC unroll 16
+  for (int64_t i = 0; i < kRows; ++i) {
+    sums[i][0] = score_terms<kPaddingKeys>(row_bias[i], key_terms, j * kTile, keys);
+    sums[i][1] = score_terms<kPaddingKeys>(row_bias[i], key_terms, (j + 1) * kTile, keys);
+  }
+}
+
 // Scores of kRows query rows (queries, rows dim apart; bias rows at row_bias) against every key, 32 keys at a time:
 // the accumulators start from the bias and padding terms, so the scores leave here whole and softmax_row only reads
 // them.
@@ -400,11 +411,7 @@ VIL_X86_TARGET void score_rows(const bfloat16_bits* queries, const float* const*
   const int64_t packed_tile = kTile * 32;
   for (int64_t j = 0; j < s.padded_keys / kTile; j += 2) {
     __m512 sums[kRows][2];
-#pragma GCC unroll 16
-    for (int64_t i = 0; i < kRows; ++i) {
-      sums[i][0] = score_terms<kPaddingKeys>(row_bias[i], key_terms, j * kTile, s.keys);
-      sums[i][1] = score_terms<kPaddingKeys>(row_bias[i], key_terms, (j + 1) * kTile, s.keys);
-    }
+    start_from_terms<kPaddingKeys, kRows>(sums, row_bias, key_terms, j, s.keys);
     for (int64_t t = 0; t < s.feature_steps; ++t) {
       const bfloat16_bits* first_keys = packed_keys + (j * s.feature_steps + t) * packed_tile;
       const bfloat16_bits* second_keys = first_keys + s.feature_steps * packed_tile;
@@ -574,11 +581,7 @@ VIL_X86_TARGET void score_rows_f32(const float* const* query_rows, const float* 
                                    const float* packed_keys, const float* key_terms, const Shape& s, float* scores) {
   for (int64_t j = 0; j < s.padded_keys / kTile; j += 2) {
     __m512 sums[kRows][2];
-#pragma GCC unroll 16
-    for (int64_t i = 0; i < kRows; ++i) {
-      sums[i][0] = score_terms<kPaddingKeys>(row_bias[i], key_terms, j * kTile, s.keys);
-      sums[i][1] = score_terms<kPaddingKeys>(row_bias[i], key_terms, (j + 1) * kTile, s.keys);
-    }
+    start_from_terms<kPaddingKeys, kRows>(sums, row_bias, key_terms, j, s.keys);
     const float* first_keys = packed_keys + j * kTile * s.dim;
     const float* second_keys = first_keys + kTile * s.dim;
     for (int64_t d = 0; d < s.dim; ++d) {
