@@ -434,18 +434,52 @@ VIL_X86_TARGET void score_rows(const bfloat16_bits* queries, const float* const*
   }
 }
 
-// Scores of query rows [0, rows) (bias: the first row's, rows at bias_stride). A block's rows past `rows` are
-// padding (zero queries, within the buffers) and read the last row's bias (past it lies the next head's).
-template <bool kPaddingKeys>
-VIL_X86_TARGET void vector_scores(const bfloat16_bits* queries, int64_t rows, const bfloat16_bits* packed_keys,
+// The float32 engine's (below): its kRows query rows read in place, each feature broadcast against 16 keys packed
+// feature-major.
+template <bool kPaddingKeys, int64_t kRows>
+VIL_X86_TARGET void score_rows(const float* const* query_rows, const float* const* row_bias, const float* packed_keys,
+                               const float* key_terms, const Shape& s, float* scores) {
+  for (int64_t j = 0; j < s.padded_keys / kTile; j += 2) {
+    __m512 sums[kRows][2];
+    start_from_terms<kPaddingKeys, kRows>(sums, row_bias, key_terms, j, s.keys);
+    const float* first_keys = packed_keys + j * kTile * s.dim;
+    const float* second_keys = first_keys + kTile * s.dim;
+    for (int64_t d = 0; d < s.dim; ++d) {
+      const __m512 first = _mm512_loadu_ps(first_keys + d * kTile);
+      const __m512 second = _mm512_loadu_ps(second_keys + d * kTile);
+#pragma GCC unroll 16
+      for (int64_t i = 0; i < kRows; ++i) {
+        const __m512 feature = _mm512_set1_ps(query_rows[i][d]);
+        sums[i][0] = _mm512_fmadd_ps(feature, first, sums[i][0]);
+        sums[i][1] = _mm512_fmadd_ps(feature, second, sums[i][1]);
+      }
+    }
+#pragma GCC unroll 16
+    for (int64_t i = 0; i < kRows; ++i) {
+      _mm512_storeu_ps(scores + i * s.padded_keys + j * kTile, sums[i][0]);
+      _mm512_storeu_ps(scores + i * s.padded_keys + (j + 1) * kTile, sums[i][1]);
+    }
+  }
+}
+
+// Scores of query rows [0, rows) (bias: the first row's, rows at bias_stride), by either engine's score_rows: the
+// bfloat16 queries copied `query_step` = dim apart, or the float32 rows' pointers (step 1). A block's rows past
+// `rows` are padding (zero queries, within the buffers) and read the last row's bias (past it lies the next head's).
+template <bool kPaddingKeys, typename Queries, typename Key>
+VIL_X86_TARGET void vector_scores(Queries queries, int64_t query_step, int64_t rows, const Key* packed_keys,
                                   const float* bias, int64_t bias_stride, const float* key_terms, const Shape& s,
                                   float* scores) {
   in_register_blocks(rows, kBlockRows, [&](int64_t first, bool block) {
     const float* row_bias[kBlockRows];
 #pragma GCC unroll 16
     for (int64_t i = 0; i < kBlockRows; ++i) row_bias[i] = bias + std::min(first + i, rows - 1) * bias_stride;
-    (block ? score_rows<kPaddingKeys, kBlockRows> : score_rows<kPaddingKeys, 1>)(
-        queries + first * s.dim, row_bias, packed_keys, key_terms, s, scores + first * s.padded_keys);
+    Queries block_queries = queries + first * query_step;
+    float* block_scores = scores + first * s.padded_keys;
+    if (block) {
+      score_rows<kPaddingKeys, kBlockRows>(block_queries, row_bias, packed_keys, key_terms, s, block_scores);
+    } else {
+      score_rows<kPaddingKeys, 1>(block_queries, row_bias, packed_keys, key_terms, s, block_scores);
+    }
   });
 }
 
@@ -514,8 +548,9 @@ VIL_X86_TARGET void chunk_forward(const float* bias, int64_t bias_stride, const 
     if constexpr (kTiles) {
       tile_scores(first_queries, first_queries + (pair ? kTile * s.dim : 0), w.keys.data(), s, w.scores.data());
     } else {
-      (w.padding_keys ? vector_scores<true> : vector_scores<false>)(first_queries, rows, w.keys.data(), pair_bias,
-                                                                    bias_stride, w.flags.data(), s, w.scores.data());
+      auto* scores = w.padding_keys ? vector_scores<true, const bfloat16_bits*, bfloat16_bits>
+                                    : vector_scores<false, const bfloat16_bits*, bfloat16_bits>;
+      scores(first_queries, s.dim, rows, w.keys.data(), pair_bias, bias_stride, w.flags.data(), s, w.scores.data());
     }
     float inverse_sums[2 * kTile];
     auto* softmax =
@@ -574,34 +609,6 @@ VIL_X86_TARGET void pack_keys_f32(const float* const* rows, const Shape& s, floa
   }
 }
 
-// Scores of kRows query rows (their rows in place) against every key, 32 keys at a time, the accumulators starting
-// from the bias and padding terms as the bfloat16 vector engine's.
-template <bool kPaddingKeys, int64_t kRows>
-VIL_X86_TARGET void score_rows_f32(const float* const* query_rows, const float* const* row_bias,
-                                   const float* packed_keys, const float* key_terms, const Shape& s, float* scores) {
-  for (int64_t j = 0; j < s.padded_keys / kTile; j += 2) {
-    __m512 sums[kRows][2];
-    start_from_terms<kPaddingKeys, kRows>(sums, row_bias, key_terms, j, s.keys);
-    const float* first_keys = packed_keys + j * kTile * s.dim;
-    const float* second_keys = first_keys + kTile * s.dim;
-    for (int64_t d = 0; d < s.dim; ++d) {
-      const __m512 first = _mm512_loadu_ps(first_keys + d * kTile);
-      const __m512 second = _mm512_loadu_ps(second_keys + d * kTile);
-#pragma GCC unroll 16
-      for (int64_t i = 0; i < kRows; ++i) {
-        const __m512 feature = _mm512_set1_ps(query_rows[i][d]);
-        sums[i][0] = _mm512_fmadd_ps(feature, first, sums[i][0]);
-        sums[i][1] = _mm512_fmadd_ps(feature, second, sums[i][1]);
-      }
-    }
-#pragma GCC unroll 16
-    for (int64_t i = 0; i < kRows; ++i) {
-      _mm512_storeu_ps(scores + i * s.padded_keys + j * kTile, sums[i][0]);
-      _mm512_storeu_ps(scores + i * s.padded_keys + (j + 1) * kTile, sums[i][1]);
-    }
-  }
-}
-
 // outputs (kRows, dim_tiles x 16 apart) = weights (kRows, padded_keys apart) V over the `keys` slots, V's rows read in
 // place (padding slots: zero rows, weight 0).
 template <int64_t kRows, int64_t kDimTiles>
@@ -647,20 +654,11 @@ VIL_X86_TARGET void chunk_forward_f32(const float* bias, int64_t bias_stride, co
   for (int64_t first = 0; first < s.slots; first += 2 * kTile) {
     const int64_t rows = std::min(2 * kTile, s.slots - first);
     const float* rows_bias = bias + first * bias_stride;
-    const float* const* queries = w.query_rows.data() + first;
+    const float* const* queries = w.query_rows.data() + first;  // past the slots: zero rows
     const bool padding = w.padding_keys;
-    // a block's rows past `rows` read zero queries (query_rows past the slots) and the last row's bias
-    in_register_blocks(rows, kBlockRows, [&](int64_t block_first, bool block) {
-      const float* row_bias[kBlockRows];
-#pragma GCC unroll 16
-      for (int64_t i = 0; i < kBlockRows; ++i) {
-        row_bias[i] = rows_bias + std::min(block_first + i, rows - 1) * bias_stride;
-      }
-      auto* score = block ? (padding ? score_rows_f32<true, kBlockRows> : score_rows_f32<false, kBlockRows>)
-                          : (padding ? score_rows_f32<true, 1> : score_rows_f32<false, 1>);
-      score(queries + block_first, row_bias, w.keys.data(), w.flags.data(), s,
-            w.scores.data() + block_first * s.padded_keys);
-    });
+    auto* scores =
+        padding ? vector_scores<true, const float* const*, float> : vector_scores<false, const float* const*, float>;
+    scores(queries, 1, rows, w.keys.data(), rows_bias, bias_stride, w.flags.data(), s, w.scores.data());
     float inverse_sums[2 * kTile];
     auto* softmax = padding ? softmax_row<true, true, float> : softmax_row<false, true, float>;
     for (int64_t r = 0; r < rows; ++r) {
