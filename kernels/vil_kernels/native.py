@@ -14,7 +14,8 @@ On CPUs with AMX (bfloat16 tiles, Linux granting the tile state) or AVX512-BF16 
 forward is one C++ call over the whole batch (``attention_fused.cpp``), its products on AMX tiles or in AVX-512
 registers. ``VIL_KERNELS_BF16_FORWARD`` chooses: ``auto`` (default) AMX where the CPU has it, else AVX512-BF16, else
 the ATen products; ``amx`` or ``avx512`` require that engine; ``aten`` never runs the C++ forward. Its float32 forward
-likewise, in AVX-512 registers on CPUs with AVX-512 (``VIL_KERNELS_F32_FORWARD``: ``auto``, ``avx512`` or ``aten``).
+likewise, in AVX-512 registers on CPUs with AVX-512 (``VIL_KERNELS_F32_FORWARD``: ``auto``, ``avx512`` or ``aten``),
+and so does its float32 backward (``VIL_KERNELS_F32_BACKWARD``, the same choices).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 ENVIRONMENT_VARIABLE = "VIL_KERNELS_NATIVE"
 BF16_FORWARD_VARIABLE = "VIL_KERNELS_BF16_FORWARD"
 F32_FORWARD_VARIABLE = "VIL_KERNELS_F32_FORWARD"
+F32_BACKWARD_VARIABLE = "VIL_KERNELS_F32_BACKWARD"
 _SOURCES = [
     Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "attention_fused.cpp", "roi_align.cpp", "nms.cpp")
 ]
@@ -104,8 +106,9 @@ _MISSING = {
 
 
 def _choose(name: str, variable: str, engines: dict[str, str], missing: dict[str, str], available, auto_words: str):
-    """``(ops, engine)`` for the native ``name`` forward as ``variable`` and this CPU allow, else None; the choice and
-    its reason logged when they change. ``available(ops)``: the engines this CPU runs, fastest first."""
+    """``(ops, engine)`` for the native ``name`` pass ("float32 forward", ...) as ``variable`` and this CPU allow, else
+    None; the choice and its reason logged when they change. ``available(ops)``: the engines this CPU runs, fastest
+    first."""
     setting = os.environ.get(variable, "auto").strip().lower()
     named = " or ".join(f"'{engine}'" for engine in engines)
     if setting not in ("auto", "aten", *engines):
@@ -128,11 +131,11 @@ def _choose(name: str, variable: str, engines: dict[str, str], missing: dict[str
     else:
         reason = missing[setting]
     if setting in engines and reason is not None:
-        raise RuntimeError(f"{variable}={setting} but that {name} forward cannot run: {reason}.")
-    if _built.get(name + " forward", ()) != (engine, reason):
-        _built[name + " forward"] = (engine, reason)
+        raise RuntimeError(f"{variable}={setting} but that {name} cannot run: {reason}.")
+    if _built.get(name, ()) != (engine, reason):
+        _built[name] = (engine, reason)
         logger.info(
-            "blocked longformer, %s forward: %s",
+            "blocked longformer, %s: %s",
             name,
             f"one C++ pass per chunk {engines[engine]}, one call per layer" if engine else f"ATen products ({reason})",
         )
@@ -144,7 +147,7 @@ def bf16_forward():
     ``engine`` "amx" or "avx512"; None where the ATen products run instead (``VIL_KERNELS_BF16_FORWARD``). The choice
     and its reason are logged when they change."""
     return _choose(
-        "bfloat16",
+        "bfloat16 forward",
         BF16_FORWARD_VARIABLE,
         _ENGINES,
         _MISSING | {"auto": "this CPU has neither AMX bfloat16 tiles nor AVX512-BF16"},
@@ -156,9 +159,19 @@ def bf16_forward():
 def f32_forward():
     """``(ops, "avx512")`` where the native float32 attention forward (``ops.longformer_forward_f32_``) runs here;
     None where the ATen products run instead (``VIL_KERNELS_F32_FORWARD``), logged as ``bf16_forward``'s choice."""
+    return _choose_f32("float32 forward", F32_FORWARD_VARIABLE)
+
+
+def f32_backward():
+    """``(ops, "avx512")`` where the native float32 attention backward (``ops.longformer_backward_f32_``) runs here;
+    None where the ATen products run instead (``VIL_KERNELS_F32_BACKWARD``)."""
+    return _choose_f32("float32 backward", F32_BACKWARD_VARIABLE)
+
+
+def _choose_f32(name: str, variable: str):
     return _choose(
-        "float32",
-        F32_FORWARD_VARIABLE,
+        name,
+        variable,
         {"avx512": "in AVX-512 registers"},
         {"avx512": "this CPU has no AVX-512", "auto": "this CPU has no AVX-512"},
         lambda ops: ("avx512",) if ops.avx512_available() else (),
@@ -177,8 +190,10 @@ def _engines(ops) -> tuple[str, ...]:
 __all__ = [
     "BF16_FORWARD_VARIABLE",
     "ENVIRONMENT_VARIABLE",
+    "F32_BACKWARD_VARIABLE",
     "F32_FORWARD_VARIABLE",
     "bf16_forward",
+    "f32_backward",
     "f32_forward",
     "native_ops",
 ]

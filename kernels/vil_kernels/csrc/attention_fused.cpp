@@ -10,8 +10,12 @@
 // order of the shared bias (blocked.py's _slot_geometry): the keys are packed into the pair-interleaved layout that
 // both AMX's and AVX512-BF16's dot products take, the scores of the chunk's queries against every key accumulate in
 // float32, the bias, padding flags and softmax run on that float32 row (never rounded to bfloat16), the weights are
-// rounded once for the product with the values, and the output once, written to the output tensor. The backward is
-// unchanged: it recomputes the probabilities with the ATen products (as before, from bfloat16 scores).
+// rounded once for the product with the values, and the output once, written to the output tensor.
+//
+// The float32 backward (longformer_backward_f32_, below) takes the same tasks: it recomputes a chunk's probabilities
+// with the forward's own scores and softmax and runs the four gradient products in float32 fused multiply-adds, the
+// rows read and written in place, instead of the ATen path's window copies, batched products and scatter-adds. The
+// bfloat16 backward still runs the ATen products.
 //
 // The two bfloat16 engines share everything but the products (chunk_forward<kTiles>). AMX needs Linux's grant of the
 // tile state (amx_available); head dims 32 and 64 (float32: 1 to 64). Elsewhere blocked.py runs the ATen path, which
@@ -21,6 +25,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -116,6 +121,7 @@ struct Scratch {
   std::vector<T*> output_rows;  // nullptr: a padding query, not written
   std::vector<T> queries, keys, values, weights;
   std::vector<float> flags, scores, outputs;
+  std::vector<int64_t> query_tokens, key_tokens;  // Call::find_rows's
   bool padding_keys = false;  // whether any of the chunk's key slots is padding (a flag other than 0)
   void fit(const Shape& s) {
     constexpr bool kBfloat16 = std::is_same_v<T, bfloat16_bits>;
@@ -130,6 +136,8 @@ struct Scratch {
     flags.assign(s.padded_keys, -std::numeric_limits<float>::infinity());
     scores.resize(2 * kTile * s.padded_keys);
     outputs.resize(2 * kTile * s.dim_tiles * kTile);
+    query_tokens.resize(s.slots);
+    key_tokens.resize(s.keys);
   }
 };
 
@@ -609,24 +617,26 @@ VIL_X86_TARGET void pack_keys_f32(const float* const* rows, const Shape& s, floa
   }
 }
 
-// outputs (kRows, dim_tiles x 16 apart) = weights (kRows, padded_keys apart) V over the `keys` slots, V's rows read in
-// place (padding slots: zero rows, weight 0).
+// outputs (kRows, kDimTiles x 16 apart) = weights R: weight row i at weights + i * row_step, its term t at
+// + t * term_step (t < terms), against R's rows read in place (rows[t], dim features; a zero row where a term is
+// padding). Both engines' products with rows read in place run here: the forward's weights V and the backward's
+// dS K, dS^T Q and P^T dO (the last two with row_step 1: a column of the chunk's scores per output row).
 template <int64_t kRows, int64_t kDimTiles>
-VIL_X86_TARGET void output_rows_f32(const float* weights, const float* const* value_rows, const Shape& s,
-                                    float* outputs) {
+VIL_X86_TARGET void weighted_rows_f32(const float* weights, int64_t row_step, int64_t term_step, int64_t terms,
+                                      const float* const* rows, int64_t dim, float* outputs) {
   __m512 sums[kRows][kDimTiles];
 #pragma GCC unroll 16
   for (int64_t i = 0; i < kRows; ++i) {
 #pragma GCC unroll 4
     for (int64_t d = 0; d < kDimTiles; ++d) sums[i][d] = _mm512_setzero_ps();
   }
-  for (int64_t k = 0; k < s.keys; ++k) {
+  for (int64_t t = 0; t < terms; ++t) {
     __m512 columns[kDimTiles];
 #pragma GCC unroll 4
-    for (int64_t d = 0; d < kDimTiles; ++d) columns[d] = load_features(value_rows[k], d * kTile, s.dim);
+    for (int64_t d = 0; d < kDimTiles; ++d) columns[d] = load_features(rows[t], d * kTile, dim);
 #pragma GCC unroll 16
     for (int64_t i = 0; i < kRows; ++i) {
-      const __m512 weight = _mm512_set1_ps(weights[i * s.padded_keys + k]);
+      const __m512 weight = _mm512_set1_ps(weights[i * row_step + t * term_step]);
 #pragma GCC unroll 4
       for (int64_t d = 0; d < kDimTiles; ++d) sums[i][d] = _mm512_fmadd_ps(weight, columns[d], sums[i][d]);
     }
@@ -638,14 +648,38 @@ VIL_X86_TARGET void output_rows_f32(const float* weights, const float* const* va
   }
 }
 
+// outputs rows [0, count) (dim_tiles x 16 apart) by weighted_rows_f32, in blocks of 16 / dim_tiles rows.
 template <int64_t kDimTiles>
-VIL_X86_TARGET void vector_outputs_f32(const float* weights, int64_t rows, const float* const* value_rows,
-                                       const Shape& s, float* outputs) {
+VIL_X86_TARGET void weighted_blocks_f32(const float* weights, int64_t count, int64_t row_step, int64_t term_step,
+                                        int64_t terms, const float* const* rows, int64_t dim, float* outputs) {
   constexpr int64_t kRows = 16 / kDimTiles;
-  in_register_blocks(rows, kRows, [&](int64_t first, bool block) {
-    (block ? output_rows_f32<kRows, kDimTiles> : output_rows_f32<1, kDimTiles>)(
-        weights + first * s.padded_keys, value_rows, s, outputs + first * kDimTiles * kTile);
+  in_register_blocks(count, kRows, [&](int64_t first, bool block) {
+    (block ? weighted_rows_f32<kRows, kDimTiles> : weighted_rows_f32<1, kDimTiles>)(
+        weights + first * row_step, row_step, term_step, terms, rows, dim, outputs + first * kDimTiles * kTile);
   });
+}
+
+VIL_X86_TARGET void weighted_products_f32(const float* weights, int64_t count, int64_t row_step, int64_t term_step,
+                                          int64_t terms, const float* const* rows, const Shape& s, float* outputs) {
+  switch (s.dim_tiles) {
+    case 1: weighted_blocks_f32<1>(weights, count, row_step, term_step, terms, rows, s.dim, outputs); break;
+    case 2: weighted_blocks_f32<2>(weights, count, row_step, term_step, terms, rows, s.dim, outputs); break;
+    case 3: weighted_blocks_f32<3>(weights, count, row_step, term_step, terms, rows, s.dim, outputs); break;
+    default: weighted_blocks_f32<4>(weights, count, row_step, term_step, terms, rows, s.dim, outputs); break;
+  }
+}
+
+// The first dim features of a row of outputs (16-column groups), times `scale`, stored into or (kAdd) added to
+// `target`, masked past dim.
+template <bool kAdd>
+VIL_X86_TARGET inline void store_row_f32(const float* row, float scale, int64_t dim, float* target) {
+  const __m512 factor = _mm512_set1_ps(scale);
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 valid = static_cast<__mmask16>((1u << std::min<int64_t>(dim - d, 16)) - 1u);
+    __m512 value = _mm512_mul_ps(_mm512_loadu_ps(row + d), factor);
+    if constexpr (kAdd) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(valid, target + d));
+    _mm512_mask_storeu_ps(target + d, valid, value);
+  }
 }
 
 // One chunk in float32, its rows in w (as chunk_forward's), 32 query rows at a time.
@@ -665,23 +699,94 @@ VIL_X86_TARGET void chunk_forward_f32(const float* bias, int64_t bias_stride, co
       inverse_sums[r] = softmax(w.scores.data() + r * s.padded_keys, rows_bias + r * bias_stride, w.flags.data(),
                                 w.weights.data() + r * s.padded_keys, s.keys, s.padded_keys);
     }
-    const float* const* values = w.value_rows.data();
-    switch (s.dim_tiles) {
-      case 1: vector_outputs_f32<1>(w.weights.data(), rows, values, s, w.outputs.data()); break;
-      case 2: vector_outputs_f32<2>(w.weights.data(), rows, values, s, w.outputs.data()); break;
-      case 3: vector_outputs_f32<3>(w.weights.data(), rows, values, s, w.outputs.data()); break;
-      default: vector_outputs_f32<4>(w.weights.data(), rows, values, s, w.outputs.data()); break;
-    }
+    weighted_products_f32(w.weights.data(), rows, s.padded_keys, 1, s.keys, w.value_rows.data(), s, w.outputs.data());
     for (int64_t r = 0; r < rows; ++r) {
       float* out_row = w.output_rows[first + r];
-      if (out_row == nullptr) continue;
-      const float* row = w.outputs.data() + r * s.dim_tiles * kTile;
-      const __m512 inverse = _mm512_set1_ps(inverse_sums[r]);
-      for (int64_t d = 0; d < s.dim; d += 16) {
-        const int64_t valid = std::min<int64_t>(s.dim - d, 16);
-        _mm512_mask_storeu_ps(out_row + d, static_cast<__mmask16>((1u << valid) - 1u),
-                              _mm512_mul_ps(_mm512_loadu_ps(row + d), inverse));
+      if (out_row != nullptr) store_row_f32<false>(w.outputs.data() + r * s.dim_tiles * kTile, inverse_sums[r], s.dim, out_row);
+    }
+  }
+}
+
+// The float32 backward (longformer_backward_f32_): per chunk, the probabilities recomputed as the forward's (same
+// scores, bias, flags and softmax), then dP = dO V^T (V packed as the keys are), delta = sum_k P dP per query (equal
+// to dO . O), dS = P (dP - delta), and the four products dQ = dS K, dK = dS^T Q, dV = P^T dO, each with its rows read
+// in place (weighted_products_f32). The bias's gradient is dS summed over images and chunks.
+
+// Per thread, the backward's buffers besides Scratch<float>'s rows and packed keys: the chunk's gradient rows (dO
+// read, dQ, dK and dV written), the values packed as keys, every query row's probabilities and score gradients, and
+// one product's output rows. Register blocks may run up to 13 rows past the last one (in_register_blocks): 16 rows of
+// slack.
+struct BackwardScratch {
+  std::vector<const float*> grad_output_rows;  // a zero row past the slots and for off-map queries
+  std::vector<float*> grad_query_rows, grad_key_rows, grad_value_rows;  // nullptr: padding, not written
+  std::vector<float> values, probs, grad_scores, products, zeros;
+  void fit(const Shape& s) {
+    const int64_t rows = s.query_tiles * kTile + kTile;
+    grad_output_rows.assign(s.query_tiles * kTile, kZeroFloats);
+    grad_query_rows.assign(s.slots, nullptr);
+    grad_key_rows.assign(s.padded_keys, nullptr);
+    grad_value_rows.assign(s.padded_keys, nullptr);
+    values.resize(s.padded_keys * s.dim_tiles * kTile);
+    probs.assign(rows * s.padded_keys, 0);
+    grad_scores.assign(rows * s.padded_keys, 0);
+    products.resize((std::max(rows, s.padded_keys) + kTile) * s.dim_tiles * kTile);
+    zeros.assign(s.padded_keys, 0);
+  }
+};
+
+// One chunk's gradients, its rows in w and g (filled by the caller): dQ stored, dK and dV added (neighbouring chunks
+// share keys); dS added to bias_grad (slots, keys) at bias_stride unless null.
+VIL_X86_TARGET void chunk_backward_f32(const float* bias, int64_t bias_stride, const Shape& s, Scratch<float>& w,
+                                       BackwardScratch& g, float* bias_grad) {
+  pack_keys_f32(w.key_rows.data(), s, w.keys.data());
+  pack_keys_f32(w.value_rows.data(), s, g.values.data());
+  const bool padding = w.padding_keys;
+  auto* scores =
+      padding ? vector_scores<true, const float* const*, float> : vector_scores<false, const float* const*, float>;
+  scores(w.query_rows.data(), 1, s.slots, w.keys.data(), bias, bias_stride, w.flags.data(), s, g.probs.data());
+  // dP: no terms (a zero bias row); its lanes past `keys` are -inf and never read
+  vector_scores<false, const float* const*, float>(g.grad_output_rows.data(), 1, s.slots, g.values.data(),
+                                                   g.zeros.data(), 0, w.flags.data(), s, g.grad_scores.data());
+  auto* softmax = padding ? softmax_row<true, true, float> : softmax_row<false, true, float>;
+  for (int64_t r = 0; r < s.slots; ++r) {
+    float* probs = g.probs.data() + r * s.padded_keys;  // scores, then the weights in place, then P
+    float* grad = g.grad_scores.data() + r * s.padded_keys;  // dP, then dS
+    const __m512 inverse = _mm512_set1_ps(softmax(probs, bias + r * bias_stride, w.flags.data(), probs, s.keys,
+                                                  s.padded_keys));
+    __m512 total = _mm512_setzero_ps();
+    for (int64_t k = 0; k < s.padded_keys; k += 16) {
+      const __mmask16 on_keys = static_cast<__mmask16>((1u << std::clamp<int64_t>(s.keys - k, 0, 16)) - 1u);
+      const __m512 prob = _mm512_mul_ps(_mm512_loadu_ps(probs + k), inverse);
+      _mm512_storeu_ps(probs + k, prob);
+      total = _mm512_fmadd_ps(prob, _mm512_maskz_loadu_ps(on_keys, grad + k), total);
+    }
+    const __m512 delta = _mm512_set1_ps(_mm512_reduce_add_ps(total));
+    for (int64_t k = 0; k < s.padded_keys; k += 16) {
+      const __mmask16 on_keys = static_cast<__mmask16>((1u << std::clamp<int64_t>(s.keys - k, 0, 16)) - 1u);
+      const __m512 grad_scores =
+          _mm512_maskz_mul_ps(on_keys, _mm512_loadu_ps(probs + k), _mm512_sub_ps(_mm512_loadu_ps(grad + k), delta));
+      _mm512_storeu_ps(grad + k, grad_scores);
+      if (bias_grad != nullptr) {
+        float* target = bias_grad + r * bias_stride + k;
+        _mm512_mask_storeu_ps(target, on_keys, _mm512_add_ps(_mm512_maskz_loadu_ps(on_keys, target), grad_scores));
       }
+    }
+  }
+  const int64_t out_step = s.dim_tiles * kTile;
+  float* products = g.products.data();
+  weighted_products_f32(g.grad_scores.data(), s.slots, s.padded_keys, 1, s.keys, w.key_rows.data(), s, products);
+  for (int64_t r = 0; r < s.slots; ++r) {
+    if (g.grad_query_rows[r] != nullptr) store_row_f32<false>(products + r * out_step, 1.0f, s.dim, g.grad_query_rows[r]);
+  }
+  // per key slot: a column of dS (or P) against the chunk's query (or dO) rows
+  weighted_products_f32(g.grad_scores.data(), s.keys, 1, s.padded_keys, s.slots, w.query_rows.data(), s, products);
+  for (int64_t k = 0; k < s.keys; ++k) {
+    if (g.grad_key_rows[k] != nullptr) store_row_f32<true>(products + k * out_step, 1.0f, s.dim, g.grad_key_rows[k]);
+  }
+  weighted_products_f32(g.probs.data(), s.keys, 1, s.padded_keys, s.slots, g.grad_output_rows.data(), s, products);
+  for (int64_t k = 0; k < s.keys; ++k) {
+    if (g.grad_value_rows[k] != nullptr) {
+      store_row_f32<true>(products + k * out_step, 1.0f, s.dim, g.grad_value_rows[k]);
     }
   }
 }
@@ -743,117 +848,155 @@ void check_tokens(const at::Tensor& t, const char* name, at::ScalarType dtype, i
 
 enum class Engine { kTiles, kBfloat16Vectors, kFloat32 };
 
-// output (B, H, L, M) = the longformer attention of queries (B, H, L, M) over their windows' keys and values (B, H, L,
-// M) and the global keys and values (B, H, G, M), L = height x width. Query chunk (i, j) sees, per block of key slots,
+// One call of the ops below, its inputs checked: queries (B, H, L, M), their windows' keys and values (B, H, L, M)
+// and the global keys and values (B, H, G, M), L = height x width. Query chunk (i, j) sees, per block of key slots,
 // `chunks_per_block` chunks at chunk_offsets (P, 2: chunk rows, chunk columns; P = blocks x chunks_per_block, in slot
 // order) and then the G globals; keys outside the map or beyond their image's key_extents (B, 2: rows, cols) are
 // padding. bias (H, W^2, S) float32 is added to the scores (relative bias, masks: blocked.py's _shared_scores_bias).
+struct Call {
+  int64_t batch, heads, length, dim, num_global, height, width, window, area, blocks, chunks_per_block, key_slots;
+  int64_t chunk_rows, chunk_cols;
+  at::Tensor offsets;  // (P, 2), contiguous
+  std::vector<int64_t> extents;  // per image: the rows and columns of keys that are not padding
+
+  // Chunk (ci, cj) of image b: the token of each query slot (-1: off the map) and of each key slot (-1: padding;
+  // length + g: global g); returns whether any key slot is padding. (Nested loops: no division per slot.)
+  bool find_rows(int64_t b, int64_t ci, int64_t cj, int64_t* query_tokens, int64_t* key_tokens) const {
+    for (int64_t dy = 0, slot = 0; dy < window; ++dy) {
+      for (int64_t dx = 0; dx < window; ++dx, ++slot) {
+        const int64_t y = ci * window + dy, x = cj * window + dx;
+        query_tokens[slot] = y < height && x < width ? y * width + x : -1;
+      }
+    }
+    const int64_t* offset_data = offsets.const_data_ptr<int64_t>();
+    bool padding = false;
+    int64_t slot = 0;
+    for (int64_t block = 0; block < blocks; ++block) {
+      for (int64_t c = 0; c < chunks_per_block; ++c) {
+        const int64_t* offset = offset_data + 2 * (block * chunks_per_block + c);
+        const int64_t top = (ci + offset[0]) * window, left = (cj + offset[1]) * window;
+        for (int64_t y = top; y < top + window; ++y) {
+          for (int64_t x = left; x < left + window; ++x, ++slot) {
+            const bool seen = y >= 0 && x >= 0 && y < extents[2 * b] && x < extents[2 * b + 1];
+            key_tokens[slot] = seen ? y * width + x : -1;
+            padding |= !seen;
+          }
+        }
+      }
+      for (int64_t g = 0; g < num_global; ++g, ++slot) key_tokens[slot] = length + g;
+    }
+    return padding;
+  }
+};
+
+Call check_call(const char* op, at::ScalarType dtype, const at::Tensor& queries, const at::Tensor& keys,
+                const at::Tensor& values, const at::Tensor& global_keys, const at::Tensor& global_values,
+                const at::Tensor& bias, const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height,
+                int64_t width, int64_t window, const std::optional<at::Tensor>& key_extents) {
+  TORCH_CHECK(queries.dim() == 4, "queries must be (batch, heads, tokens, head dim), got ", queries.sizes());
+  Call c;
+  c.batch = queries.size(0), c.heads = queries.size(1), c.length = queries.size(2), c.dim = queries.size(3);
+  if (dtype == at::kFloat) {
+    TORCH_CHECK(c.dim >= 1 && c.dim <= 64, op, " takes head dims 1 to 64, got ", c.dim);
+  } else {
+    TORCH_CHECK(c.dim == 32 || c.dim == 64, op, " takes head dims 32 and 64, got ", c.dim);
+  }
+  TORCH_CHECK(height > 0 && width > 0 && window > 0 && c.length == height * width, "queries hold ", c.length,
+              " tokens, not a ", height, "x", width, " map");
+  c.num_global = global_keys.dim() == 4 ? global_keys.size(2) : -1;
+  check_tokens(queries, "queries", dtype, c.batch, c.heads, c.length, c.dim);
+  check_tokens(keys, "keys", dtype, c.batch, c.heads, c.length, c.dim);
+  check_tokens(values, "values", dtype, c.batch, c.heads, c.length, c.dim);
+  check_tokens(global_keys, "global_keys", dtype, c.batch, c.heads, c.num_global, c.dim);
+  check_tokens(global_values, "global_values", dtype, c.batch, c.heads, c.num_global, c.dim);
+  TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
+                  chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
+              "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
+  c.height = height, c.width = width, c.window = window, c.chunks_per_block = chunks_per_block;
+  c.area = window * window, c.blocks = chunk_offsets.size(0) / chunks_per_block;
+  c.key_slots = c.blocks * (chunks_per_block * c.area + c.num_global);
+  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 3 && bias.size(0) == c.heads &&
+                  bias.size(1) == c.area && bias.size(2) == c.key_slots && bias.is_contiguous(),
+              "bias must be contiguous float32 (", c.heads, ", ", c.area, ", ", c.key_slots, "), got ",
+              bias.scalar_type(), " ", bias.sizes());
+  if (key_extents.has_value()) {
+    TORCH_CHECK(key_extents->scalar_type() == at::kLong && key_extents->dim() == 2 &&
+                    key_extents->size(0) == c.batch && key_extents->size(1) == 2,
+                "key_extents must be int64 (", c.batch, ", 2), got ", key_extents->sizes());
+  }
+  c.chunk_rows = (height + window - 1) / window, c.chunk_cols = (width + window - 1) / window;
+  c.offsets = chunk_offsets.contiguous();
+  c.extents.resize(2 * c.batch);
+  const auto given = key_extents.has_value() ? key_extents->contiguous() : at::Tensor();
+  for (int64_t b = 0; b < c.batch; ++b) {
+    c.extents[2 * b] = given.defined() ? std::min(height, given.const_data_ptr<int64_t>()[2 * b]) : height;
+    c.extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
+  }
+  return c;
+}
+
+// Rows of image b, head h of a (B, H, tokens, M) tensor.
+template <typename T>
+T* rows_of(const at::Tensor& t, int64_t b, int64_t h) {
+  return reinterpret_cast<T*>(t.data_ptr()) + b * t.stride(0) + h * t.stride(1);
+}
+
+#if VIL_HAVE_X86_BF16
+Shape shape_of(const Call& c, bool float32) {
+  // float32: feature_steps counts groups of 16 features (pack_keys_f32), dim_tiles the output's (the last partial)
+  const int64_t steps = float32 ? (c.dim + 15) / 16 : c.dim / 32, tiles = float32 ? (c.dim + 15) / 16 : c.dim / kTile;
+  return Shape{c.area, c.key_slots, c.dim, (c.key_slots + 31) / 32 * 32, (c.area + kTile - 1) / kTile, steps, tiles};
+}
+
+// as blocked.py's: exp() of it is 0
+const float kPaddingFlag = std::numeric_limits<float>::lowest() / 4;
+#endif
+
+// output (B, H, L, M) = the longformer attention of the call's queries (see Call).
 template <typename T>
 void fused_forward(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
                    const at::Tensor& global_keys, const at::Tensor& global_values, const at::Tensor& bias,
                    const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
                    int64_t window, const std::optional<at::Tensor>& key_extents, at::Tensor& output, Engine engine) {
   constexpr bool kFloat32 = std::is_same_v<T, float>;
-  const char* op = kFloat32 ? "longformer_forward_f32_" : "longformer_forward_bf16_";
   const auto dtype = kFloat32 ? at::kFloat : at::kBFloat16;
-  TORCH_CHECK(queries.dim() == 4, "queries must be (batch, heads, tokens, head dim), got ", queries.sizes());
-  const int64_t batch = queries.size(0), heads = queries.size(1), length = queries.size(2), dim = queries.size(3);
-  if constexpr (kFloat32) {
-    TORCH_CHECK(dim >= 1 && dim <= 64, op, " takes head dims 1 to 64, got ", dim);
-  } else {
-    TORCH_CHECK(dim == 32 || dim == 64, op, " takes head dims 32 and 64, got ", dim);
-  }
-  TORCH_CHECK(height > 0 && width > 0 && window > 0 && length == height * width, "queries hold ", length,
-              " tokens, not a ", height, "x", width, " map");
-  const int64_t num_global = global_keys.dim() == 4 ? global_keys.size(2) : -1;
-  check_tokens(queries, "queries", dtype, batch, heads, length, dim);
-  check_tokens(keys, "keys", dtype, batch, heads, length, dim);
-  check_tokens(values, "values", dtype, batch, heads, length, dim);
-  check_tokens(global_keys, "global_keys", dtype, batch, heads, num_global, dim);
-  check_tokens(global_values, "global_values", dtype, batch, heads, num_global, dim);
-  check_tokens(output, "output", dtype, batch, heads, length, dim);
-  TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
-                  chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
-              "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
-  const int64_t area = window * window, blocks = chunk_offsets.size(0) / chunks_per_block;
-  const int64_t slots_per_block = chunks_per_block * area + num_global, key_slots = blocks * slots_per_block;
-  TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 3 && bias.size(0) == heads && bias.size(1) == area &&
-                  bias.size(2) == key_slots && bias.is_contiguous(),
-              "bias must be contiguous float32 (", heads, ", ", area, ", ", key_slots, "), got ", bias.scalar_type(),
-              " ", bias.sizes());
-  if (key_extents.has_value()) {
-    TORCH_CHECK(key_extents->scalar_type() == at::kLong && key_extents->dim() == 2 && key_extents->size(0) == batch &&
-                    key_extents->size(1) == 2,
-                "key_extents must be int64 (", batch, ", 2), got ", key_extents->sizes());
-  }
+  const Call c = check_call(kFloat32 ? "longformer_forward_f32_" : "longformer_forward_bf16_", dtype, queries, keys,
+                            values, global_keys, global_values, bias, chunk_offsets, chunks_per_block, height, width,
+                            window, key_extents);
+  check_tokens(output, "output", dtype, c.batch, c.heads, c.length, c.dim);
 #if VIL_HAVE_X86_BF16
-  // float32: feature_steps counts groups of 16 features (pack_keys_f32), dim_tiles the output's (the last partial)
-  const int64_t steps = kFloat32 ? (dim + 15) / 16 : dim / 32, tiles = kFloat32 ? (dim + 15) / 16 : dim / kTile;
-  const Shape shape{area, key_slots, dim, (key_slots + 31) / 32 * 32, (area + kTile - 1) / kTile, steps, tiles};
-  const int64_t chunk_rows = (height + window - 1) / window, chunk_cols = (width + window - 1) / window;
-  const auto offsets = chunk_offsets.contiguous();
-  const int64_t* offset_data = offsets.const_data_ptr<int64_t>();
-  std::vector<int64_t> extents(2 * batch);  // per image: the rows and columns of keys that are not padding
-  const auto given = key_extents.has_value() ? key_extents->contiguous() : at::Tensor();
-  for (int64_t b = 0; b < batch; ++b) {
-    extents[2 * b] = given.defined() ? std::min(height, given.const_data_ptr<int64_t>()[2 * b]) : height;
-    extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
-  }
-  auto rows_of = [](const at::Tensor& t, int64_t b, int64_t h) {
-    return reinterpret_cast<const T*>(t.const_data_ptr()) + b * t.stride(0) + h * t.stride(1);
-  };
+  const Shape shape = shape_of(c, kFloat32);
   const float* bias_data = bias.const_data_ptr<float>();
-  const float padding_flag = std::numeric_limits<float>::lowest() / 4;  // as blocked.py's: exp() of it is 0
   const T* zero = zero_row<T>();
-  at::parallel_for(0, batch * heads * chunk_rows * chunk_cols, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, c.batch * c.heads * c.chunk_rows * c.chunk_cols, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch<T> scratch;
     Scratch<T>& w = scratch;
     w.fit(shape);
     if (engine == Engine::kTiles) configure_tiles();
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t cj = task % chunk_cols, ci = task / chunk_cols % chunk_rows;
-      const int64_t h = task / (chunk_cols * chunk_rows) % heads, b = task / (chunk_cols * chunk_rows * heads);
-      const T *q = rows_of(queries, b, h), *k = rows_of(keys, b, h), *v = rows_of(values, b, h);
-      const T *gk = rows_of(global_keys, b, h), *gv = rows_of(global_values, b, h);
-      auto* o = reinterpret_cast<T*>(output.data_ptr()) + b * output.stride(0) + h * output.stride(1);
-      const int64_t q_step = queries.stride(2), k_step = keys.stride(2), v_step = values.stride(2);
-      const int64_t o_step = output.stride(2);
-      // (nested loops, no division per slot)
-      for (int64_t dy = 0, slot = 0; dy < window; ++dy) {
-        for (int64_t dx = 0; dx < window; ++dx, ++slot) {
-          const int64_t y = ci * window + dy, x = cj * window + dx;
-          const bool on_map = y < height && x < width;
-          w.query_rows[slot] = on_map ? q + (y * width + x) * q_step : zero;
-          w.output_rows[slot] = on_map ? o + (y * width + x) * o_step : nullptr;
-        }
+      const int64_t cj = task % c.chunk_cols, ci = task / c.chunk_cols % c.chunk_rows;
+      const int64_t h = task / (c.chunk_cols * c.chunk_rows) % c.heads, b = task / (c.chunk_cols * c.chunk_rows * c.heads);
+      const T *q = rows_of<const T>(queries, b, h), *k = rows_of<const T>(keys, b, h), *v = rows_of<const T>(values, b, h);
+      const T *gk = rows_of<const T>(global_keys, b, h), *gv = rows_of<const T>(global_values, b, h);
+      T* o = rows_of<T>(output, b, h);
+      w.padding_keys = c.find_rows(b, ci, cj, w.query_tokens.data(), w.key_tokens.data());
+      for (int64_t slot = 0; slot < shape.slots; ++slot) {
+        const int64_t token = w.query_tokens[slot];
+        w.query_rows[slot] = token >= 0 ? q + token * queries.stride(2) : zero;
+        w.output_rows[slot] = token >= 0 ? o + token * output.stride(2) : nullptr;
       }
-      int64_t slot = 0;
-      w.padding_keys = false;
-      for (int64_t block = 0; block < blocks; ++block) {
-        for (int64_t c = 0; c < chunks_per_block; ++c) {
-          const int64_t* offset = offset_data + 2 * (block * chunks_per_block + c);
-          const int64_t top = (ci + offset[0]) * window, left = (cj + offset[1]) * window;
-          for (int64_t y = top; y < top + window; ++y) {
-            for (int64_t x = left; x < left + window; ++x, ++slot) {
-              const bool seen = y >= 0 && x >= 0 && y < extents[2 * b] && x < extents[2 * b + 1];
-              w.key_rows[slot] = seen ? k + (y * width + x) * k_step : zero;
-              w.value_rows[slot] = seen ? v + (y * width + x) * v_step : zero;
-              w.flags[slot] = seen ? 0.0f : padding_flag;
-              w.padding_keys |= !seen;
-            }
-          }
-        }
-        for (int64_t g = 0; g < num_global; ++g, ++slot) {
-          w.key_rows[slot] = gk + g * global_keys.stride(2);
-          w.value_rows[slot] = gv + g * global_values.stride(2);
-          w.flags[slot] = 0.0f;
-        }
+      for (int64_t slot = 0; slot < shape.keys; ++slot) {
+        const int64_t token = w.key_tokens[slot], g = token - c.length;
+        w.key_rows[slot] = token < 0 ? zero : g >= 0 ? gk + g * global_keys.stride(2) : k + token * keys.stride(2);
+        w.value_rows[slot] =
+            token < 0 ? zero : g >= 0 ? gv + g * global_values.stride(2) : v + token * values.stride(2);
+        w.flags[slot] = token < 0 ? kPaddingFlag : 0.0f;
       }
-      const float* head_bias = bias_data + h * area * key_slots;
+      const float* head_bias = bias_data + h * c.area * c.key_slots;
       if constexpr (kFloat32) {
-        chunk_forward_f32(head_bias, key_slots, shape, w);
+        chunk_forward_f32(head_bias, c.key_slots, shape, w);
       } else {
-        (engine == Engine::kTiles ? chunk_forward<true> : chunk_forward<false>)(head_bias, key_slots, shape, w);
+        (engine == Engine::kTiles ? chunk_forward<true> : chunk_forward<false>)(head_bias, c.key_slots, shape, w);
       }
     }
     if (engine == Engine::kTiles) release_tiles();
@@ -885,6 +1028,110 @@ void longformer_forward_f32_(const at::Tensor& queries, const at::Tensor& keys, 
                        height, width, window, key_extents, output, Engine::kFloat32);
 }
 
+// The gradients of longformer_forward_f32_'s inputs from grad_output (B, H, L, M): grad_queries, grad_keys and
+// grad_values (B, H, L, M), grad_global_keys and grad_global_values (B, H, G, M) and, unless None, grad_bias (H, W^2,
+// S) float32, all overwritten. Chunks whose key neighbourhoods cannot meet (rows and columns 2 x reach + 1 apart)
+// run at once, so no two tasks add into one key row; every task of a head adds into the bias's and the globals'
+// gradients, so each worker (a slice of a phase's tasks) sums those apart and the sums are added at the end.
+void longformer_backward_f32_(const at::Tensor& grad_output, const at::Tensor& queries, const at::Tensor& keys,
+                              const at::Tensor& values, const at::Tensor& global_keys,
+                              const at::Tensor& global_values, const at::Tensor& bias, const at::Tensor& chunk_offsets,
+                              int64_t chunks_per_block, int64_t height, int64_t width, int64_t window,
+                              const std::optional<at::Tensor>& key_extents, at::Tensor grad_queries,
+                              at::Tensor grad_keys, at::Tensor grad_values, at::Tensor grad_global_keys,
+                              at::Tensor grad_global_values, const std::optional<at::Tensor>& grad_bias) {
+  TORCH_CHECK(avx512_available(), "longformer_backward_f32_ needs a CPU with AVX-512 (F/BW/VL/DQ)");
+  const Call c = check_call("longformer_backward_f32_", at::kFloat, queries, keys, values, global_keys, global_values,
+                            bias, chunk_offsets, chunks_per_block, height, width, window, key_extents);
+  check_tokens(grad_output, "grad_output", at::kFloat, c.batch, c.heads, c.length, c.dim);
+  check_tokens(grad_queries, "grad_queries", at::kFloat, c.batch, c.heads, c.length, c.dim);
+  check_tokens(grad_keys, "grad_keys", at::kFloat, c.batch, c.heads, c.length, c.dim);
+  check_tokens(grad_values, "grad_values", at::kFloat, c.batch, c.heads, c.length, c.dim);
+  check_tokens(grad_global_keys, "grad_global_keys", at::kFloat, c.batch, c.heads, c.num_global, c.dim);
+  check_tokens(grad_global_values, "grad_global_values", at::kFloat, c.batch, c.heads, c.num_global, c.dim);
+  if (grad_bias.has_value()) {
+    TORCH_CHECK(grad_bias->scalar_type() == at::kFloat && grad_bias->sizes() == bias.sizes() &&
+                    grad_bias->is_contiguous(),
+                "grad_bias must be contiguous float32 ", bias.sizes(), ", got ", grad_bias->scalar_type(), " ",
+                grad_bias->sizes());
+  }
+#if VIL_HAVE_X86_BF16
+  const Shape shape = shape_of(c, true);
+  grad_keys.zero_();
+  grad_values.zero_();
+  int64_t reach = 0;
+  const int64_t* offset_data = c.offsets.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < c.offsets.numel(); ++i) reach = std::max(reach, std::abs(offset_data[i]));
+  const int64_t period = 2 * reach + 1, workers = std::max<int64_t>(1, at::get_num_threads());
+  at::Tensor bias_sums =
+      grad_bias.has_value() ? bias.new_zeros({workers, c.heads, c.area, c.key_slots}) : at::Tensor();
+  at::Tensor global_key_sums = bias.new_zeros({workers, c.batch, c.heads, c.num_global, c.dim});
+  at::Tensor global_value_sums = bias.new_zeros({workers, c.batch, c.heads, c.num_global, c.dim});
+  const float* bias_data = bias.const_data_ptr<float>();
+  for (int64_t first_row = 0; first_row < std::min(period, c.chunk_rows); ++first_row) {
+    for (int64_t first_col = 0; first_col < std::min(period, c.chunk_cols); ++first_col) {
+      const int64_t rows = (c.chunk_rows - first_row + period - 1) / period;
+      const int64_t cols = (c.chunk_cols - first_col + period - 1) / period;
+      const int64_t tasks = c.batch * c.heads * rows * cols, used = std::min(workers, tasks);
+      at::parallel_for(0, used, 1, [&](int64_t begin, int64_t end) {
+        thread_local Scratch<float> scratch;
+        thread_local BackwardScratch backward_scratch;
+        Scratch<float>& w = scratch;
+        BackwardScratch& g = backward_scratch;
+        w.fit(shape);
+        g.fit(shape);
+        for (int64_t worker = begin; worker < end; ++worker) {
+          float* worker_bias = bias_sums.defined() ? bias_sums[worker].data_ptr<float>() : nullptr;
+          float* worker_keys = global_key_sums[worker].data_ptr<float>();
+          float* worker_values = global_value_sums[worker].data_ptr<float>();
+          for (int64_t task = worker * tasks / used; task < (worker + 1) * tasks / used; ++task) {
+            const int64_t cj = first_col + task % cols * period, ci = first_row + task / cols % rows * period;
+            const int64_t h = task / (cols * rows) % c.heads, b = task / (cols * rows * c.heads);
+            const float *q = rows_of<const float>(queries, b, h), *k = rows_of<const float>(keys, b, h);
+            const float *v = rows_of<const float>(values, b, h), *go = rows_of<const float>(grad_output, b, h);
+            const float *gk = rows_of<const float>(global_keys, b, h), *gv = rows_of<const float>(global_values, b, h);
+            float *gq = rows_of<float>(grad_queries, b, h), *gkr = rows_of<float>(grad_keys, b, h);
+            float* gvr = rows_of<float>(grad_values, b, h);
+            const int64_t global_first = (b * c.heads + h) * c.num_global * c.dim;
+            w.padding_keys = c.find_rows(b, ci, cj, w.query_tokens.data(), w.key_tokens.data());
+            for (int64_t slot = 0; slot < shape.slots; ++slot) {
+              const int64_t token = w.query_tokens[slot];
+              w.query_rows[slot] = token >= 0 ? q + token * queries.stride(2) : kZeroFloats;
+              g.grad_output_rows[slot] = token >= 0 ? go + token * grad_output.stride(2) : kZeroFloats;
+              g.grad_query_rows[slot] = token >= 0 ? gq + token * grad_queries.stride(2) : nullptr;
+            }
+            for (int64_t slot = 0; slot < shape.keys; ++slot) {
+              const int64_t token = w.key_tokens[slot], global = token - c.length;
+              if (token < 0) {
+                w.key_rows[slot] = w.value_rows[slot] = kZeroFloats;
+                g.grad_key_rows[slot] = g.grad_value_rows[slot] = nullptr;
+              } else if (global >= 0) {
+                w.key_rows[slot] = gk + global * global_keys.stride(2);
+                w.value_rows[slot] = gv + global * global_values.stride(2);
+                g.grad_key_rows[slot] = worker_keys + global_first + global * c.dim;
+                g.grad_value_rows[slot] = worker_values + global_first + global * c.dim;
+              } else {
+                w.key_rows[slot] = k + token * keys.stride(2);
+                w.value_rows[slot] = v + token * values.stride(2);
+                g.grad_key_rows[slot] = gkr + token * grad_keys.stride(2);
+                g.grad_value_rows[slot] = gvr + token * grad_values.stride(2);
+              }
+              w.flags[slot] = token < 0 ? kPaddingFlag : 0.0f;
+            }
+            const int64_t head_offset = h * c.area * c.key_slots;
+            chunk_backward_f32(bias_data + head_offset, c.key_slots, shape, w, g,
+                               worker_bias == nullptr ? nullptr : worker_bias + head_offset);
+          }
+        }
+      });
+    }
+  }
+  if (grad_bias.has_value()) grad_bias->copy_(bias_sums.sum(0));
+  grad_global_keys.copy_(global_key_sums.sum(0));
+  grad_global_values.copy_(global_value_sums.sum(0));
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(vil_kernels_native, m) {
@@ -899,9 +1146,15 @@ TORCH_LIBRARY_FRAGMENT(vil_kernels_native, m) {
       "longformer_forward_f32_(Tensor queries, Tensor keys, Tensor values, Tensor global_keys, Tensor global_values, "
       "Tensor bias, Tensor chunk_offsets, int chunks_per_block, int height, int width, int window, "
       "Tensor? key_extents, Tensor(a!) output) -> ()");
+  m.def(
+      "longformer_backward_f32_(Tensor grad_output, Tensor queries, Tensor keys, Tensor values, Tensor global_keys, "
+      "Tensor global_values, Tensor bias, Tensor chunk_offsets, int chunks_per_block, int height, int width, "
+      "int window, Tensor? key_extents, Tensor(a!) grad_queries, Tensor(b!) grad_keys, Tensor(c!) grad_values, "
+      "Tensor(d!) grad_global_keys, Tensor(e!) grad_global_values, Tensor(f!)? grad_bias) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(vil_kernels_native, CPU, m) {
   m.impl("longformer_forward_bf16_", &longformer_forward_bf16_);
   m.impl("longformer_forward_f32_", &longformer_forward_f32_);
+  m.impl("longformer_backward_f32_", &longformer_backward_f32_);
 }

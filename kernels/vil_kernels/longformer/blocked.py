@@ -46,7 +46,9 @@ bfloat16 forward skips all of the above, and so does the float32 forward where i
 (``vil_kernels.native.f32_forward``): one C++ call reads every chunk's queries and window keys and values straight
 from the input tensors, in the shared bias's slot order (``_slot_chunks``), and runs products, bias, padding flags and
 softmax per chunk in cache (``csrc/attention_fused.cpp``): no workspace, no window copies, no Python loop over runs.
-Its scores stay in float32 (the products accumulate in float32). The backward below is the same either way.
+Its scores stay in float32 (the products accumulate in float32). Where the float32 forward runs natively so can its
+backward (``vil_kernels.native.f32_backward``): one C++ call recomputes each chunk's probabilities and writes every
+gradient, chunks whose key windows overlap never at once. Elsewhere the backward below runs.
 
 Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
 custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
@@ -66,7 +68,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..native import bf16_forward, f32_forward, native_ops
+from ..native import bf16_forward, f32_backward, f32_forward, native_ops
 from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
 
 logger = logging.getLogger(__name__)
@@ -303,9 +305,29 @@ def _bf16_forward(queries: torch.Tensor):
 def _f32_forward(queries: torch.Tensor):
     """``(ops, "avx512")`` whose ``longformer_forward_f32_`` runs this float32 forward (head dims up to 64), or
     None."""
-    if queries.device.type != "cpu" or queries.dtype != torch.float32 or queries.shape[-1] > 64:
-        return None
-    return f32_forward()
+    return f32_forward() if _f32_native(queries) else None
+
+
+def _f32_backward(queries: torch.Tensor):
+    """``(ops, "avx512")`` whose ``longformer_backward_f32_`` runs this float32 backward, or None."""
+    return f32_backward() if _f32_native(queries) else None
+
+
+def _f32_native(queries: torch.Tensor) -> bool:
+    return queries.device.type == "cpu" and queries.dtype == torch.float32 and queries.shape[-1] <= 64
+
+
+def _fused_geometry(layout: _Layout, key_extents) -> tuple:
+    """The native ops' arguments after the bias: chunk offsets, chunks per block, map, window, key extents."""
+    offsets, span = _slot_chunks(layout.neighbor)
+    extents = None if key_extents is None else torch.tensor(key_extents, dtype=torch.long)
+    chunk_offsets = torch.tensor(offsets, dtype=torch.long)
+    return chunk_offsets, len(offsets) // span, layout.height, layout.width, layout.window, extents
+
+
+def _rows(tensor: torch.Tensor) -> torch.Tensor:
+    """The native ops read rows of M features: unit stride in the last dim."""
+    return tensor if tensor.stride(-1) == 1 else tensor.contiguous()
 
 
 class _Workspace:
@@ -650,20 +672,8 @@ def _blocked_forward(queries, keys, values, global_keys, global_values, shared, 
     fused = _bf16_forward(queries) or _f32_forward(queries)
     if fused is not None:  # one C++ call reads the tokens in place: no workspace (see attention_fused.cpp)
         ops, engine = fused
-        offsets, span = _slot_chunks(layout.neighbor)
-        extents = None if key_extents is None else torch.tensor(key_extents, dtype=torch.long)
         tokens = (queries, keys, values, global_keys, global_values)
-        arguments = (
-            *(t if t.stride(-1) == 1 else t.contiguous() for t in tokens),  # it reads rows of M features
-            shared,
-            torch.tensor(offsets, dtype=torch.long),
-            len(offsets) // span,
-            layout.height,
-            layout.width,
-            layout.window,
-            extents,
-            output,
-        )
+        arguments = (*map(_rows, tokens), shared, *_fused_geometry(layout, key_extents), output)
         if queries.dtype == torch.float32:
             ops.longformer_forward_f32_(*arguments)
         else:
@@ -708,6 +718,16 @@ def _blocked_backward(
     needs_grad_shared,
 ):
     """Gradients of the five inputs and of ``shared`` (None unless asked), recomputing each run's scores."""
+    fused = _f32_backward(queries)
+    if fused is not None:  # one C++ call, as the native forward (see attention_fused.cpp)
+        tokens = (queries, keys, values, global_keys, global_values)
+        grads = [torch.empty(t.shape, dtype=t.dtype) for t in tokens]
+        grad_shared = torch.empty(shared.shape) if needs_grad_shared else None
+        geometry = _fused_geometry(layout, key_extents)
+        fused[0].longformer_backward_f32_(
+            _rows(grad_output), *map(_rows, tokens), shared, *geometry, *grads, grad_shared
+        )
+        return (*grads, grad_shared)
     batch, heads, length, head_dim = queries.shape
     # dS, delta and the shared bias's gradient (a sum over every run of every image): float32 at least
     accumulate = torch.promote_types(queries.dtype, torch.float32)
