@@ -14,7 +14,7 @@ from vil_kernels.longformer import blocked
 
 from .test_kernels import _run_with_extents, case_seed
 from .test_modeling import TINY_ARCH, randomize
-from .test_native import ENGINES, F32_ENGINE, use_softmax
+from .test_native import ENGINES, F32_ENGINE, HAS_COMPILER, NO_ENGINE, use_softmax
 
 # Largest error allowed, as a fraction of the largest magnitude of the expected tensor.
 # - float32: products and softmax accumulate in float32; errors are a few ulps times the number of terms.
@@ -117,8 +117,8 @@ def test_native_bf16_forward_matches_the_float32_reference(
     mode, head_dim, engine, shape, window, num_global, exact, neighbor, extents, monkeypatch
 ):
     """The bfloat16 forward as one C++ call over the whole batch, reading the tokens in place, its products on AMX
-    tiles or in AVX512-BF16 registers (its backward recomputes with the ATen products), on the same cases and two
-    more; it must be what ran."""
+    tiles or in AVX512-BF16 registers, and the native backward (float32 products of the bfloat16 tokens), on the same
+    cases and two more; they must be what ran."""
     use_softmax(monkeypatch, engine)
     calls = []
     real_ops, chosen = native.bf16_forward()
@@ -129,11 +129,79 @@ def test_native_bf16_forward_matches_the_float32_reference(
             calls.append((args[0].shape, args[-1]))
             return real_ops.longformer_forward_bf16_(*args)
 
+        def longformer_backward_(self, *args):
+            calls.append((args[1].shape, args[1].dtype, args[-1]))
+            return real_ops.longformer_backward_(*args)
+
+        def avx512_bf16_available(self):
+            return real_ops.avx512_bf16_available()
+
     monkeypatch.setattr(blocked, "bf16_forward", lambda: (Counting(), engine))
+    monkeypatch.setattr(blocked, "native_backward", lambda: (Counting(), "avx512"))
     _check_blocked_against_reference(
         mode, "whole maps", shape, window, num_global, exact, neighbor, extents, head_dim, monkeypatch
     )
-    assert calls == [((2, 3, shape[0] * shape[1], head_dim), engine == "amx")]  # the last argument: on tiles
+    queries = (2, 3, shape[0] * shape[1], head_dim)
+    # the last arguments: the forward on tiles; the backward in bfloat16 dot products (a CPU with either engine has them)
+    assert calls == [(queries, engine == "amx"), (queries, torch.bfloat16, True)]
+
+
+@pytest.mark.parametrize("products", ["bfloat16", "float32"])
+@pytest.mark.parametrize("mode", ["bfloat16", "autocast"])
+@pytest.mark.parametrize("shape,window,num_global,exact,neighbor,extents", NATIVE_CASES)
+def test_native_backward_of_bfloat16_matches_the_float32_reference(
+    products, mode, shape, window, num_global, exact, neighbor, extents, monkeypatch
+):
+    """The native backward of bfloat16 tokens, its products in AVX512-BF16 dot products or in float32 multiply-adds
+    (head dims other than 32 and 64, and CPUs with AVX-512 but not its BF16 part), from the ATen forward; it must be
+    what ran."""
+    use_softmax(monkeypatch, F32_ENGINE)  # the native backward
+    monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, "aten")
+    real_ops = native.native_ops()
+    if products == "bfloat16" and not real_ops.avx512_bf16_available():
+        pytest.skip(NO_ENGINE["avx512"])
+    monkeypatch.setattr(blocked, "_bfloat16_products", lambda queries, ops: products == "bfloat16")
+    calls = []
+
+    class Counting:
+        def longformer_backward_(self, *args):
+            calls.append((args[1].shape, args[1].dtype, args[-1]))
+            return real_ops.longformer_backward_(*args)
+
+    monkeypatch.setattr(blocked, "native_backward", lambda: (Counting(), "avx512"))
+    _check_blocked_against_reference(
+        mode, "whole maps", shape, window, num_global, exact, neighbor, extents, 32, monkeypatch
+    )
+    assert calls == [((2, 3, shape[0] * shape[1], 32), torch.bfloat16, products == "bfloat16")]
+
+
+@pytest.mark.parametrize("products", ["bfloat16", "float32"])
+@pytest.mark.parametrize("exact", [False, True])
+def test_native_backward_of_bfloat16_errs_less_than_the_aten_path(exact, products, monkeypatch):
+    """The native backward of bfloat16 tokens sums in float32 (its dot products of bfloat16 pairs, or float32
+    products) and rounds each gradient once; the ATen path rounds dP, dS and every window's gradients to bfloat16.
+    Against the float32 reference, from the same (ATen) forward, the native gradients err less or no more (within 5%)
+    on every input."""
+    if products == "bfloat16" and HAS_COMPILER and not native.native_ops().avx512_bf16_available():
+        pytest.skip(NO_ENGINE["avx512"])
+    monkeypatch.setattr(blocked, "_bfloat16_products", lambda queries, ops: products == "bfloat16")
+    values = _values(2, 3, 20, 23, 1, 32, 7, seed=9)
+    geometry = (20, 23, 7, exact, None, None)
+    expected_leaves = {name: t.clone().requires_grad_() for name, t in values.items()}
+    expected = _attention("reference", expected_leaves, *geometry)
+    grad_output = torch.randn(expected.shape, generator=torch.Generator().manual_seed(4)).bfloat16()
+    expected.backward(grad_output.float())
+    errors = {}
+    for which in ("c++", F32_ENGINE):
+        use_softmax(monkeypatch, which)
+        monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, "aten")  # one forward for both: the backward alone differs
+        leaves = {name: t.bfloat16().requires_grad_() for name, t in values.items()}
+        _attention("blocked", leaves, *geometry).backward(grad_output)
+        errors[which] = {n: (leaves[n].grad.float() - expected_leaves[n].grad).abs().max() for n in INPUTS + TABLES}
+    for name, aten in errors["c++"].items():
+        assert errors[F32_ENGINE][name] <= 1.05 * aten, (
+            f"{name}: native errs {errors[F32_ENGINE][name]:.3g}, ATen {aten:.3g}"
+        )
 
 
 @pytest.mark.parametrize("engine", [*ENGINES, F32_ENGINE])

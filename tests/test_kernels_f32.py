@@ -1,6 +1,7 @@
 """The blocked longformer kernel's native float32 forward and backward (``longformer_forward_f32_`` and
-``longformer_backward_f32_`` in csrc/attention_fused.cpp): one C++ call per layer each, their products in AVX-512
-registers, against the float32 reference and the ATen path they replace.
+``longformer_backward_`` in csrc/attention_fused.cpp): one C++ call per layer each, their products in AVX-512
+registers, against the float32 reference and the ATen path they replace. (The native backward of bfloat16 tokens:
+tests/test_kernels_bf16.py.)
 
 Every test here requires the engine (``use_softmax(monkeypatch, F32_ENGINE)``) and skips, saying so, on CPUs without
 AVX-512; the float32 tests of the ATen path run everywhere (``use_softmax`` "c++" and "pytorch")."""
@@ -17,10 +18,10 @@ from .test_modeling import TINY_ARCH, randomize
 from .test_native import F32_ENGINE, _fused_forward_inputs, use_softmax
 
 
-def _counting_calls(monkeypatch) -> list:
-    """Make blocked.py's float32 forward and backward go through a wrapper that records each call: ("forward" or
-    "backward", the query shape)."""
-    real_ops, engine = native.f32_forward()
+def counting_calls(monkeypatch) -> list:
+    """Make blocked.py's native float32 forward and native backward go through a wrapper that records each call:
+    ("forward" or "backward", the query shape)."""
+    real_ops, engine = native.native_ops(), "avx512"
     calls = []
 
     class Counting:
@@ -28,12 +29,12 @@ def _counting_calls(monkeypatch) -> list:
             calls.append(("forward", tuple(args[0].shape)))
             return real_ops.longformer_forward_f32_(*args)
 
-        def longformer_backward_f32_(self, *args):
+        def longformer_backward_(self, *args):
             calls.append(("backward", tuple(args[1].shape)))
-            return real_ops.longformer_backward_f32_(*args)
+            return real_ops.longformer_backward_(*args)
 
     monkeypatch.setattr(blocked, "f32_forward", lambda: (Counting(), engine))
-    monkeypatch.setattr(blocked, "f32_backward", lambda: (Counting(), engine))
+    monkeypatch.setattr(blocked, "native_backward", lambda: (Counting(), engine))
     return calls
 
 
@@ -48,7 +49,7 @@ def test_native_f32_forward_matches_the_float32_reference(
     are not multiples of the window, with 0-2 globals, the exact window, random shifting and per-image key extents;
     the native forward and backward must be what ran, once each for the batch."""
     use_softmax(monkeypatch, F32_ENGINE)
-    calls = _counting_calls(monkeypatch)
+    calls = counting_calls(monkeypatch)
     _check_blocked_against_reference(
         "float32", "whole maps", shape, window, num_global, exact, neighbor, extents, head_dim, monkeypatch
     )
@@ -86,7 +87,7 @@ def test_native_f32_forward_and_backward_agree_with_the_aten_path(monkeypatch):
 def test_native_f32_backward_without_the_bias_gradient(monkeypatch):
     """Bias tables that need no gradient: the op skips the bias's sums and every other gradient is unchanged."""
     use_softmax(monkeypatch, F32_ENGINE)
-    calls = _counting_calls(monkeypatch)
+    calls = counting_calls(monkeypatch)
     values = _values(2, 3, 17, 19, 2, 24, 5, seed=4)
     geometry = (17, 19, 5, False, None, None)
     _, with_tables = _output_and_grads(values, geometry)
@@ -99,7 +100,7 @@ def test_native_f32_backward_without_the_bias_gradient(monkeypatch):
 
 def test_native_f32_backward_refuses_what_it_cannot_read(monkeypatch):
     use_softmax(monkeypatch, F32_ENGINE)
-    backward = native.native_ops().longformer_backward_f32_
+    backward = native.native_ops().longformer_backward_
     inputs = _fused_forward_inputs(dtype=torch.float32)
     inputs.pop("output")
     grads = {f"grad_{name}": torch.empty_like(inputs[name]) for name in ("queries", "keys", "values")}
@@ -109,6 +110,7 @@ def test_native_f32_backward_refuses_what_it_cannot_read(monkeypatch):
         **inputs,
         **grads,
         "grad_bias": torch.empty_like(inputs["bias"]),
+        "bfloat16_products": False,
     }
     backward(**good)  # the inputs below differ from these in one thing each
     assert good["grad_bias"].abs().sum() > 0
@@ -123,6 +125,7 @@ def test_native_f32_backward_refuses_what_it_cannot_read(monkeypatch):
     refused("grad_bias must be contiguous float32", grad_bias=good["grad_bias"][..., :-1])
     refused("grad_bias must be contiguous float32", grad_bias=good["grad_bias"].double())
     refused("queries hold 117 tokens, not a 9x12 map", width=12)
+    refused("grad_output must be a Float CPU tensor, got BFloat16", grad_output=good["grad_output"].bfloat16())
     refused(
         "head dims 1 to 64, got 96",
         **{k: torch.cat([v, v, v], -1) for k, v in good.items() if torch.is_tensor(v) and v.dim() == 4},
@@ -158,7 +161,7 @@ def test_vil_model_with_the_native_f32_attention_matches_the_aten_path(monkeypat
     results = {}
     for which in ("c++", F32_ENGINE):
         use_softmax(monkeypatch, which)
-        calls = _counting_calls(monkeypatch) if which == F32_ENGINE else []
+        calls = counting_calls(monkeypatch) if which == F32_ENGINE else []
         output = model(pixel_values).last_hidden_state
         output.pow(2).mean().backward()
         grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}

@@ -28,14 +28,16 @@ NO_ENGINE = {
 def use_softmax(monkeypatch, which: str) -> None:
     """Run the blocked kernel's softmax steps in C++ ("c++", required to build) or as PyTorch ops ("pytorch"), between
     ATen products; or its bfloat16 forward as one C++ pass per chunk on AMX tiles ("amx") or AVX512-BF16 registers
-    ("avx512"), or its float32 forward and backward in AVX-512 registers (F32_ENGINE), required (skipped where the CPU
-    has not that engine). Each choice but the last runs the float32 forward and backward on the ATen products."""
+    ("avx512"), or its float32 forward in AVX-512 registers (F32_ENGINE), required (skipped where the CPU has not that
+    engine). The native choices run the native backward too (in float32 AVX-512 registers: every CPU with either
+    bfloat16 engine has them); "c++" and "pytorch" run the float32 forward and every backward on the ATen products."""
     if which != "pytorch" and not HAS_COMPILER:
         pytest.skip(NO_COMPILER)
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "0" if which == "pytorch" else "1")
     monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, which if which in ENGINES else "aten")
     monkeypatch.setenv(native.F32_FORWARD_VARIABLE, "avx512" if which == F32_ENGINE else "aten")
-    monkeypatch.setenv(native.F32_BACKWARD_VARIABLE, "avx512" if which == F32_ENGINE else "aten")
+    # the native backward (float32 products, both dtypes) with every native forward
+    monkeypatch.setenv(native.BACKWARD_VARIABLE, "aten" if which in ("c++", "pytorch") else "avx512")
     if which in ENGINES and which not in native._engines(native.native_ops()):
         pytest.skip(NO_ENGINE[which])
     if which == F32_ENGINE and not native.native_ops().avx512_available():
@@ -359,24 +361,27 @@ def test_bf16_forward_is_for_bfloat16_head_dims_32_and_64_on_the_cpu(monkeypatch
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "avx2"])
-@pytest.mark.parametrize("which", ["forward", "backward"])
-def test_f32_setting_chooses_and_logs_why(which, avx512, monkeypatch, caplog):
-    """``VIL_KERNELS_F32_FORWARD`` (and ``_BACKWARD``): ``auto`` takes AVX-512 where the CPU has it, ``avx512``
-    requires it, ``aten`` never; float32 CPU tensors of head dims up to 64 only; each change of choice logged once,
-    with its reason."""
-    variable = native.F32_FORWARD_VARIABLE if which == "forward" else native.F32_BACKWARD_VARIABLE
-    chosen = getattr(blocked, f"_f32_{which}")
+@pytest.mark.parametrize("which", ["float32 forward", "backward"])
+def test_avx512_settings_choose_and_log_why(which, avx512, monkeypatch, caplog):
+    """``VIL_KERNELS_F32_FORWARD`` and ``VIL_KERNELS_BACKWARD``: ``auto`` takes AVX-512 where the CPU has it,
+    ``avx512`` requires it, ``aten`` never; CPU tensors of head dims up to 64 only, float32 (the backward: bfloat16
+    too); each change of choice logged once, with its reason."""
+    forward = which == "float32 forward"
+    variable = native.F32_FORWARD_VARIABLE if forward else native.BACKWARD_VARIABLE
+    chosen = blocked._f32_forward if forward else blocked._native_backward
     cpu = _CPU(amx=False, avx512=False, avx512_f32=avx512)
     monkeypatch.setattr(native, "_built", {"ops": cpu, "error": None})
     monkeypatch.setenv(native.ENVIRONMENT_VARIABLE, "auto")
     queries = torch.zeros(1, 1, 4, 24)
+    bfloat16 = torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16)
     with caplog.at_level(logging.INFO, logger="vil_kernels.native"):
         monkeypatch.setenv(variable, "auto")
         assert chosen(queries) == ((cpu, "avx512") if avx512 else None)
         assert chosen(queries) == ((cpu, "avx512") if avx512 else None)  # not logged again
+        assert chosen(bfloat16) == (None if forward or not avx512 else (cpu, "avx512"))
         for other in (
             torch.zeros(1, 1, 4, 65),
-            torch.zeros(1, 1, 4, 32, dtype=torch.bfloat16),
+            torch.zeros(1, 1, 4, 65, dtype=torch.bfloat16),
             torch.zeros(1, 1, 4, 32, dtype=torch.float64),
             torch.zeros(1, 1, 4, 32, device="meta"),
         ):
@@ -388,14 +393,14 @@ def test_f32_setting_chooses_and_logs_why(which, avx512, monkeypatch, caplog):
     else:
         auto = "ATen products (this CPU has no AVX-512)"
     assert [r.getMessage() for r in caplog.records] == [
-        f"blocked longformer, float32 {which}: {auto}",
-        f"blocked longformer, float32 {which}: ATen products ({variable}=aten)",
+        f"blocked longformer, {which}: {auto}",
+        f"blocked longformer, {which}: ATen products ({variable}=aten)",
     ]
     monkeypatch.setenv(variable, "avx512")
     if avx512:
         assert chosen(queries) == (cpu, "avx512")
     else:
-        with pytest.raises(RuntimeError, match=f"{variable}=avx512 but that float32 {which} cannot run: this CPU"):
+        with pytest.raises(RuntimeError, match=f"{variable}=avx512 but that {which} cannot run: this CPU"):
             chosen(queries)
     monkeypatch.setenv(variable, "amx")
     with pytest.raises(ValueError, match=f"{variable}='amx': use 'auto' .*'avx512' .*'aten'"):
@@ -412,5 +417,5 @@ def test_f32_ops_refuse_a_cpu_without_avx512(monkeypatch):
         ops.longformer_forward_f32_(**inputs)
     output = inputs.pop("output")
     grads = [torch.empty_like(inputs[n]) for n in ("queries", "keys", "values", "global_keys", "global_values")]
-    with pytest.raises(RuntimeError, match="longformer_backward_f32_ needs a CPU with AVX-512"):
-        ops.longformer_backward_f32_(output, *inputs.values(), *grads, None)
+    with pytest.raises(RuntimeError, match="longformer_backward_ needs a CPU with AVX-512"):
+        ops.longformer_backward_(output, *inputs.values(), *grads, None, False)

@@ -14,8 +14,9 @@ On CPUs with AMX (bfloat16 tiles, Linux granting the tile state) or AVX512-BF16 
 forward is one C++ call over the whole batch (``attention_fused.cpp``), its products on AMX tiles or in AVX-512
 registers. ``VIL_KERNELS_BF16_FORWARD`` chooses: ``auto`` (default) AMX where the CPU has it, else AVX512-BF16, else
 the ATen products; ``amx`` or ``avx512`` require that engine; ``aten`` never runs the C++ forward. Its float32 forward
-likewise, in AVX-512 registers on CPUs with AVX-512 (``VIL_KERNELS_F32_FORWARD``: ``auto``, ``avx512`` or ``aten``),
-and so does its float32 backward (``VIL_KERNELS_F32_BACKWARD``, the same choices).
+likewise, in AVX-512 registers on CPUs with AVX-512 (``VIL_KERNELS_F32_FORWARD``: ``auto``, ``avx512`` or ``aten``).
+Its backward, float32 or bfloat16, runs its products in float32 in AVX-512 registers on such CPUs too
+(``VIL_KERNELS_BACKWARD``, the same choices).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 ENVIRONMENT_VARIABLE = "VIL_KERNELS_NATIVE"
 BF16_FORWARD_VARIABLE = "VIL_KERNELS_BF16_FORWARD"
 F32_FORWARD_VARIABLE = "VIL_KERNELS_F32_FORWARD"
-F32_BACKWARD_VARIABLE = "VIL_KERNELS_F32_BACKWARD"
+BACKWARD_VARIABLE = "VIL_KERNELS_BACKWARD"
 _SOURCES = [
     Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "attention_fused.cpp", "roi_align.cpp", "nms.cpp")
 ]
@@ -162,10 +163,10 @@ def f32_forward():
     return _choose_f32("float32 forward", F32_FORWARD_VARIABLE)
 
 
-def f32_backward():
-    """``(ops, "avx512")`` where the native float32 attention backward (``ops.longformer_backward_f32_``) runs here;
-    None where the ATen products run instead (``VIL_KERNELS_F32_BACKWARD``)."""
-    return _choose_f32("float32 backward", F32_BACKWARD_VARIABLE)
+def backward():
+    """``(ops, "avx512")`` where the native attention backward (``ops.longformer_backward_``, float32 and bfloat16)
+    runs here; None where the ATen products run instead (``VIL_KERNELS_BACKWARD``)."""
+    return _choose_f32("backward", BACKWARD_VARIABLE)
 
 
 def _choose_f32(name: str, variable: str):
@@ -188,12 +189,12 @@ def _engines(ops) -> tuple[str, ...]:
 
 
 __all__ = [
+    "BACKWARD_VARIABLE",
     "BF16_FORWARD_VARIABLE",
     "ENVIRONMENT_VARIABLE",
-    "F32_BACKWARD_VARIABLE",
     "F32_FORWARD_VARIABLE",
+    "backward",
     "bf16_forward",
-    "f32_backward",
     "f32_forward",
     "native_ops",
 ]

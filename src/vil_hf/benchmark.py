@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from vil_kernels.native import bf16_forward, f32_backward, f32_forward, native_ops
+from vil_kernels.native import backward as native_backward, bf16_forward, f32_forward, native_ops
 
 from .io_utils import atomic_write_text
 
@@ -200,7 +200,7 @@ BF16_FORWARD_WORDS = {
     "avx512": "in one C++ pass in AVX512-BF16 registers",
     "aten": "on ATen products (no native pass here)",
 }
-F32_WORDS = {"avx512": "in one C++ pass in AVX-512 registers", "aten": "on ATen products (no native pass here)"}
+NATIVE_WORDS = {"avx512": "in one C++ pass in AVX-512 registers", "aten": "on ATen products (no native pass here)"}
 
 
 def _synchronize(device: str) -> None:
@@ -434,9 +434,9 @@ def run(
             "cpu_softmax": ("c++" if native_ops() is not None else "pytorch") if device == "cpu" else None,
             # the native bfloat16 forward's engine: "amx", "avx512", or "aten" (its products on ATen)
             "cpu_bf16_forward": (bf16_forward() or (None, "aten"))[1] if device == "cpu" else None,
-            # and its float32 forward's and backward's: "avx512", or "aten"
+            # and its float32 forward's and its backward's: "avx512", or "aten"
             "cpu_f32_forward": (f32_forward() or (None, "aten"))[1] if device == "cpu" else None,
-            "cpu_f32_backward": (f32_backward() or (None, "aten"))[1] if device == "cpu" else None,
+            "cpu_backward": (native_backward() or (None, "aten"))[1] if device == "cpu" else None,
             "parts": list(parts),
             "image": list(sizes.image),
             "scaled_image": list(sizes.scaled_image),
@@ -679,9 +679,9 @@ def markdown(results: dict) -> str:
         if setup.get("cpu_bf16_forward") is not None and "bfloat16" in setup["dtypes"]:
             about.append(f"its bfloat16 forward {BF16_FORWARD_WORDS[setup['cpu_bf16_forward']]}")
         if setup.get("cpu_f32_forward") is not None and "float32" in setup["dtypes"]:
-            about.append(f"its float32 forward {F32_WORDS[setup['cpu_f32_forward']]}")
-        if setup.get("cpu_f32_backward") is not None and "float32" in setup["dtypes"]:
-            about.append(f"its float32 backward {F32_WORDS[setup['cpu_f32_backward']]}")
+            about.append(f"its float32 forward {NATIVE_WORDS[setup['cpu_f32_forward']]}")
+        if setup.get("cpu_backward") is not None:
+            about.append(f"its backward {NATIVE_WORDS[setup['cpu_backward']]}")
     if measured & {"backbone", "scaling", "memory"}:
         about.append(
             f"backbones in {' and '.join(setup['dtypes'])} at batch {setup['batch']} (scaling and memory: "

@@ -12,10 +12,12 @@
 // float32, the bias, padding flags and softmax run on that float32 row (never rounded to bfloat16), the weights are
 // rounded once for the product with the values, and the output once, written to the output tensor.
 //
-// The float32 backward (longformer_backward_f32_, below) takes the same tasks: it recomputes a chunk's probabilities
-// with the forward's own scores and softmax and runs the four gradient products in float32 fused multiply-adds, the
-// rows read and written in place, instead of the ATen path's window copies, batched products and scatter-adds. The
-// bfloat16 backward still runs the ATen products.
+// The backward (longformer_backward_, below) takes the same tasks, chunks whose key windows overlap never at once: it
+// recomputes a chunk's probabilities with the forward's scores and softmax and runs the four gradient products with
+// the rows read and written in place, instead of the ATen path's window copies, batched products and scatter-adds:
+// float32 tokens (and bfloat16 ones of other head dims, or without AVX512-BF16) in float32 fused multiply-adds,
+// bfloat16 tokens in AVX512-BF16 dot products on the bfloat16 engine's packed layouts. Its gradients are float32
+// sums, rounded once by the caller where the tokens are bfloat16.
 //
 // The two bfloat16 engines share everything but the products (chunk_forward<kTiles>). AMX needs Linux's grant of the
 // tile state (amx_available); head dims 32 and 64 (float32: 1 to 64). Elsewhere blocked.py runs the ATen path, which
@@ -109,6 +111,16 @@ const T* zero_row() {
   } else {
     return kZeroRow;
   }
+}
+
+inline float to_float(float value) { return value; }
+
+// A bfloat16's bits are the high half of the float32 it stands for.
+inline float to_float(bfloat16_bits value) {
+  const uint32_t bits = static_cast<uint32_t>(value) << 16;
+  float result;
+  std::memcpy(&result, &bits, sizeof(result));
+  return result;
 }
 
 // Per thread: one chunk's rows (pointers into the inputs, kZeroRow for padding), its packed operands, a pair of
@@ -442,10 +454,10 @@ VIL_X86_TARGET void score_rows(const bfloat16_bits* queries, const float* const*
   }
 }
 
-// The float32 engine's (below): its kRows query rows read in place, each feature broadcast against 16 keys packed
-// feature-major.
-template <bool kPaddingKeys, int64_t kRows>
-VIL_X86_TARGET void score_rows(const float* const* query_rows, const float* const* row_bias, const float* packed_keys,
+// The float32 engine's (below): its kRows query rows read in place (float32, or bfloat16 in the backward), each
+// feature broadcast against 16 keys packed feature-major.
+template <bool kPaddingKeys, int64_t kRows, typename Token>
+VIL_X86_TARGET void score_rows(const Token* const* query_rows, const float* const* row_bias, const float* packed_keys,
                                const float* key_terms, const Shape& s, float* scores) {
   for (int64_t j = 0; j < s.padded_keys / kTile; j += 2) {
     __m512 sums[kRows][2];
@@ -457,7 +469,7 @@ VIL_X86_TARGET void score_rows(const float* const* query_rows, const float* cons
       const __m512 second = _mm512_loadu_ps(second_keys + d * kTile);
 #pragma GCC unroll 16
       for (int64_t i = 0; i < kRows; ++i) {
-        const __m512 feature = _mm512_set1_ps(query_rows[i][d]);
+        const __m512 feature = _mm512_set1_ps(to_float(query_rows[i][d]));
         sums[i][0] = _mm512_fmadd_ps(feature, first, sums[i][0]);
         sums[i][1] = _mm512_fmadd_ps(feature, second, sums[i][1]);
       }
@@ -599,9 +611,17 @@ VIL_X86_TARGET inline __m512 load_features(const float* row, int64_t first, int6
   return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << valid) - 1u), row + first);
 }
 
-// Key rows -> for key tile j (16 keys) and feature d, the 16 keys' feature d at packed + (j * dim + d) * 16: per 16
-// features a 16 x 16 transpose.
-VIL_X86_TARGET void pack_keys_f32(const float* const* rows, const Shape& s, float* packed) {
+// The same of a bfloat16 row (the backward's inputs), widened exactly.
+VIL_X86_TARGET inline __m512 load_features(const bfloat16_bits* row, int64_t first, int64_t dim) {
+  const int64_t valid = std::min<int64_t>(dim - first, 16);
+  const __m256i bits = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << valid) - 1u), row + first);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// Key rows -> for key tile j (16 keys) and feature d, the 16 keys' feature d (float32) at packed + (j * dim + d) * 16:
+// per 16 features a 16 x 16 transpose.
+template <typename Token>
+VIL_X86_TARGET void pack_keys_f32(const Token* const* rows, const Shape& s, float* packed) {
   for (int64_t first = 0; first < s.padded_keys; first += kTile) {
     float* tile = packed + first * s.dim;
     for (int64_t feature = 0; feature < s.dim; feature += 16) {
@@ -621,9 +641,9 @@ VIL_X86_TARGET void pack_keys_f32(const float* const* rows, const Shape& s, floa
 // + t * term_step (t < terms), against R's rows read in place (rows[t], dim features; a zero row where a term is
 // padding). Both engines' products with rows read in place run here: the forward's weights V and the backward's
 // dS K, dS^T Q and P^T dO (the last two with row_step 1: a column of the chunk's scores per output row).
-template <int64_t kRows, int64_t kDimTiles>
+template <int64_t kRows, int64_t kDimTiles, typename Token>
 VIL_X86_TARGET void weighted_rows_f32(const float* weights, int64_t row_step, int64_t term_step, int64_t terms,
-                                      const float* const* rows, int64_t dim, float* outputs) {
+                                      const Token* const* rows, int64_t dim, float* outputs) {
   __m512 sums[kRows][kDimTiles];
 #pragma GCC unroll 16
   for (int64_t i = 0; i < kRows; ++i) {
@@ -649,18 +669,19 @@ VIL_X86_TARGET void weighted_rows_f32(const float* weights, int64_t row_step, in
 }
 
 // outputs rows [0, count) (dim_tiles x 16 apart) by weighted_rows_f32, in blocks of 16 / dim_tiles rows.
-template <int64_t kDimTiles>
+template <int64_t kDimTiles, typename Token>
 VIL_X86_TARGET void weighted_blocks_f32(const float* weights, int64_t count, int64_t row_step, int64_t term_step,
-                                        int64_t terms, const float* const* rows, int64_t dim, float* outputs) {
+                                        int64_t terms, const Token* const* rows, int64_t dim, float* outputs) {
   constexpr int64_t kRows = 16 / kDimTiles;
   in_register_blocks(count, kRows, [&](int64_t first, bool block) {
-    (block ? weighted_rows_f32<kRows, kDimTiles> : weighted_rows_f32<1, kDimTiles>)(
+    (block ? weighted_rows_f32<kRows, kDimTiles, Token> : weighted_rows_f32<1, kDimTiles, Token>)(
         weights + first * row_step, row_step, term_step, terms, rows, dim, outputs + first * kDimTiles * kTile);
   });
 }
 
+template <typename Token>
 VIL_X86_TARGET void weighted_products_f32(const float* weights, int64_t count, int64_t row_step, int64_t term_step,
-                                          int64_t terms, const float* const* rows, const Shape& s, float* outputs) {
+                                          int64_t terms, const Token* const* rows, const Shape& s, float* outputs) {
   switch (s.dim_tiles) {
     case 1: weighted_blocks_f32<1>(weights, count, row_step, term_step, terms, rows, s.dim, outputs); break;
     case 2: weighted_blocks_f32<2>(weights, count, row_step, term_step, terms, rows, s.dim, outputs); break;
@@ -707,22 +728,39 @@ VIL_X86_TARGET void chunk_forward_f32(const float* bias, int64_t bias_stride, co
   }
 }
 
-// The float32 backward (longformer_backward_f32_): per chunk, the probabilities recomputed as the forward's (same
-// scores, bias, flags and softmax), then dP = dO V^T (V packed as the keys are), delta = sum_k P dP per query (equal
-// to dO . O), dS = P (dP - delta), and the four products dQ = dS K, dK = dS^T Q, dV = P^T dO, each with its rows read
-// in place (weighted_products_f32). The bias's gradient is dS summed over images and chunks.
+// The backward (longformer_backward_): per chunk, the probabilities recomputed as the forward's (same scores, bias,
+// flags and softmax), then dP = dO V^T (V packed as the keys are), delta = sum_k P dP per query (equal to dO . O),
+// dS = P (dP - delta), and the four products dQ = dS K, dK = dS^T Q, dV = P^T dO. The bias's gradient is dS summed
+// over images and chunks. In chunk_backward every product is in float32 fused multiply-adds with rows read in place
+// (weighted_products_f32; bfloat16 tokens widened as they are read); in chunk_backward_bf16 in bfloat16 pairs.
 
-// Per thread, the backward's buffers besides Scratch<float>'s rows and packed keys: the chunk's gradient rows (dO
-// read, dQ, dK and dV written), the values packed as keys, every query row's probabilities and score gradients, and
-// one product's output rows. Register blocks may run up to 13 rows past the last one (in_register_blocks): 16 rows of
-// slack.
+// Per thread: the chunk's rows (T: the tokens' type; dO read, dQ, dK and dV written), its keys and values packed,
+// every query row's probabilities and score gradients, and one product's output rows; for the bfloat16 products
+// (chunk_backward_bf16) the operands in their packed layouts too. Register blocks may run up to 13 rows past the
+// last one (in_register_blocks): 16 rows of slack.
+template <typename T>
 struct BackwardScratch {
-  std::vector<const float*> grad_output_rows;  // a zero row past the slots and for off-map queries
+  std::vector<const T*> query_rows, key_rows, value_rows;
+  std::vector<const T*> grad_output_rows;  // a zero row past the slots and for off-map queries
   std::vector<float*> grad_query_rows, grad_key_rows, grad_value_rows;  // nullptr: padding, not written
-  std::vector<float> values, probs, grad_scores, products, zeros;
-  void fit(const Shape& s) {
-    const int64_t rows = s.query_tiles * kTile + kTile;
-    grad_output_rows.assign(s.query_tiles * kTile, kZeroFloats);
+  std::vector<float> flags, keys, values, probs, grad_scores, products, zeros;
+  std::vector<int64_t> query_tokens, key_tokens;  // Call::find_rows's
+  // bfloat16 products: query and dO rows copied, keys and values packed as keys (scores, dP) and the keys as values
+  // (dQ); dS rounded; dS^T or P^T (keys x padded slots) and the query or dO rows packed as values (dK, dV)
+  std::vector<bfloat16_bits> queries, grad_outputs, packed_keys, packed_values, keys_as_values, weights, transposed,
+      rows_as_values;
+  bool padding_keys = false;
+  void fit(const Shape& s, bool bfloat16_products) {
+    const int64_t rows = s.query_tiles * kTile + kTile, padded_slots = (s.slots + 31) / 32 * 32;
+    const int64_t query_rows_held = std::max(s.query_tiles * kTile, padded_slots);
+    query_rows.assign(query_rows_held, zero_row<T>());
+    key_rows.assign(s.padded_keys, zero_row<T>());
+    value_rows.assign(s.padded_keys, zero_row<T>());
+    grad_output_rows.assign(query_rows_held, zero_row<T>());
+    flags.assign(s.padded_keys, -std::numeric_limits<float>::infinity());
+    keys.resize(s.padded_keys * s.dim_tiles * kTile);
+    query_tokens.resize(s.slots);
+    key_tokens.resize(s.keys);
     grad_query_rows.assign(s.slots, nullptr);
     grad_key_rows.assign(s.padded_keys, nullptr);
     grad_value_rows.assign(s.padded_keys, nullptr);
@@ -731,27 +769,28 @@ struct BackwardScratch {
     grad_scores.assign(rows * s.padded_keys, 0);
     products.resize((std::max(rows, s.padded_keys) + kTile) * s.dim_tiles * kTile);
     zeros.assign(s.padded_keys, 0);
+    const int64_t held = bfloat16_products ? 1 : 0;
+    queries.assign(held * s.query_tiles * kTile * s.dim, 0);
+    grad_outputs.assign(held * s.query_tiles * kTile * s.dim, 0);
+    packed_keys.resize(held * s.padded_keys * s.dim);
+    packed_values.resize(held * s.padded_keys * s.dim);
+    keys_as_values.resize(held * s.padded_keys * s.dim);
+    weights.assign(held * rows * s.padded_keys, 0);
+    transposed.assign(held * (s.padded_keys + kTile) * padded_slots, 0);  // columns past the slots stay 0
+    rows_as_values.resize(held * padded_slots * s.dim);
   }
 };
 
-// One chunk's gradients, its rows in w and g (filled by the caller): dQ stored, dK and dV added (neighbouring chunks
-// share keys); dS added to bias_grad (slots, keys) at bias_stride unless null.
-VIL_X86_TARGET void chunk_backward_f32(const float* bias, int64_t bias_stride, const Shape& s, Scratch<float>& w,
-                                       BackwardScratch& g, float* bias_grad) {
-  pack_keys_f32(w.key_rows.data(), s, w.keys.data());
-  pack_keys_f32(w.value_rows.data(), s, g.values.data());
-  const bool padding = w.padding_keys;
-  auto* scores =
-      padding ? vector_scores<true, const float* const*, float> : vector_scores<false, const float* const*, float>;
-  scores(w.query_rows.data(), 1, s.slots, w.keys.data(), bias, bias_stride, w.flags.data(), s, g.probs.data());
-  // dP: no terms (a zero bias row); its lanes past `keys` are -inf and never read
-  vector_scores<false, const float* const*, float>(g.grad_output_rows.data(), 1, s.slots, g.values.data(),
-                                                   g.zeros.data(), 0, w.flags.data(), s, g.grad_scores.data());
-  auto* softmax = padding ? softmax_row<true, true, float> : softmax_row<false, true, float>;
+// The chunk's P and dS from its scores (in g.probs, terms added) and dP (in g.grad_scores), both in place; dS added
+// to bias_grad (slots, keys) at bias_stride unless null.
+template <typename T>
+VIL_X86_TARGET void probabilities_and_score_grads(const float* bias, int64_t bias_stride, const Shape& s,
+                                                  BackwardScratch<T>& g, float* bias_grad) {
+  auto* softmax = g.padding_keys ? softmax_row<true, true, float> : softmax_row<false, true, float>;
   for (int64_t r = 0; r < s.slots; ++r) {
     float* probs = g.probs.data() + r * s.padded_keys;  // scores, then the weights in place, then P
     float* grad = g.grad_scores.data() + r * s.padded_keys;  // dP, then dS
-    const __m512 inverse = _mm512_set1_ps(softmax(probs, bias + r * bias_stride, w.flags.data(), probs, s.keys,
+    const __m512 inverse = _mm512_set1_ps(softmax(probs, bias + r * bias_stride, g.flags.data(), probs, s.keys,
                                                   s.padded_keys));
     __m512 total = _mm512_setzero_ps();
     for (int64_t k = 0; k < s.padded_keys; k += 16) {
@@ -772,23 +811,106 @@ VIL_X86_TARGET void chunk_backward_f32(const float* bias, int64_t bias_stride, c
       }
     }
   }
-  const int64_t out_step = s.dim_tiles * kTile;
-  float* products = g.products.data();
-  weighted_products_f32(g.grad_scores.data(), s.slots, s.padded_keys, 1, s.keys, w.key_rows.data(), s, products);
+}
+
+// dQ rows (products, out_step apart) stored; dK or dV rows added (neighbouring chunks share keys).
+template <typename T>
+VIL_X86_TARGET void store_query_grads(const float* products, int64_t out_step, const Shape& s,
+                                      const BackwardScratch<T>& g) {
   for (int64_t r = 0; r < s.slots; ++r) {
     if (g.grad_query_rows[r] != nullptr) store_row_f32<false>(products + r * out_step, 1.0f, s.dim, g.grad_query_rows[r]);
   }
-  // per key slot: a column of dS (or P) against the chunk's query (or dO) rows
-  weighted_products_f32(g.grad_scores.data(), s.keys, 1, s.padded_keys, s.slots, w.query_rows.data(), s, products);
+}
+
+VIL_X86_TARGET void add_key_grads(const float* products, int64_t out_step, const Shape& s, float* const* targets) {
   for (int64_t k = 0; k < s.keys; ++k) {
-    if (g.grad_key_rows[k] != nullptr) store_row_f32<true>(products + k * out_step, 1.0f, s.dim, g.grad_key_rows[k]);
+    if (targets[k] != nullptr) store_row_f32<true>(products + k * out_step, 1.0f, s.dim, targets[k]);
   }
+}
+
+// One chunk's gradients in float32 products, its rows in g (filled by the caller).
+template <typename T>
+VIL_X86_TARGET void chunk_backward(const float* bias, int64_t bias_stride, const Shape& s, BackwardScratch<T>& g,
+                                   float* bias_grad) {
+  using Rows = const T* const*;
+  pack_keys_f32(g.key_rows.data(), s, g.keys.data());
+  pack_keys_f32(g.value_rows.data(), s, g.values.data());
+  auto* scores = g.padding_keys ? vector_scores<true, Rows, float> : vector_scores<false, Rows, float>;
+  scores(g.query_rows.data(), 1, s.slots, g.keys.data(), bias, bias_stride, g.flags.data(), s, g.probs.data());
+  // dP: no terms (a zero bias row); its lanes past `keys` are -inf and never read
+  vector_scores<false, Rows, float>(g.grad_output_rows.data(), 1, s.slots, g.values.data(), g.zeros.data(), 0,
+                                    g.flags.data(), s, g.grad_scores.data());
+  probabilities_and_score_grads(bias, bias_stride, s, g, bias_grad);
+  const int64_t out_step = s.dim_tiles * kTile;
+  float* products = g.products.data();
+  weighted_products_f32(g.grad_scores.data(), s.slots, s.padded_keys, 1, s.keys, g.key_rows.data(), s, products);
+  store_query_grads(products, out_step, s, g);
+  // per key slot: a column of dS (or P) against the chunk's query (or dO) rows
+  weighted_products_f32(g.grad_scores.data(), s.keys, 1, s.padded_keys, s.slots, g.query_rows.data(), s, products);
+  add_key_grads(products, out_step, s, g.grad_key_rows.data());
   weighted_products_f32(g.probs.data(), s.keys, 1, s.padded_keys, s.slots, g.grad_output_rows.data(), s, products);
-  for (int64_t k = 0; k < s.keys; ++k) {
-    if (g.grad_value_rows[k] != nullptr) {
-      store_row_f32<true>(products + k * out_step, 1.0f, s.dim, g.grad_value_rows[k]);
+  add_key_grads(products, out_step, s, g.grad_value_rows.data());
+}
+
+// matrix (float32, `rows` rows padded_keys apart; rows past them read as 0) -> transposed (bfloat16, padded_keys rows
+// `columns` apart), in 16 x 16 blocks.
+VIL_X86_TARGET void transpose_to_bfloat16(const float* matrix, int64_t rows, int64_t padded_keys, int64_t columns,
+                                          bfloat16_bits* transposed) {
+  for (int64_t first_row = 0; first_row < rows; first_row += kTile) {
+    for (int64_t first_key = 0; first_key < padded_keys; first_key += kTile) {
+      __m512i words[16];
+      for (int64_t i = 0; i < kTile; ++i) {
+        words[i] = first_row + i < rows ? _mm512_loadu_si512(matrix + (first_row + i) * padded_keys + first_key)
+                                        : _mm512_setzero_si512();
+      }
+      transpose_16x16_words(words);
+      for (int64_t j = 0; j < kTile; ++j) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(transposed + (first_key + j) * columns + first_row),
+                            round_to_bfloat16(_mm512_castsi512_ps(words[j])));
+      }
     }
   }
+}
+
+// The same chunk's gradients of bfloat16 tokens in AVX512-BF16 dot products (head dims 32 and 64), on the bfloat16
+// forward's packed layouts: scores and dP as its scores, dQ = dS K as its weights V with the keys packed as values,
+// dK = dS^T Q and dV = P^T dO likewise with dS^T or P^T (rounded to bfloat16, as the ATen path's products round
+// them) as the weights and the query or dO rows, padded to 32, packed as values.
+VIL_X86_TARGET void chunk_backward_bf16(const float* bias, int64_t bias_stride, const Shape& s,
+                                        BackwardScratch<bfloat16_bits>& g, float* bias_grad) {
+  const int64_t padded_slots = (s.slots + 31) / 32 * 32;
+  // the transposed products: a row per key slot, a term per query slot
+  const Shape ts{s.keys, s.slots, s.dim, padded_slots, 0, s.feature_steps, s.dim_tiles};
+  for (int64_t q = 0; q < s.query_tiles * kTile; ++q) {
+    std::memcpy(g.queries.data() + q * s.dim, g.query_rows[q], s.dim * sizeof(bfloat16_bits));
+    std::memcpy(g.grad_outputs.data() + q * s.dim, g.grad_output_rows[q], s.dim * sizeof(bfloat16_bits));
+  }
+  pack_keys(g.key_rows.data(), s, g.packed_keys.data());
+  pack_keys(g.value_rows.data(), s, g.packed_values.data());
+  using Rows = const bfloat16_bits*;
+  auto* scores = g.padding_keys ? vector_scores<true, Rows, bfloat16_bits> : vector_scores<false, Rows, bfloat16_bits>;
+  scores(g.queries.data(), s.dim, s.slots, g.packed_keys.data(), bias, bias_stride, g.flags.data(), s, g.probs.data());
+  vector_scores<false, Rows, bfloat16_bits>(g.grad_outputs.data(), s.dim, s.slots, g.packed_values.data(),
+                                            g.zeros.data(), 0, g.flags.data(), s, g.grad_scores.data());
+  probabilities_and_score_grads(bias, bias_stride, s, g, bias_grad);
+  float* products = g.products.data();
+  auto outputs = s.dim_tiles == 2 ? vector_outputs<2> : vector_outputs<4>;
+  for (int64_t r = 0; r < s.slots; ++r) {
+    for (int64_t k = 0; k < s.padded_keys; k += 16) {
+      store_weights(g.weights.data() + r * s.padded_keys + k, _mm512_loadu_ps(g.grad_scores.data() + r * s.padded_keys + k));
+    }
+  }
+  pack_values(g.key_rows.data(), s, g.keys_as_values.data());
+  outputs(g.weights.data(), s.slots, g.keys_as_values.data(), s, products);
+  store_query_grads(products, s.dim, s, g);
+  transpose_to_bfloat16(g.grad_scores.data(), s.slots, s.padded_keys, padded_slots, g.transposed.data());
+  pack_values(g.query_rows.data(), ts, g.rows_as_values.data());
+  outputs(g.transposed.data(), s.keys, g.rows_as_values.data(), ts, products);
+  add_key_grads(products, s.dim, s, g.grad_key_rows.data());
+  transpose_to_bfloat16(g.probs.data(), s.slots, s.padded_keys, padded_slots, g.transposed.data());
+  pack_values(g.grad_output_rows.data(), ts, g.rows_as_values.data());
+  outputs(g.transposed.data(), s.keys, g.rows_as_values.data(), ts, products);
+  add_key_grads(products, s.dim, s, g.grad_value_rows.data());
 }
 
 VIL_X86_TARGET void configure_tiles() {
@@ -889,14 +1011,16 @@ struct Call {
   }
 };
 
-Call check_call(const char* op, at::ScalarType dtype, const at::Tensor& queries, const at::Tensor& keys,
+// any_head_dim: head dims 1 to 64 (the float32 engine's products, whatever the tokens' dtype), else bfloat16's 32 and
+// 64 (the tiles' and vector engine's packed pairs).
+Call check_call(const char* op, at::ScalarType dtype, bool any_head_dim, const at::Tensor& queries, const at::Tensor& keys,
                 const at::Tensor& values, const at::Tensor& global_keys, const at::Tensor& global_values,
                 const at::Tensor& bias, const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height,
                 int64_t width, int64_t window, const std::optional<at::Tensor>& key_extents) {
   TORCH_CHECK(queries.dim() == 4, "queries must be (batch, heads, tokens, head dim), got ", queries.sizes());
   Call c;
   c.batch = queries.size(0), c.heads = queries.size(1), c.length = queries.size(2), c.dim = queries.size(3);
-  if (dtype == at::kFloat) {
+  if (any_head_dim) {
     TORCH_CHECK(c.dim >= 1 && c.dim <= 64, op, " takes head dims 1 to 64, got ", c.dim);
   } else {
     TORCH_CHECK(c.dim == 32 || c.dim == 64, op, " takes head dims 32 and 64, got ", c.dim);
@@ -960,9 +1084,9 @@ void fused_forward(const at::Tensor& queries, const at::Tensor& keys, const at::
                    int64_t window, const std::optional<at::Tensor>& key_extents, at::Tensor& output, Engine engine) {
   constexpr bool kFloat32 = std::is_same_v<T, float>;
   const auto dtype = kFloat32 ? at::kFloat : at::kBFloat16;
-  const Call c = check_call(kFloat32 ? "longformer_forward_f32_" : "longformer_forward_bf16_", dtype, queries, keys,
-                            values, global_keys, global_values, bias, chunk_offsets, chunks_per_block, height, width,
-                            window, key_extents);
+  const Call c = check_call(kFloat32 ? "longformer_forward_f32_" : "longformer_forward_bf16_", dtype, kFloat32,
+                            queries, keys, values, global_keys, global_values, bias, chunk_offsets, chunks_per_block,
+                            height, width, window, key_extents);
   check_tokens(output, "output", dtype, c.batch, c.heads, c.length, c.dim);
 #if VIL_HAVE_X86_BF16
   const Shape shape = shape_of(c, kFloat32);
@@ -1028,22 +1152,23 @@ void longformer_forward_f32_(const at::Tensor& queries, const at::Tensor& keys, 
                        height, width, window, key_extents, output, Engine::kFloat32);
 }
 
-// The gradients of longformer_forward_f32_'s inputs from grad_output (B, H, L, M): grad_queries, grad_keys and
-// grad_values (B, H, L, M), grad_global_keys and grad_global_values (B, H, G, M) and, unless None, grad_bias (H, W^2,
-// S) float32, all overwritten. Chunks whose key neighbourhoods cannot meet (rows and columns 2 x reach + 1 apart)
+// The gradients of the attention's inputs (float32 or bfloat16 tokens, the ops' above) from grad_output (B, H, L, M,
+// the tokens' dtype): grad_queries, grad_keys and grad_values (B, H, L, M), grad_global_keys and grad_global_values
+// (B, H, G, M) and, unless None, grad_bias (H, W^2, S), all float32 and overwritten. Chunks whose key neighbourhoods cannot meet (rows and columns 2 x reach + 1 apart)
 // run at once, so no two tasks add into one key row; every task of a head adds into the bias's and the globals'
 // gradients, so each worker (a slice of a phase's tasks) sums those apart and the sums are added at the end.
-void longformer_backward_f32_(const at::Tensor& grad_output, const at::Tensor& queries, const at::Tensor& keys,
-                              const at::Tensor& values, const at::Tensor& global_keys,
-                              const at::Tensor& global_values, const at::Tensor& bias, const at::Tensor& chunk_offsets,
-                              int64_t chunks_per_block, int64_t height, int64_t width, int64_t window,
-                              const std::optional<at::Tensor>& key_extents, at::Tensor grad_queries,
-                              at::Tensor grad_keys, at::Tensor grad_values, at::Tensor grad_global_keys,
-                              at::Tensor grad_global_values, const std::optional<at::Tensor>& grad_bias) {
-  TORCH_CHECK(avx512_available(), "longformer_backward_f32_ needs a CPU with AVX-512 (F/BW/VL/DQ)");
-  const Call c = check_call("longformer_backward_f32_", at::kFloat, queries, keys, values, global_keys, global_values,
+template <typename T>
+void fused_backward(const at::Tensor& grad_output, const at::Tensor& queries, const at::Tensor& keys,
+                    const at::Tensor& values, const at::Tensor& global_keys, const at::Tensor& global_values,
+                    const at::Tensor& bias, const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height,
+                    int64_t width, int64_t window, const std::optional<at::Tensor>& key_extents,
+                    at::Tensor& grad_queries, at::Tensor& grad_keys, at::Tensor& grad_values,
+                    at::Tensor& grad_global_keys, at::Tensor& grad_global_values,
+                    const std::optional<at::Tensor>& grad_bias, bool bfloat16_products) {
+  const auto dtype = std::is_same_v<T, float> ? at::kFloat : at::kBFloat16;
+  const Call c = check_call("longformer_backward_", dtype, true, queries, keys, values, global_keys, global_values,
                             bias, chunk_offsets, chunks_per_block, height, width, window, key_extents);
-  check_tokens(grad_output, "grad_output", at::kFloat, c.batch, c.heads, c.length, c.dim);
+  check_tokens(grad_output, "grad_output", dtype, c.batch, c.heads, c.length, c.dim);
   check_tokens(grad_queries, "grad_queries", at::kFloat, c.batch, c.heads, c.length, c.dim);
   check_tokens(grad_keys, "grad_keys", at::kFloat, c.batch, c.heads, c.length, c.dim);
   check_tokens(grad_values, "grad_values", at::kFloat, c.batch, c.heads, c.length, c.dim);
@@ -1056,7 +1181,10 @@ void longformer_backward_f32_(const at::Tensor& grad_output, const at::Tensor& q
                 grad_bias->sizes());
   }
 #if VIL_HAVE_X86_BF16
-  const Shape shape = shape_of(c, true);
+  TORCH_CHECK(!bfloat16_products || (dtype == at::kBFloat16 && (c.dim == 32 || c.dim == 64)),
+              "longformer_backward_'s bfloat16 products take bfloat16 tokens of head dims 32 and 64, got ", dtype,
+              " of ", c.dim);
+  const Shape shape = shape_of(c, !bfloat16_products);
   grad_keys.zero_();
   grad_values.zero_();
   int64_t reach = 0;
@@ -1074,12 +1202,10 @@ void longformer_backward_f32_(const at::Tensor& grad_output, const at::Tensor& q
       const int64_t cols = (c.chunk_cols - first_col + period - 1) / period;
       const int64_t tasks = c.batch * c.heads * rows * cols, used = std::min(workers, tasks);
       at::parallel_for(0, used, 1, [&](int64_t begin, int64_t end) {
-        thread_local Scratch<float> scratch;
-        thread_local BackwardScratch backward_scratch;
-        Scratch<float>& w = scratch;
-        BackwardScratch& g = backward_scratch;
-        w.fit(shape);
-        g.fit(shape);
+        thread_local BackwardScratch<T> scratch;
+        BackwardScratch<T>& g = scratch;
+        g.fit(shape, bfloat16_products);
+        const T* zero = zero_row<T>();
         for (int64_t worker = begin; worker < end; ++worker) {
           float* worker_bias = bias_sums.defined() ? bias_sums[worker].data_ptr<float>() : nullptr;
           float* worker_keys = global_key_sums[worker].data_ptr<float>();
@@ -1087,40 +1213,46 @@ void longformer_backward_f32_(const at::Tensor& grad_output, const at::Tensor& q
           for (int64_t task = worker * tasks / used; task < (worker + 1) * tasks / used; ++task) {
             const int64_t cj = first_col + task % cols * period, ci = first_row + task / cols % rows * period;
             const int64_t h = task / (cols * rows) % c.heads, b = task / (cols * rows * c.heads);
-            const float *q = rows_of<const float>(queries, b, h), *k = rows_of<const float>(keys, b, h);
-            const float *v = rows_of<const float>(values, b, h), *go = rows_of<const float>(grad_output, b, h);
-            const float *gk = rows_of<const float>(global_keys, b, h), *gv = rows_of<const float>(global_values, b, h);
+            const T *q = rows_of<const T>(queries, b, h), *k = rows_of<const T>(keys, b, h);
+            const T *v = rows_of<const T>(values, b, h), *go = rows_of<const T>(grad_output, b, h);
+            const T *gk = rows_of<const T>(global_keys, b, h), *gv = rows_of<const T>(global_values, b, h);
             float *gq = rows_of<float>(grad_queries, b, h), *gkr = rows_of<float>(grad_keys, b, h);
             float* gvr = rows_of<float>(grad_values, b, h);
             const int64_t global_first = (b * c.heads + h) * c.num_global * c.dim;
-            w.padding_keys = c.find_rows(b, ci, cj, w.query_tokens.data(), w.key_tokens.data());
+            g.padding_keys = c.find_rows(b, ci, cj, g.query_tokens.data(), g.key_tokens.data());
             for (int64_t slot = 0; slot < shape.slots; ++slot) {
-              const int64_t token = w.query_tokens[slot];
-              w.query_rows[slot] = token >= 0 ? q + token * queries.stride(2) : kZeroFloats;
-              g.grad_output_rows[slot] = token >= 0 ? go + token * grad_output.stride(2) : kZeroFloats;
+              const int64_t token = g.query_tokens[slot];
+              g.query_rows[slot] = token >= 0 ? q + token * queries.stride(2) : zero;
+              g.grad_output_rows[slot] = token >= 0 ? go + token * grad_output.stride(2) : zero;
               g.grad_query_rows[slot] = token >= 0 ? gq + token * grad_queries.stride(2) : nullptr;
             }
             for (int64_t slot = 0; slot < shape.keys; ++slot) {
-              const int64_t token = w.key_tokens[slot], global = token - c.length;
+              const int64_t token = g.key_tokens[slot], global = token - c.length;
               if (token < 0) {
-                w.key_rows[slot] = w.value_rows[slot] = kZeroFloats;
+                g.key_rows[slot] = g.value_rows[slot] = zero;
                 g.grad_key_rows[slot] = g.grad_value_rows[slot] = nullptr;
               } else if (global >= 0) {
-                w.key_rows[slot] = gk + global * global_keys.stride(2);
-                w.value_rows[slot] = gv + global * global_values.stride(2);
+                g.key_rows[slot] = gk + global * global_keys.stride(2);
+                g.value_rows[slot] = gv + global * global_values.stride(2);
                 g.grad_key_rows[slot] = worker_keys + global_first + global * c.dim;
                 g.grad_value_rows[slot] = worker_values + global_first + global * c.dim;
               } else {
-                w.key_rows[slot] = k + token * keys.stride(2);
-                w.value_rows[slot] = v + token * values.stride(2);
+                g.key_rows[slot] = k + token * keys.stride(2);
+                g.value_rows[slot] = v + token * values.stride(2);
                 g.grad_key_rows[slot] = gkr + token * grad_keys.stride(2);
                 g.grad_value_rows[slot] = gvr + token * grad_values.stride(2);
               }
-              w.flags[slot] = token < 0 ? kPaddingFlag : 0.0f;
+              g.flags[slot] = token < 0 ? kPaddingFlag : 0.0f;
             }
             const int64_t head_offset = h * c.area * c.key_slots;
-            chunk_backward_f32(bias_data + head_offset, c.key_slots, shape, w, g,
-                               worker_bias == nullptr ? nullptr : worker_bias + head_offset);
+            float* head_bias_grad = worker_bias == nullptr ? nullptr : worker_bias + head_offset;
+            if constexpr (std::is_same_v<T, bfloat16_bits>) {
+              if (bfloat16_products) {
+                chunk_backward_bf16(bias_data + head_offset, c.key_slots, shape, g, head_bias_grad);
+                continue;
+              }
+            }
+            chunk_backward(bias_data + head_offset, c.key_slots, shape, g, head_bias_grad);
           }
         }
       });
@@ -1130,6 +1262,30 @@ void longformer_backward_f32_(const at::Tensor& grad_output, const at::Tensor& q
   grad_global_keys.copy_(global_key_sums.sum(0));
   grad_global_values.copy_(global_value_sums.sum(0));
 #endif
+}
+
+// bfloat16_products: the products of bfloat16 tokens (head dims 32 and 64) in AVX512-BF16 dot products, else in
+// float32 fused multiply-adds.
+void longformer_backward_(const at::Tensor& grad_output, const at::Tensor& queries, const at::Tensor& keys,
+                          const at::Tensor& values, const at::Tensor& global_keys, const at::Tensor& global_values,
+                          const at::Tensor& bias, const at::Tensor& chunk_offsets, int64_t chunks_per_block,
+                          int64_t height, int64_t width, int64_t window, const std::optional<at::Tensor>& key_extents,
+                          at::Tensor grad_queries, at::Tensor grad_keys, at::Tensor grad_values,
+                          at::Tensor grad_global_keys, at::Tensor grad_global_values,
+                          const std::optional<at::Tensor>& grad_bias, bool bfloat16_products) {
+  TORCH_CHECK(avx512_available(), "longformer_backward_ needs a CPU with AVX-512 (F/BW/VL/DQ)");
+  TORCH_CHECK(!bfloat16_products || avx512_bf16_available(),
+              "longformer_backward_'s bfloat16 products need a CPU with AVX512-BF16");
+  if (queries.scalar_type() == at::kBFloat16) {
+    fused_backward<bfloat16_bits>(grad_output, queries, keys, values, global_keys, global_values, bias,
+                                  chunk_offsets, chunks_per_block, height, width, window, key_extents, grad_queries,
+                                  grad_keys, grad_values, grad_global_keys, grad_global_values, grad_bias,
+                                  bfloat16_products);
+  } else {
+    fused_backward<float>(grad_output, queries, keys, values, global_keys, global_values, bias, chunk_offsets,
+                          chunks_per_block, height, width, window, key_extents, grad_queries, grad_keys, grad_values,
+                          grad_global_keys, grad_global_values, grad_bias, bfloat16_products);
+  }
 }
 
 }  // namespace
@@ -1147,14 +1303,15 @@ TORCH_LIBRARY_FRAGMENT(vil_kernels_native, m) {
       "Tensor bias, Tensor chunk_offsets, int chunks_per_block, int height, int width, int window, "
       "Tensor? key_extents, Tensor(a!) output) -> ()");
   m.def(
-      "longformer_backward_f32_(Tensor grad_output, Tensor queries, Tensor keys, Tensor values, Tensor global_keys, "
+      "longformer_backward_(Tensor grad_output, Tensor queries, Tensor keys, Tensor values, Tensor global_keys, "
       "Tensor global_values, Tensor bias, Tensor chunk_offsets, int chunks_per_block, int height, int width, "
       "int window, Tensor? key_extents, Tensor(a!) grad_queries, Tensor(b!) grad_keys, Tensor(c!) grad_values, "
-      "Tensor(d!) grad_global_keys, Tensor(e!) grad_global_values, Tensor(f!)? grad_bias) -> ()");
+      "Tensor(d!) grad_global_keys, Tensor(e!) grad_global_values, Tensor(f!)? grad_bias, bool bfloat16_products) "
+      "-> ()");
 }
 
 TORCH_LIBRARY_IMPL(vil_kernels_native, CPU, m) {
   m.impl("longformer_forward_bf16_", &longformer_forward_bf16_);
   m.impl("longformer_forward_f32_", &longformer_forward_f32_);
-  m.impl("longformer_backward_f32_", &longformer_backward_f32_);
+  m.impl("longformer_backward_", &longformer_backward_);
 }

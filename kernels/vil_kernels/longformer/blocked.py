@@ -46,9 +46,10 @@ bfloat16 forward skips all of the above, and so does the float32 forward where i
 (``vil_kernels.native.f32_forward``): one C++ call reads every chunk's queries and window keys and values straight
 from the input tensors, in the shared bias's slot order (``_slot_chunks``), and runs products, bias, padding flags and
 softmax per chunk in cache (``csrc/attention_fused.cpp``): no workspace, no window copies, no Python loop over runs.
-Its scores stay in float32 (the products accumulate in float32). Where the float32 forward runs natively so can its
-backward (``vil_kernels.native.f32_backward``): one C++ call recomputes each chunk's probabilities and writes every
-gradient, chunks whose key windows overlap never at once. Elsewhere the backward below runs.
+Its scores stay in float32 (the products accumulate in float32). On CPUs with AVX-512 the backward is native too, in
+float32 and bfloat16 (``vil_kernels.native.backward``): one C++ call recomputes each chunk's probabilities and
+writes every gradient in float32 (rounded once to bfloat16 after), chunks whose key windows overlap never at once.
+Elsewhere the backward below runs.
 
 Memory. Scores exist for one run of chunks at a time (sized to stay in cache). The backward is a
 custom autograd function that keeps only q, k, v, the output and the shared bias, and recomputes
@@ -68,7 +69,7 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..native import bf16_forward, f32_backward, f32_forward, native_ops
+from ..native import backward as native_backward, bf16_forward, f32_forward, native_ops
 from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
 
 logger = logging.getLogger(__name__)
@@ -305,16 +306,23 @@ def _bf16_forward(queries: torch.Tensor):
 def _f32_forward(queries: torch.Tensor):
     """``(ops, "avx512")`` whose ``longformer_forward_f32_`` runs this float32 forward (head dims up to 64), or
     None."""
-    return f32_forward() if _f32_native(queries) else None
+    if queries.device.type != "cpu" or queries.dtype != torch.float32 or queries.shape[-1] > 64:
+        return None
+    return f32_forward()
 
 
-def _f32_backward(queries: torch.Tensor):
-    """``(ops, "avx512")`` whose ``longformer_backward_f32_`` runs this float32 backward, or None."""
-    return f32_backward() if _f32_native(queries) else None
+def _native_backward(queries: torch.Tensor):
+    """``(ops, "avx512")`` whose ``longformer_backward_`` runs this backward (float32 or bfloat16, head dims up to
+    64), or None."""
+    if queries.device.type != "cpu" or queries.dtype not in (torch.float32, torch.bfloat16) or queries.shape[-1] > 64:
+        return None
+    return native_backward()
 
 
-def _f32_native(queries: torch.Tensor) -> bool:
-    return queries.device.type == "cpu" and queries.dtype == torch.float32 and queries.shape[-1] <= 64
+def _bfloat16_products(queries: torch.Tensor, ops) -> bool:
+    """Whether the native backward runs these tokens' products in AVX512-BF16 dot products (bfloat16, head dims 32
+    and 64, on CPUs that have them) rather than in float32 multiply-adds."""
+    return queries.dtype == torch.bfloat16 and queries.shape[-1] in (32, 64) and ops.avx512_bf16_available()
 
 
 def _fused_geometry(layout: _Layout, key_extents) -> tuple:
@@ -718,16 +726,18 @@ def _blocked_backward(
     needs_grad_shared,
 ):
     """Gradients of the five inputs and of ``shared`` (None unless asked), recomputing each run's scores."""
-    fused = _f32_backward(queries)
-    if fused is not None:  # one C++ call, as the native forward (see attention_fused.cpp)
+    fused = _native_backward(queries)
+    if fused is not None:  # one C++ call, as the native forward (see attention_fused.cpp); float32 gradients
         tokens = (queries, keys, values, global_keys, global_values)
-        grads = [torch.empty(t.shape, dtype=t.dtype) for t in tokens]
+        grads = [torch.empty(t.shape) for t in tokens]
         grad_shared = torch.empty(shared.shape) if needs_grad_shared else None
         geometry = _fused_geometry(layout, key_extents)
-        fused[0].longformer_backward_f32_(
-            _rows(grad_output), *map(_rows, tokens), shared, *geometry, *grads, grad_shared
+        ops = fused[0]
+        dot_products = _bfloat16_products(queries, ops)
+        ops.longformer_backward_(
+            _rows(grad_output), *map(_rows, tokens), shared, *geometry, *grads, grad_shared, dot_products
         )
-        return (*grads, grad_shared)
+        return (*(grad.to(queries.dtype) for grad in grads), grad_shared)
     batch, heads, length, head_dim = queries.shape
     # dS, delta and the shared bias's gradient (a sum over every run of every image): float32 at least
     accumulate = torch.promote_types(queries.dtype, torch.float32)
