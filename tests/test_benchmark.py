@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from vil_hf.benchmark import QUICK, TARGETS, cpu_bfloat16_support, main, measure_peak_memory, random_detection_targets
-from vil_kernels.native import bf16_forward, f32_backward, f32_forward, native_ops
+from vil_kernels.native import backward, bf16_forward, f32_forward, native_ops
 
 # Every ViL-Small/Swin-T time ratio of a default run: the backbone (float32 keys carry no precision),
 # the classifier, in both precisions, and the whole Mask R-CNN in float32.
@@ -82,13 +82,13 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
 
     # the bfloat16 backbone rows, the classifiers and the whole detectors, interleaved ViL against Swin-T
     assert results["setup"]["dtypes"] == ["float32", "bfloat16"]
-    # and which engines ran the blocked kernel's float32 forward and backward (VIL_KERNELS_F32_FORWARD and _BACKWARD,
-    # and the CPU)
+    # and which engines ran the blocked kernel's float32 forward and its backward (VIL_KERNELS_F32_FORWARD and
+    # VIL_KERNELS_BACKWARD, and the CPU)
     words = {"avx512": "in one C++ pass in AVX-512 registers", "aten": "on ATen products"}
-    for which, chosen in (("forward", f32_forward), ("backward", f32_backward)):
-        f32_engine = (chosen() or (None, "aten"))[1]
-        assert results["setup"][f"cpu_f32_{which}"] == f32_engine
-        assert f"its float32 {which} {words[f32_engine]}" in results["markdown"]
+    for key, words_before, chosen in (("f32_forward", "float32 forward", f32_forward), ("backward", "backward", backward)):
+        engine_here = (chosen() or (None, "aten"))[1]
+        assert results["setup"][f"cpu_{key}"] == engine_here
+        assert f"its {words_before} {words[engine_here]}" in results["markdown"]
     assert (results["setup"]["classifier_image"], results["setup"]["classifier_batch"]) == ([64, 64], 2)
     tables = {"backbone": ("forward", "forward_backward"), "classifier": ("forward", "forward_backward")}
     for part, kinds in tables.items():
