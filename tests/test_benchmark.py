@@ -85,7 +85,10 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
     # and which engines ran the blocked kernel's float32 forward and its backward (VIL_KERNELS_F32_FORWARD and
     # VIL_KERNELS_BACKWARD, and the CPU)
     words = {"avx512": "in one C++ pass in AVX-512 registers", "aten": "on ATen products"}
-    for key, words_before, chosen in (("f32_forward", "float32 forward", f32_forward), ("backward", "backward", backward)):
+    for key, words_before, chosen in (
+        ("f32_forward", "float32 forward", f32_forward),
+        ("backward", "backward", backward),
+    ):
         engine_here = (chosen() or (None, "aten"))[1]
         assert results["setup"][f"cpu_{key}"] == engine_here
         assert f"its {words_before} {words[engine_here]}" in results["markdown"]
