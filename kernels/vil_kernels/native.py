@@ -15,8 +15,8 @@ forward is one C++ call over the whole batch (``attention_fused.cpp``), its prod
 registers. ``VIL_KERNELS_BF16_FORWARD`` chooses: ``auto`` (default) AMX where the CPU has it, else AVX512-BF16, else
 the ATen products; ``amx`` or ``avx512`` require that engine; ``aten`` never runs the C++ forward. Its float32 forward
 likewise, in AVX-512 registers on CPUs with AVX-512 (``VIL_KERNELS_F32_FORWARD``: ``auto``, ``avx512`` or ``aten``).
-Its backward, float32 or bfloat16, runs its products in float32 in AVX-512 registers on such CPUs too
-(``VIL_KERNELS_BACKWARD``, the same choices).
+Its backward, float32 or bfloat16, is one C++ call per layer on such CPUs too, bfloat16's products in AVX512-BF16
+dot products where the CPU has them (``VIL_KERNELS_BACKWARD``, the same choices).
 """
 
 from __future__ import annotations

@@ -723,7 +723,8 @@ VIL_X86_TARGET void chunk_forward_f32(const float* bias, int64_t bias_stride, co
     weighted_products_f32(w.weights.data(), rows, s.padded_keys, 1, s.keys, w.value_rows.data(), s, w.outputs.data());
     for (int64_t r = 0; r < rows; ++r) {
       float* out_row = w.output_rows[first + r];
-      if (out_row != nullptr) store_row_f32<false>(w.outputs.data() + r * s.dim_tiles * kTile, inverse_sums[r], s.dim, out_row);
+      if (out_row == nullptr) continue;
+      store_row_f32<false>(w.outputs.data() + r * s.dim_tiles * kTile, inverse_sums[r], s.dim, out_row);
     }
   }
 }
@@ -818,7 +819,8 @@ template <typename T>
 VIL_X86_TARGET void store_query_grads(const float* products, int64_t out_step, const Shape& s,
                                       const BackwardScratch<T>& g) {
   for (int64_t r = 0; r < s.slots; ++r) {
-    if (g.grad_query_rows[r] != nullptr) store_row_f32<false>(products + r * out_step, 1.0f, s.dim, g.grad_query_rows[r]);
+    if (g.grad_query_rows[r] == nullptr) continue;
+    store_row_f32<false>(products + r * out_step, 1.0f, s.dim, g.grad_query_rows[r]);
   }
 }
 
@@ -897,7 +899,8 @@ VIL_X86_TARGET void chunk_backward_bf16(const float* bias, int64_t bias_stride, 
   auto outputs = s.dim_tiles == 2 ? vector_outputs<2> : vector_outputs<4>;
   for (int64_t r = 0; r < s.slots; ++r) {
     for (int64_t k = 0; k < s.padded_keys; k += 16) {
-      store_weights(g.weights.data() + r * s.padded_keys + k, _mm512_loadu_ps(g.grad_scores.data() + r * s.padded_keys + k));
+      const int64_t at = r * s.padded_keys + k;
+      store_weights(g.weights.data() + at, _mm512_loadu_ps(g.grad_scores.data() + at));
     }
   }
   pack_values(g.key_rows.data(), s, g.keys_as_values.data());
@@ -1013,10 +1016,11 @@ struct Call {
 
 // any_head_dim: head dims 1 to 64 (the float32 engine's products, whatever the tokens' dtype), else bfloat16's 32 and
 // 64 (the tiles' and vector engine's packed pairs).
-Call check_call(const char* op, at::ScalarType dtype, bool any_head_dim, const at::Tensor& queries, const at::Tensor& keys,
-                const at::Tensor& values, const at::Tensor& global_keys, const at::Tensor& global_values,
-                const at::Tensor& bias, const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height,
-                int64_t width, int64_t window, const std::optional<at::Tensor>& key_extents) {
+Call check_call(const char* op, at::ScalarType dtype, bool any_head_dim, const at::Tensor& queries,
+                const at::Tensor& keys, const at::Tensor& values, const at::Tensor& global_keys,
+                const at::Tensor& global_values, const at::Tensor& bias, const at::Tensor& chunk_offsets,
+                int64_t chunks_per_block, int64_t height, int64_t width, int64_t window,
+                const std::optional<at::Tensor>& key_extents) {
   TORCH_CHECK(queries.dim() == 4, "queries must be (batch, heads, tokens, head dim), got ", queries.sizes());
   Call c;
   c.batch = queries.size(0), c.heads = queries.size(1), c.length = queries.size(2), c.dim = queries.size(3);
@@ -1099,8 +1103,9 @@ void fused_forward(const at::Tensor& queries, const at::Tensor& keys, const at::
     if (engine == Engine::kTiles) configure_tiles();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t cj = task % c.chunk_cols, ci = task / c.chunk_cols % c.chunk_rows;
-      const int64_t h = task / (c.chunk_cols * c.chunk_rows) % c.heads, b = task / (c.chunk_cols * c.chunk_rows * c.heads);
-      const T *q = rows_of<const T>(queries, b, h), *k = rows_of<const T>(keys, b, h), *v = rows_of<const T>(values, b, h);
+      const int64_t maps = task / (c.chunk_cols * c.chunk_rows), h = maps % c.heads, b = maps / c.heads;
+      const T *q = rows_of<const T>(queries, b, h), *k = rows_of<const T>(keys, b, h);
+      const T* v = rows_of<const T>(values, b, h);
       const T *gk = rows_of<const T>(global_keys, b, h), *gv = rows_of<const T>(global_values, b, h);
       T* o = rows_of<T>(output, b, h);
       w.padding_keys = c.find_rows(b, ci, cj, w.query_tokens.data(), w.key_tokens.data());
@@ -1154,9 +1159,10 @@ void longformer_forward_f32_(const at::Tensor& queries, const at::Tensor& keys, 
 
 // The gradients of the attention's inputs (float32 or bfloat16 tokens, the ops' above) from grad_output (B, H, L, M,
 // the tokens' dtype): grad_queries, grad_keys and grad_values (B, H, L, M), grad_global_keys and grad_global_values
-// (B, H, G, M) and, unless None, grad_bias (H, W^2, S), all float32 and overwritten. Chunks whose key neighbourhoods cannot meet (rows and columns 2 x reach + 1 apart)
-// run at once, so no two tasks add into one key row; every task of a head adds into the bias's and the globals'
-// gradients, so each worker (a slice of a phase's tasks) sums those apart and the sums are added at the end.
+// (B, H, G, M) and, unless None, grad_bias (H, W^2, S), all float32 and overwritten. Chunks whose key
+// neighbourhoods cannot meet (rows and columns 2 x reach + 1 apart) run at once, so no two tasks add into one key
+// row; every task of a head adds into the bias's and the globals' gradients, so each worker (a slice of a phase's
+// tasks) sums those apart and the sums are added at the end.
 template <typename T>
 void fused_backward(const at::Tensor& grad_output, const at::Tensor& queries, const at::Tensor& keys,
                     const at::Tensor& values, const at::Tensor& global_keys, const at::Tensor& global_values,
