@@ -381,6 +381,25 @@ def test_autocast_keeps_a_float32_residual_stream():
     _assert_close(actual, expected, MODEL_TOLERANCE, "block output")
 
 
+def test_residual_add_is_the_plain_sum_in_the_wider_dtype():
+    """The residual add widens a bfloat16 branch before adding (a mixed-dtype add is unvectorized): the same bits
+    as ``residual + branch``, in place into the branch where their dtypes agree, never narrower than either."""
+    from vil_hf.modeling_vil import _add_residual
+
+    torch.manual_seed(0)
+    stream = torch.randn(2, 1 + 9 * 13, 24)
+    branch = torch.randn(2, 1 + 9 * 13, 24)
+    for branch_dtype, stream_dtype in [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)]:
+        one, other = branch.to(branch_dtype), stream.to(stream_dtype)
+        total = _add_residual(one.clone(), other)
+        assert total.dtype == torch.float32
+        assert torch.equal(total, other + one)
+    same = branch.clone()
+    total = _add_residual(same, stream)
+    assert total.data_ptr() == same.data_ptr()
+    assert torch.equal(total, stream + branch)
+
+
 @pytest.mark.parametrize("num_global", [1, 2])
 def test_global_queries_score_bfloat16_keys_from_the_left(num_global):
     """In bfloat16 the global queries' scores take the keys as the left operand (no transposed copy of the map's

@@ -184,6 +184,38 @@ def test_longformer_equals_full_attention_when_the_window_covers_the_map():
         torch.testing.assert_close(longformer(tokens, 6, 8), full(tokens, 6, 8), rtol=1e-5, atol=1e-5)
 
 
+def _backward_nodes(output: torch.Tensor) -> list[str]:
+    """Names of the autograd nodes behind ``output``."""
+    names, seen, todo = [], set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("attention_class", [ViLLongformerAttention, ViLFullAttention])
+def test_attention_backward_writes_no_zero_projection_per_view(attention_class):
+    """Queries, keys and values (and, for the global queries, each image's) are taken from the projection by
+    unbind: the backward of an index ``[i]`` writes a zero tensor the size of the whole projection for every view,
+    summed afterwards. The gradient is still the one from plain indexing."""
+    config = ViLConfig(arch=TINY_ARCH)
+    attention = randomize(attention_class(config, 0)).train()
+    tokens = torch.randn(3, 2 + 5 * 6, 16, requires_grad=True)
+    output = attention(tokens, 5, 6)
+    names = _backward_nodes(output)
+    assert "UnbindBackward0" in names
+    assert "SelectBackward0" not in names
+    (grad,) = torch.autograd.grad(output.pow(2).sum(), tokens)
+    (expected,) = torch.autograd.grad(
+        torch.cat([attention(tokens[b : b + 1], 5, 6) for b in range(3)]).pow(2).sum(), tokens
+    )
+    torch.testing.assert_close(grad, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_separate_global_weights_are_used_for_global_queries():
     config = ViLConfig(arch=TINY_ARCH, share_global_weights=False)
     attention = randomize(ViLLongformerAttention(config, 0))

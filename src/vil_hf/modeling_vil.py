@@ -233,16 +233,16 @@ class ViLLayer(GradientCheckpointingLayer):
 def _add_residual(branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
     """branch + residual, never narrower than the residual stream.
 
-    Where both share a dtype the sum goes in place into the branch's output, a fresh tensor that no backward
-    needs (two (B, G + L, d) tensors fewer per block). Under autocast the branch comes out of a bfloat16 linear
-    layer while the stream may be float32 (on CUDA, whose autocast runs layer norms in float32; on CPU where the
-    float32 global tokens or position embeddings join it): an in-place add would round the stream to bfloat16 at
-    its first block, so the sum is a new tensor, which keeps the stream's precision as ``residual + branch`` does
-    in other models (2-5% of ViL-Small's bfloat16 backbone time on a 2-core CPU).
+    The sum goes in place into the branch's output, a fresh tensor that no backward needs (two (B, G + L, d)
+    tensors fewer per block). Under autocast the branch comes out of a bfloat16 linear layer while the stream may
+    be float32 (on CUDA, whose autocast runs layer norms in float32; on CPU where the float32 global tokens or
+    position embeddings join it): an in-place add would round the stream to bfloat16 at its first block, so the
+    branch is widened first, which keeps the stream's precision as ``residual + branch`` does in other models. A
+    sum of mixed dtypes itself takes TensorIterator's unvectorized casting loop: widening, then adding in one
+    dtype, ran ViL-Small's bfloat16 classifier forward (224x224, batch 32) 4% faster on a 2-core CPU.
     """
-    if branch.dtype == residual.dtype:
-        return branch.add_(residual)
-    return residual + branch
+    wider = torch.promote_types(branch.dtype, residual.dtype)
+    return (branch if branch.dtype == wider else branch.to(wider)).add_(residual)
 
 
 class ViLStage(nn.Module):

@@ -78,7 +78,7 @@ class ViLFullAttention(ViLAttentionBase):
     ) -> torch.Tensor:
         batch, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        queries, keys, values = qkv[0], qkv[1], qkv[2]  # (B, H, N, M)
+        queries, keys, values = qkv.unbind(0)  # (B, H, N, M); one backward for the three
         if key_extents is not None and self.use_relative_bias:
             raise ValueError("Full attention with relative position bias cannot mask keys: run each image size alone.")
         if self.use_relative_bias:

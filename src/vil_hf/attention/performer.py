@@ -91,7 +91,7 @@ class ViLPerformerAttention(ViLAttentionBase):
     def forward(self, hidden_states: torch.Tensor, height: int, width: int) -> torch.Tensor:
         batch, length, dim = hidden_states.shape
         qkv = self.qkv(hidden_states).view(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        queries, keys, values = qkv[0], qkv[1], qkv[2]  # (B, H, N, M)
+        queries, keys, values = qkv.unbind(0)  # (B, H, N, M); one backward for the three
         query_features = softmax_random_features(queries, self.projection_matrix, is_query=True)
         key_features = softmax_random_features(keys, self.projection_matrix, is_query=False)
         context = linear_attention(query_features, key_features, values)  # (B, H, N, M)
