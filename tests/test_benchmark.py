@@ -11,7 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from vil_hf.benchmark import QUICK, TARGETS, cpu_bfloat16_support, main, measure_peak_memory, random_detection_targets
+from vil_hf.benchmark import (
+    QUICK,
+    TARGETS,
+    contender_row,
+    cpu_bfloat16_support,
+    main,
+    measure_peak_memory,
+    random_detection_targets,
+    time_interleaved,
+)
 from vil_kernels.native import backward, bf16_forward, f32_forward, native_ops
 
 # Every ViL-Small/Swin-T time ratio of a default run: the backbone (float32 keys carry no precision),
@@ -123,6 +132,24 @@ def test_quick_run_writes_json_with_every_measurement(tmp_path):
         "classifier_vil_over_swin_forward_bfloat16",
         "classifier_vil_over_swin_forward_backward_bfloat16",
     }
+
+
+@pytest.mark.parametrize("row", [contender_row, None])
+def test_rows_are_timed_apart_with_their_contenders_alternating(row):
+    """Per row, its contenders are warmed up then timed on their own, the first one not always first; without
+    rows, every step in one sequence, in the same order each round."""
+    calls = []
+    names = ["vil_forward", "swin_forward", "vil_forward_backward", "swin_forward_backward"]
+    steps = {name: (lambda name=name: calls.append(name)) for name in names}
+    results = time_interleaved(steps, repeats=3, warmup=1, device="cpu", row=row)
+    assert set(results) == set(names) and all(len(results[name]["runs_s"]) == 3 for name in names)
+    if row is None:
+        assert calls == names * 4
+        return
+    forward, backward = ["vil_forward", "swin_forward"], ["vil_forward_backward", "swin_forward_backward"]
+    expected = forward + forward + forward[::-1] + forward + backward + backward + backward[::-1] + backward
+    assert calls == expected
+    assert contender_row("blocked_forward_backward") == "forward_backward"
 
 
 def test_peak_memory_is_measured_in_a_fresh_process():
