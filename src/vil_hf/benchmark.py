@@ -329,7 +329,8 @@ def time_interleaved(
     in the opposite order every other round. Interleaving every row in one sequence made each row's first contender
     always the step after another row's heaviest one (a training step that had just freed gigabytes, which the
     next step page-faults back): ViL-Small's bfloat16 classifier forward, which followed Swin-T's float32 training
-    step, measured 1.55 s there against 1.39 s with its own row (on a 2-core VM).
+    step, measured 1.72 s against Swin-T's 1.40 s there and 1.50 s against 1.49 s in its own row (the same code, two
+    runs one after the other on a 2-core VM).
     """
     groups: dict[str, list[str]] = {}
     for name in steps:
