@@ -363,6 +363,41 @@ def test_full_attention_stages_take_the_fused_sdpa_kernel(autocast):
     _assert_close(actual, expected, MODEL_TOLERANCE if autocast else 1e-5, "output")
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("heads,dim", [(2, 64), (1, 64)])  # head dims 32 and 64
+@pytest.mark.parametrize("height,width,num_global", [(14, 14, 1), (5, 7, 1), (6, 4, 0)])
+def test_full_attention_inference_runs_on_the_bfloat16_engine(
+    engine, heads, dim, height, width, num_global, monkeypatch
+):
+    """In bfloat16 inference the full-attention stages run on the longformer kernel's native forward, the map one
+    chunk (square or not, with and without a global token): within the tolerance of float32, and of SDPA's error
+    (the setting at aten) to a factor 2; a bias on the wrong slots errs by the bias's own scale."""
+    import copy
+
+    from torch.profiler import ProfilerActivity, profile
+
+    use_softmax(monkeypatch, engine)
+    arch = TINY_ARCH.replace("l3,h2,d32,n1,s0,g1", f"l3,h{heads},d{dim},n1,s0,g{num_global}")
+    attention = randomize(ViLFullAttention(ViLConfig(arch=arch, image_size=64), 2)).eval()
+    assert attention.use_relative_bias
+    converted = copy.deepcopy(attention).bfloat16()
+    torch.manual_seed(0)
+    batch = 2 * torch.get_num_threads()  # enough (image, head) tasks for the engine to be chosen
+    tokens = torch.randn(batch, num_global + height * width, dim).bfloat16()
+    results = {}
+    for setting in (engine, "aten"):
+        monkeypatch.setenv(native.BF16_FORWARD_VARIABLE, setting)
+        with torch.no_grad(), profile(activities=[ProfilerActivity.CPU]) as run:
+            results[setting] = converted(tokens, height, width)
+        ran = {event.key for event in run.key_averages()}
+        assert ("vil_kernels_native::longformer_forward_bf16_" in ran) == (setting == engine)
+    with torch.no_grad():
+        expected = attention(tokens.float(), height, width)
+    sdpa_error = (results["aten"].float() - expected).abs().max().item()
+    _assert_close(results[engine], expected, TOLERANCES[torch.bfloat16]["output"], "output")
+    _assert_close(results[engine], expected, 2.0, "output against SDPA's error", scale=sdpa_error)
+
+
 def test_autocast_keeps_a_float32_residual_stream():
     """A block's residual adds never narrow the stream: a float32 stream stays float32 under bfloat16 autocast,
     though both branches come out of bfloat16 linear layers (an in-place add into them rounded it to bfloat16)."""
