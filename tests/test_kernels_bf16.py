@@ -398,6 +398,26 @@ def test_full_attention_inference_runs_on_the_bfloat16_engine(
     _assert_close(results[engine], expected, 2.0, "output against SDPA's error", scale=sdpa_error)
 
 
+def test_full_attention_takes_sdpa_where_the_engine_would_not_pay(monkeypatch):
+    """SDPA, not the engine, for maps longer than its one chunk takes, for too few (image, head) tasks to fill the
+    threads, and for calls that need a gradient."""
+    from vil_hf.attention import full
+
+    use_softmax(monkeypatch, "avx512")
+    arch = TINY_ARCH.replace("l3,h2,d32,n1,s0,g1", "l3,h2,d64,n1,s0,g1")
+    attention = ViLFullAttention(ViLConfig(arch=arch, image_size=64), 2).eval()
+    batch = 2 * torch.get_num_threads()
+    side = full._ENGINE_MAX_WINDOW
+    queries = torch.zeros(batch, 2, 1 + side * 3, 32, dtype=torch.bfloat16)
+    engine = native.bf16_forward()
+    assert attention._bfloat16_engine(queries, queries, queries, side, 3) == engine
+    longer = torch.zeros(batch, 2, 1 + (side + 1) * 3, 32, dtype=torch.bfloat16)
+    assert attention._bfloat16_engine(longer, longer, longer, side + 1, 3) is None
+    assert attention._bfloat16_engine(queries[:1], queries[:1], queries[:1], side, 3) is None
+    wanting_grad = queries.clone().requires_grad_()
+    assert attention._bfloat16_engine(wanting_grad, queries, queries, side, 3) is None
+
+
 def test_autocast_keeps_a_float32_residual_stream():
     """A block's residual adds never narrow the stream: a float32 stream stays float32 under bfloat16 autocast,
     though both branches come out of bfloat16 linear layers (an in-place add into them rounded it to bfloat16)."""

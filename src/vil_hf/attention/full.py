@@ -23,6 +23,11 @@ def full_relative_bias_index(height: int, width: int, device=None) -> torch.Tens
     return index.reshape(height * width, height * width)
 
 
+# The longest map side whose full attention runs on the bfloat16 engine (see ViLFullAttention._bfloat16_engine):
+# the classifier's stage 3 is 14 at 224x224 and 24 at 384x384; at 32 the chunk's bias is 4 MiB per head.
+_ENGINE_MAX_WINDOW = 32
+
+
 class ViLFullAttention(ViLAttentionBase):
     """Dense multi-head attention over global and local tokens, with a fused `qkv` projection.
 
@@ -87,7 +92,7 @@ class ViLFullAttention(ViLAttentionBase):
             relative_bias = self.relative_bias(height, width)  # (H, N, N)
             if relative_bias.requires_grad and queries.device.type == "cpu":
                 context = self._attend_with_bias_gradient(queries, keys, values, relative_bias)
-            elif (engine := self._bfloat16_engine(queries, keys, values)) is not None:
+            elif (engine := self._bfloat16_engine(queries, keys, values, height, width)) is not None:
                 context = self._attend_on_bfloat16_engine(engine, queries, keys, values, relative_bias, height, width)
             else:
                 # 4-D and in the queries' dtype (bfloat16 under autocast): on CPU a 3-D mask, or a float mask of
@@ -102,11 +107,13 @@ class ViLFullAttention(ViLAttentionBase):
             context = self._sdpa(queries, keys, values, None)
         return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))
 
-    def _bfloat16_engine(self, queries, keys, values):
+    def _bfloat16_engine(self, queries, keys, values, height, width):
         """The longformer kernel's native bfloat16 forward ``(ops, engine)`` for this inference call, or None.
 
         Only where its tasks (one per image and head here) can fill the threads: at batch 1 on many cores SDPA,
-        which also splits the queries, keeps them busy.
+        which also splits the queries, keeps them busy. And only on maps whose longer side is at most
+        ``_ENGINE_MAX_WINDOW``: the one chunk holds that side squared slots, and the float32 bias it takes grows
+        with its square (past the map's own size on a non-square map), where SDPA's mask is bfloat16 and N x N.
         """
         if (
             queries.device.type != "cpu"
@@ -116,6 +123,7 @@ class ViLFullAttention(ViLAttentionBase):
             or self.dropout_probability()
             or torch.compiler.is_compiling()
             or queries.shape[0] * queries.shape[1] < 2 * torch.get_num_threads()
+            or max(height, width) > _ENGINE_MAX_WINDOW
         ):
             return None
         return bf16_forward()
