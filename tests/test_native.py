@@ -268,6 +268,93 @@ def test_bf16_forward_refuses_what_it_cannot_read(engine, monkeypatch):
     refused("key_extents must be int64 \\(2, 2\\)", key_extents=torch.tensor([[9, 13]]))
 
 
+TOKENS = ("queries", "keys", "values", "global_keys", "global_values")
+
+
+def _native_forward_and_backward(engine, inputs, bias, grad_output):
+    """The engine's forward of ``_fused_forward_inputs`` with ``bias``, then the native backward (bfloat16 products
+    for the bfloat16 engines): [output, the tokens' gradients, the bias's]."""
+    ops = native.native_ops()
+    output = torch.zeros_like(inputs["output"])
+    arguments = inputs | {"bias": bias, "output": output}
+    if engine == F32_ENGINE:
+        ops.longformer_forward_f32_(**arguments)
+    else:
+        ops.longformer_forward_bf16_(**arguments, tiles=engine == "amx")
+    arguments.pop("output")
+    grads = [torch.zeros(inputs[name].shape) for name in TOKENS] + [torch.zeros(bias.shape)]
+    ops.longformer_backward_(grad_output, *arguments.values(), *grads, engine != F32_ENGINE)
+    return [output, *grads]
+
+
+@pytest.mark.parametrize("engine", [*ENGINES, F32_ENGINE])
+def test_neighbour_chunks_wholly_off_the_map_are_left_out(engine, monkeypatch):
+    """A map of one chunk: of its nine neighbour chunks only itself lies on the map, and the forward and the
+    backward compute its keys and the global's alone. A NaN in the bias columns of the other eight (which every
+    chunk read, as padding, before they were left out) reaches no output and no gradient, and their bias gradient
+    is zero; the rest is what a finite bias there gives, bit for bit: the same computation."""
+    use_softmax(monkeypatch, engine)
+    dtype = torch.float32 if engine == F32_ENGINE else torch.bfloat16
+    inputs = _fused_forward_inputs(height=4, width=3, dtype=dtype)  # window 5
+    heads, area, slots = inputs["bias"].shape
+    own_chunk = torch.zeros(slots, dtype=torch.bool)  # and the globals
+    slot = 0
+    for chunk, offset in enumerate(inputs["chunk_offsets"].tolist()):
+        own_chunk[slot : slot + area] = offset == [0, 0]
+        slot += area
+        if (chunk + 1) % inputs["chunks_per_block"] == 0:
+            own_chunk[slot] = True  # the block's global
+            slot += 1
+    assert slot == slots and own_chunk.sum() == area + 3
+    finite = inputs["bias"].masked_fill(~own_chunk, -3.0)
+    poisoned = inputs["bias"].masked_fill(~own_chunk, float("nan"))
+    grad_output = torch.randn(inputs["output"].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    expected = _native_forward_and_backward(engine, inputs, finite, grad_output)
+    actual = _native_forward_and_backward(engine, inputs, poisoned, grad_output)
+    for name, want, got in zip(("output", *TOKENS, "bias"), expected, actual):
+        assert torch.isfinite(want).all() and want.abs().sum() > 0, name
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)
+    assert not actual[-1][..., ~own_chunk].any()
+
+
+@pytest.mark.parametrize("engine", [*ENGINES, F32_ENGINE])
+def test_queries_whose_every_key_is_padding_stay_finite(engine, monkeypatch):
+    """No globals, and an image of 2x2 tokens padded to 9x13: the chunks from the second chunk row and the third
+    chunk column on see no key of their image, so all their neighbour chunks would be left out. They keep them all
+    (their outputs are don't-care, as the ATen path's, but finite: a NaN there would reach the image's own tokens
+    through the next stage's patch embedding)."""
+    use_softmax(monkeypatch, engine)
+    dtype = torch.float32 if engine == F32_ENGINE else torch.bfloat16
+    inputs = _fused_forward_inputs(num_global=0, dtype=dtype) | {"key_extents": torch.tensor([[9, 13], [2, 2]])}
+    grad_output = torch.randn(inputs["output"].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = _native_forward_and_backward(engine, inputs, inputs["bias"], grad_output)
+    for name, result in zip(("output", *TOKENS, "bias"), results):
+        assert torch.isfinite(result).all(), name
+    assert results[0][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("engine", [*ENGINES, F32_ENGINE])
+def test_every_call_cuts_the_bias_it_is_given(engine, monkeypatch):
+    """The bias columns cut for the chunks at the map's edges are kept per thread within a call only: a bias changed
+    in place between two calls (one address, other values) gives what a fresh tensor of those values gives."""
+    use_softmax(monkeypatch, engine)
+    dtype = torch.float32 if engine == F32_ENGINE else torch.bfloat16
+    inputs = _fused_forward_inputs(dtype=dtype)  # a 9x13 map, window 5: 2x3 chunks, every one on an edge
+    grad_output = torch.randn(inputs["output"].shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+
+    def output_and_bias_grad(bias):
+        results = _native_forward_and_backward(engine, inputs, bias, grad_output)
+        return results[0], results[-1]
+
+    bias = inputs["bias"]
+    first = output_and_bias_grad(bias)
+    bias.mul_(-1.5).add_(0.25)
+    second, fresh = output_and_bias_grad(bias), output_and_bias_grad(bias.clone())
+    for name, was, got, want in zip(("output", "bias gradient"), first, second, fresh):
+        assert not torch.equal(got, was), name
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)  # one computation on equal values
+
+
 def test_bf16_forward_refuses_an_engine_this_cpu_lacks(monkeypatch):
     use_softmax(monkeypatch, "c++")
     ops = native.native_ops()

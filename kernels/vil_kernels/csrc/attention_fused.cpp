@@ -10,14 +10,18 @@
 // order of the shared bias (blocked.py's _slot_geometry): the keys are packed into the pair-interleaved layout that
 // both AMX's and AVX512-BF16's dot products take, the scores of the chunk's queries against every key accumulate in
 // float32, the bias, padding flags and softmax run on that float32 row (never rounded to bfloat16), the weights are
-// rounded once for the product with the values, and the output once, written to the output tensor.
+// rounded once for the product with the values, and the output once, written to the output tensor. A chunk's key
+// slots in neighbour chunks wholly off the map (or past its image's key_extents) are left out rather than computed as
+// padding (Call::kept_ranges): a chunk on the map's edge scores 6 of its 9 neighbour chunks, one in a corner 4; the
+// bias's columns for each such pattern are cut once per thread and head (CutBias).
 //
 // The backward (longformer_backward_, below) takes the same tasks, chunks whose key windows overlap never at once: it
 // recomputes a chunk's probabilities with the forward's scores and softmax and runs the four gradient products with
 // the rows read and written in place, instead of the ATen path's window copies, batched products and scatter-adds:
 // float32 tokens (and bfloat16 ones of other head dims, or without AVX512-BF16) in float32 fused multiply-adds,
 // bfloat16 tokens in AVX512-BF16 dot products on the bfloat16 engine's packed layouts. Its gradients are float32
-// sums, rounded once by the caller where the tokens are bfloat16.
+// sums, rounded once by the caller where the tokens are bfloat16. It leaves out the forward's slots, and adds the
+// bias's gradient of the others into their columns.
 //
 // The two bfloat16 engines share everything but the products (chunk_forward<kTiles>). AMX needs Linux's grant of the
 // tile state (amx_available); head dims 32 and 64 (float32: 1 to 64). Elsewhere blocked.py runs the ATen path, which
@@ -27,11 +31,13 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstdint>
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 // GCC 11 brought the AMX intrinsics; other compilers and systems build the op without its body (amx_available and
@@ -49,6 +55,7 @@
 namespace {
 
 using bfloat16_bits = uint16_t;
+using SlotRanges = std::vector<std::pair<int64_t, int64_t>>;  // (first slot, count) each
 
 #if VIL_HAVE_X86_BF16
 
@@ -134,6 +141,7 @@ struct Scratch {
   std::vector<T> queries, keys, values, weights;
   std::vector<float> flags, scores, outputs;
   std::vector<int64_t> query_tokens, key_tokens;  // Call::find_rows's
+  SlotRanges kept;  // the key slots computed (Call::kept_ranges)
   bool padding_keys = false;  // whether any of the chunk's key slots is padding (a flag other than 0)
   void fit(const Shape& s) {
     constexpr bool kBfloat16 = std::is_same_v<T, bfloat16_bits>;
@@ -751,6 +759,9 @@ struct BackwardScratch {
   std::vector<bfloat16_bits> queries, grad_outputs, packed_keys, packed_values, keys_as_values, weights, transposed,
       rows_as_values;
   bool padding_keys = false;
+  // the kept slot ranges (Call::kept_ranges) where the task's keys are some of the slots, else null: the columns of
+  // the bias's gradient that its score gradients go to
+  const SlotRanges* cut = nullptr;
   void fit(const Shape& s, bool bfloat16_products) {
     const int64_t rows = s.query_tiles * kTile + kTile, padded_slots = (s.slots + 31) / 32 * 32;
     const int64_t query_rows_held = std::max(s.query_tiles * kTile, padded_slots);
@@ -782,11 +793,23 @@ struct BackwardScratch {
   }
 };
 
+// row[k] for the k-th kept slot added to target[slot] (slot order).
+VIL_X86_TARGET void add_kept_columns(const float* row, const SlotRanges& kept, float* target) {
+  for (const auto& [first, count] : kept) {
+    for (int64_t i = 0; i < count; i += 16) {
+      const __mmask16 on = static_cast<__mmask16>((1u << std::min<int64_t>(count - i, 16)) - 1u);
+      float* at = target + first + i;
+      _mm512_mask_storeu_ps(at, on, _mm512_add_ps(_mm512_maskz_loadu_ps(on, at), _mm512_maskz_loadu_ps(on, row + i)));
+    }
+    row += count;
+  }
+}
+
 // The chunk's P and dS from its scores (in g.probs, terms added) and dP (in g.grad_scores), both in place; dS added
-// to bias_grad (slots, keys) at bias_stride unless null.
+// to bias_grad (slots, all key slots) at grad_stride unless null (into the kept slots' columns where g.cut).
 template <typename T>
 VIL_X86_TARGET void probabilities_and_score_grads(const float* bias, int64_t bias_stride, const Shape& s,
-                                                  BackwardScratch<T>& g, float* bias_grad) {
+                                                  BackwardScratch<T>& g, float* bias_grad, int64_t grad_stride) {
   auto* softmax = g.padding_keys ? softmax_row<true, true, float> : softmax_row<false, true, float>;
   for (int64_t r = 0; r < s.slots; ++r) {
     float* probs = g.probs.data() + r * s.padded_keys;  // scores, then the weights in place, then P
@@ -806,11 +829,12 @@ VIL_X86_TARGET void probabilities_and_score_grads(const float* bias, int64_t bia
       const __m512 grad_scores =
           _mm512_maskz_mul_ps(on_keys, _mm512_loadu_ps(probs + k), _mm512_sub_ps(_mm512_loadu_ps(grad + k), delta));
       _mm512_storeu_ps(grad + k, grad_scores);
-      if (bias_grad != nullptr) {
-        float* target = bias_grad + r * bias_stride + k;
+      if (bias_grad != nullptr && g.cut == nullptr) {
+        float* target = bias_grad + r * grad_stride + k;
         _mm512_mask_storeu_ps(target, on_keys, _mm512_add_ps(_mm512_maskz_loadu_ps(on_keys, target), grad_scores));
       }
     }
+    if (bias_grad != nullptr && g.cut != nullptr) add_kept_columns(grad, *g.cut, bias_grad + r * grad_stride);
   }
 }
 
@@ -833,7 +857,7 @@ VIL_X86_TARGET void add_key_grads(const float* products, int64_t out_step, const
 // One chunk's gradients in float32 products, its rows in g (filled by the caller).
 template <typename T>
 VIL_X86_TARGET void chunk_backward(const float* bias, int64_t bias_stride, const Shape& s, BackwardScratch<T>& g,
-                                   float* bias_grad) {
+                                   float* bias_grad, int64_t grad_stride) {
   using Rows = const T* const*;
   pack_keys_f32(g.key_rows.data(), s, g.keys.data());
   pack_keys_f32(g.value_rows.data(), s, g.values.data());
@@ -842,7 +866,7 @@ VIL_X86_TARGET void chunk_backward(const float* bias, int64_t bias_stride, const
   // dP: no terms (a zero bias row); its lanes past `keys` are -inf and never read
   vector_scores<false, Rows, float>(g.grad_output_rows.data(), 1, s.slots, g.values.data(), g.zeros.data(), 0,
                                     g.flags.data(), s, g.grad_scores.data());
-  probabilities_and_score_grads(bias, bias_stride, s, g, bias_grad);
+  probabilities_and_score_grads(bias, bias_stride, s, g, bias_grad, grad_stride);
   const int64_t out_step = s.dim_tiles * kTile;
   float* products = g.products.data();
   weighted_products_f32(g.grad_scores.data(), s.slots, s.padded_keys, 1, s.keys, g.key_rows.data(), s, products);
@@ -879,7 +903,7 @@ VIL_X86_TARGET void transpose_to_bfloat16(const float* matrix, int64_t rows, int
 // dK = dS^T Q and dV = P^T dO likewise with dS^T or P^T (rounded to bfloat16, as the ATen path's products round
 // them) as the weights and the query or dO rows, padded to 32, packed as values.
 VIL_X86_TARGET void chunk_backward_bf16(const float* bias, int64_t bias_stride, const Shape& s,
-                                        BackwardScratch<bfloat16_bits>& g, float* bias_grad) {
+                                        BackwardScratch<bfloat16_bits>& g, float* bias_grad, int64_t grad_stride) {
   const int64_t padded_slots = (s.slots + 31) / 32 * 32;
   // the transposed products: a row per key slot, a term per query slot
   const Shape ts{s.keys, s.slots, s.dim, padded_slots, 0, s.feature_steps, s.dim_tiles};
@@ -894,7 +918,7 @@ VIL_X86_TARGET void chunk_backward_bf16(const float* bias, int64_t bias_stride, 
   scores(g.queries.data(), s.dim, s.slots, g.packed_keys.data(), bias, bias_stride, g.flags.data(), s, g.probs.data());
   vector_scores<false, Rows, bfloat16_bits>(g.grad_outputs.data(), s.dim, s.slots, g.packed_values.data(),
                                             g.zeros.data(), 0, g.flags.data(), s, g.grad_scores.data());
-  probabilities_and_score_grads(bias, bias_stride, s, g, bias_grad);
+  probabilities_and_score_grads(bias, bias_stride, s, g, bias_grad, grad_stride);
   float* products = g.products.data();
   auto outputs = s.dim_tiles == 2 ? vector_outputs<2> : vector_outputs<4>;
   for (int64_t r = 0; r < s.slots; ++r) {
@@ -1012,7 +1036,63 @@ struct Call {
     }
     return padding;
   }
+
+  // The key slots the forward computes for a chunk whose slots' tokens find_rows gave: all but the neighbour chunks
+  // that lie wholly off the map or past the image's key_extents (their slots all padding, whose weights are 0), as
+  // (first slot, count) ranges in slot order, adjacent ones merged, into `ranges`; returns how many. Such chunks
+  // hold 16% of the slots of a map of 8 x 8 chunks (ViL's stage 1 at 224 px), 31% of one of 4 x 4 (stage 2).
+  int64_t kept_ranges(const int64_t* key_tokens, SlotRanges& ranges) const {
+    ranges.clear();
+    int64_t kept = 0;
+    const auto keep = [&](int64_t first, int64_t count) {
+      if (!ranges.empty() && ranges.back().first + ranges.back().second == first) {
+        ranges.back().second += count;
+      } else {
+        ranges.emplace_back(first, count);
+      }
+      kept += count;
+    };
+    for (int64_t block = 0, slot = 0; block < blocks; ++block) {
+      for (int64_t chunk = 0; chunk < chunks_per_block; ++chunk, slot += area) {
+        if (std::any_of(key_tokens + slot, key_tokens + slot + area, [](int64_t token) { return token >= 0; })) {
+          keep(slot, area);
+        }
+      }
+      if (num_global > 0) keep(slot, num_global);
+      slot += num_global;
+    }
+    if (kept == 0) {  // every key padding (queries past their image's extents, no globals): as uncut, weights even
+      ranges.assign(1, {0, key_slots});
+      return key_slots;
+    }
+    return kept;
+  }
 };
+
+// The chunk and key-slot geometry of a call of c.batch images with c.num_global globals.
+void set_geometry(Call& c, const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
+                  int64_t window, const std::optional<at::Tensor>& key_extents) {
+  TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
+                  chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
+              "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
+  c.length = height * width;
+  c.height = height, c.width = width, c.window = window, c.chunks_per_block = chunks_per_block;
+  c.area = window * window, c.blocks = chunk_offsets.size(0) / chunks_per_block;
+  c.key_slots = c.blocks * (chunks_per_block * c.area + c.num_global);
+  if (key_extents.has_value()) {
+    TORCH_CHECK(key_extents->scalar_type() == at::kLong && key_extents->dim() == 2 &&
+                    key_extents->size(0) == c.batch && key_extents->size(1) == 2,
+                "key_extents must be int64 (", c.batch, ", 2), got ", key_extents->sizes());
+  }
+  c.chunk_rows = (height + window - 1) / window, c.chunk_cols = (width + window - 1) / window;
+  c.offsets = chunk_offsets.contiguous();
+  c.extents.resize(2 * c.batch);
+  const auto given = key_extents.has_value() ? key_extents->contiguous() : at::Tensor();
+  for (int64_t b = 0; b < c.batch; ++b) {
+    c.extents[2 * b] = given.defined() ? std::min(height, given.const_data_ptr<int64_t>()[2 * b]) : height;
+    c.extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
+  }
+}
 
 // any_head_dim: head dims 1 to 64 (the float32 engine's products, whatever the tokens' dtype), else bfloat16's 32 and
 // 64 (the tiles' and vector engine's packed pairs).
@@ -1037,29 +1117,11 @@ Call check_call(const char* op, at::ScalarType dtype, bool any_head_dim, const a
   check_tokens(values, "values", dtype, c.batch, c.heads, c.length, c.dim);
   check_tokens(global_keys, "global_keys", dtype, c.batch, c.heads, c.num_global, c.dim);
   check_tokens(global_values, "global_values", dtype, c.batch, c.heads, c.num_global, c.dim);
-  TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
-                  chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
-              "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
-  c.height = height, c.width = width, c.window = window, c.chunks_per_block = chunks_per_block;
-  c.area = window * window, c.blocks = chunk_offsets.size(0) / chunks_per_block;
-  c.key_slots = c.blocks * (chunks_per_block * c.area + c.num_global);
+  set_geometry(c, chunk_offsets, chunks_per_block, height, width, window, key_extents);
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 3 && bias.size(0) == c.heads &&
                   bias.size(1) == c.area && bias.size(2) == c.key_slots && bias.is_contiguous(),
               "bias must be contiguous float32 (", c.heads, ", ", c.area, ", ", c.key_slots, "), got ",
               bias.scalar_type(), " ", bias.sizes());
-  if (key_extents.has_value()) {
-    TORCH_CHECK(key_extents->scalar_type() == at::kLong && key_extents->dim() == 2 &&
-                    key_extents->size(0) == c.batch && key_extents->size(1) == 2,
-                "key_extents must be int64 (", c.batch, ", 2), got ", key_extents->sizes());
-  }
-  c.chunk_rows = (height + window - 1) / window, c.chunk_cols = (width + window - 1) / window;
-  c.offsets = chunk_offsets.contiguous();
-  c.extents.resize(2 * c.batch);
-  const auto given = key_extents.has_value() ? key_extents->contiguous() : at::Tensor();
-  for (int64_t b = 0; b < c.batch; ++b) {
-    c.extents[2 * b] = given.defined() ? std::min(height, given.const_data_ptr<int64_t>()[2 * b]) : height;
-    c.extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
-  }
   return c;
 }
 
@@ -1078,6 +1140,60 @@ Shape shape_of(const Call& c, bool float32) {
 
 // as blocked.py's: exp() of it is 0
 const float kPaddingFlag = std::numeric_limits<float>::lowest() / 4;
+
+// A head's bias (W^2 rows of key_slots) cut to the columns of a chunk's kept slot ranges (Call::kept_ranges), per
+// thread and call: the chunks along the map's edges share a few patterns of ranges, each cut once. Past kBytes the
+// patterns cut so far are dropped (a map's left and right edges then alternate, one cut per chunk row).
+class CutBias {
+ public:
+  // Each call of an op takes a new number (the backward's phases share theirs): another call's bias may lie at the
+  // address of this one's, so a new call drops the cuts.
+  static int64_t next_call() {
+    static std::atomic<int64_t> calls{0};
+    return ++calls;
+  }
+
+  void start(int64_t call) {
+    if (call == call_) return;
+    call_ = call;
+    clear();
+  }
+
+  // (rows, kept) at stride kept
+  const float* get(const float* head_bias, int64_t head, int64_t rows, int64_t key_slots, const SlotRanges& ranges,
+                   int64_t kept) {
+    for (const Cut& cut : cuts_) {
+      if (cut.head == head && cut.ranges == ranges) return cut.values.data();
+    }
+    const int64_t bytes = rows * kept * static_cast<int64_t>(sizeof(float));
+    if (bytes_ + bytes > kBytes) clear();
+    Cut& cut = cuts_.emplace_back(Cut{head, ranges, std::vector<float>(rows * kept)});
+    float* out = cut.values.data();
+    for (int64_t row = 0; row < rows; ++row) {
+      for (const auto& [first, count] : ranges) {
+        std::memcpy(out, head_bias + row * key_slots + first, count * sizeof(float));
+        out += count;
+      }
+    }
+    bytes_ += bytes;
+    return cut.values.data();
+  }
+
+ private:
+  static constexpr int64_t kBytes = 4 << 20;
+  struct Cut {
+    int64_t head;
+    SlotRanges ranges;
+    std::vector<float> values;
+  };
+  void clear() {
+    cuts_.clear();
+    bytes_ = 0;
+  }
+
+  std::vector<Cut> cuts_;
+  int64_t bytes_ = 0, call_ = 0;
+};
 #endif
 
 // output (B, H, L, M) = the longformer attention of the call's queries (see Call).
@@ -1096,10 +1212,13 @@ void fused_forward(const at::Tensor& queries, const at::Tensor& keys, const at::
   const Shape shape = shape_of(c, kFloat32);
   const float* bias_data = bias.const_data_ptr<float>();
   const T* zero = zero_row<T>();
+  const int64_t call = CutBias::next_call();
   at::parallel_for(0, c.batch * c.heads * c.chunk_rows * c.chunk_cols, 1, [&](int64_t begin, int64_t end) {
     thread_local Scratch<T> scratch;
+    thread_local CutBias cut_bias;
     Scratch<T>& w = scratch;
     w.fit(shape);
+    cut_bias.start(call);
     if (engine == Engine::kTiles) configure_tiles();
     for (int64_t task = begin; task < end; ++task) {
       const int64_t cj = task % c.chunk_cols, ci = task / c.chunk_cols % c.chunk_rows;
@@ -1108,24 +1227,39 @@ void fused_forward(const at::Tensor& queries, const at::Tensor& keys, const at::
       const T* v = rows_of<const T>(values, b, h);
       const T *gk = rows_of<const T>(global_keys, b, h), *gv = rows_of<const T>(global_values, b, h);
       T* o = rows_of<T>(output, b, h);
-      w.padding_keys = c.find_rows(b, ci, cj, w.query_tokens.data(), w.key_tokens.data());
+      c.find_rows(b, ci, cj, w.query_tokens.data(), w.key_tokens.data());
       for (int64_t slot = 0; slot < shape.slots; ++slot) {
         const int64_t token = w.query_tokens[slot];
         w.query_rows[slot] = token >= 0 ? q + token * queries.stride(2) : zero;
         w.output_rows[slot] = token >= 0 ? o + token * output.stride(2) : nullptr;
       }
-      for (int64_t slot = 0; slot < shape.keys; ++slot) {
-        const int64_t token = w.key_tokens[slot], g = token - c.length;
-        w.key_rows[slot] = token < 0 ? zero : g >= 0 ? gk + g * global_keys.stride(2) : k + token * keys.stride(2);
-        w.value_rows[slot] =
-            token < 0 ? zero : g >= 0 ? gv + g * global_values.stride(2) : v + token * values.stride(2);
-        w.flags[slot] = token < 0 ? kPaddingFlag : 0.0f;
+      // the kept slots only, packed to the front: the task's keys
+      Shape cut = shape;
+      cut.keys = c.kept_ranges(w.key_tokens.data(), w.kept);
+      cut.padded_keys = (cut.keys + 31) / 32 * 32;
+      w.padding_keys = false;
+      int64_t key = 0;
+      for (const auto& [first, count] : w.kept) {
+        for (int64_t slot = first; slot < first + count; ++slot, ++key) {
+          const int64_t token = w.key_tokens[slot], g = token - c.length;
+          w.key_rows[key] = token < 0 ? zero : g >= 0 ? gk + g * global_keys.stride(2) : k + token * keys.stride(2);
+          w.value_rows[key] =
+              token < 0 ? zero : g >= 0 ? gv + g * global_values.stride(2) : v + token * values.stride(2);
+          w.flags[key] = token < 0 ? kPaddingFlag : 0.0f;
+          w.padding_keys |= token < 0;
+        }
+      }
+      for (; key < cut.padded_keys; ++key) {  // as Scratch::fit leaves them past the keys (see the backward's)
+        w.key_rows[key] = w.value_rows[key] = zero;
+        w.flags[key] = -std::numeric_limits<float>::infinity();
       }
       const float* head_bias = bias_data + h * c.area * c.key_slots;
+      const bool whole = cut.keys == c.key_slots;
+      const float* task_bias = whole ? head_bias : cut_bias.get(head_bias, h, c.area, c.key_slots, w.kept, cut.keys);
       if constexpr (kFloat32) {
-        chunk_forward_f32(head_bias, c.key_slots, shape, w);
+        chunk_forward_f32(task_bias, cut.keys, cut, w);
       } else {
-        (engine == Engine::kTiles ? chunk_forward<true> : chunk_forward<false>)(head_bias, c.key_slots, shape, w);
+        (engine == Engine::kTiles ? chunk_forward<true> : chunk_forward<false>)(task_bias, cut.keys, cut, w);
       }
     }
     if (engine == Engine::kTiles) release_tiles();
@@ -1191,6 +1325,7 @@ void fused_backward(const at::Tensor& grad_output, const at::Tensor& queries, co
               "longformer_backward_'s bfloat16 products take bfloat16 tokens of head dims 32 and 64, got ", dtype,
               " of ", c.dim);
   const Shape shape = shape_of(c, !bfloat16_products);
+  const int64_t call = CutBias::next_call();
   grad_keys.zero_();
   grad_values.zero_();
   int64_t reach = 0;
@@ -1209,8 +1344,11 @@ void fused_backward(const at::Tensor& grad_output, const at::Tensor& queries, co
       const int64_t tasks = c.batch * c.heads * rows * cols, used = std::min(workers, tasks);
       at::parallel_for(0, used, 1, [&](int64_t begin, int64_t end) {
         thread_local BackwardScratch<T> scratch;
+        thread_local CutBias cut_bias;
+        thread_local SlotRanges kept;
         BackwardScratch<T>& g = scratch;
         g.fit(shape, bfloat16_products);
+        cut_bias.start(call);
         const T* zero = zero_row<T>();
         for (int64_t worker = begin; worker < end; ++worker) {
           float* worker_bias = bias_sums.defined() ? bias_sums[worker].data_ptr<float>() : nullptr;
@@ -1225,40 +1363,59 @@ void fused_backward(const at::Tensor& grad_output, const at::Tensor& queries, co
             float *gq = rows_of<float>(grad_queries, b, h), *gkr = rows_of<float>(grad_keys, b, h);
             float* gvr = rows_of<float>(grad_values, b, h);
             const int64_t global_first = (b * c.heads + h) * c.num_global * c.dim;
-            g.padding_keys = c.find_rows(b, ci, cj, g.query_tokens.data(), g.key_tokens.data());
+            c.find_rows(b, ci, cj, g.query_tokens.data(), g.key_tokens.data());
             for (int64_t slot = 0; slot < shape.slots; ++slot) {
               const int64_t token = g.query_tokens[slot];
               g.query_rows[slot] = token >= 0 ? q + token * queries.stride(2) : zero;
               g.grad_output_rows[slot] = token >= 0 ? go + token * grad_output.stride(2) : zero;
               g.grad_query_rows[slot] = token >= 0 ? gq + token * grad_queries.stride(2) : nullptr;
             }
-            for (int64_t slot = 0; slot < shape.keys; ++slot) {
-              const int64_t token = g.key_tokens[slot], global = token - c.length;
-              if (token < 0) {
-                g.key_rows[slot] = g.value_rows[slot] = zero;
-                g.grad_key_rows[slot] = g.grad_value_rows[slot] = nullptr;
-              } else if (global >= 0) {
-                g.key_rows[slot] = gk + global * global_keys.stride(2);
-                g.value_rows[slot] = gv + global * global_values.stride(2);
-                g.grad_key_rows[slot] = worker_keys + global_first + global * c.dim;
-                g.grad_value_rows[slot] = worker_values + global_first + global * c.dim;
-              } else {
-                g.key_rows[slot] = k + token * keys.stride(2);
-                g.value_rows[slot] = v + token * values.stride(2);
-                g.grad_key_rows[slot] = gkr + token * grad_keys.stride(2);
-                g.grad_value_rows[slot] = gvr + token * grad_values.stride(2);
+            // the kept slots only, as the forward's (their scores' gradients go back to their bias columns)
+            Shape cut = shape;
+            cut.keys = c.kept_ranges(g.key_tokens.data(), kept);
+            cut.padded_keys = (cut.keys + 31) / 32 * 32;
+            g.padding_keys = false;
+            int64_t key = 0;
+            for (const auto& [first, count] : kept) {
+              for (int64_t slot = first; slot < first + count; ++slot, ++key) {
+                const int64_t token = g.key_tokens[slot], global = token - c.length;
+                if (token < 0) {
+                  g.key_rows[key] = g.value_rows[key] = zero;
+                  g.grad_key_rows[key] = g.grad_value_rows[key] = nullptr;
+                } else if (global >= 0) {
+                  g.key_rows[key] = gk + global * global_keys.stride(2);
+                  g.value_rows[key] = gv + global * global_values.stride(2);
+                  g.grad_key_rows[key] = worker_keys + global_first + global * c.dim;
+                  g.grad_value_rows[key] = worker_values + global_first + global * c.dim;
+                } else {
+                  g.key_rows[key] = k + token * keys.stride(2);
+                  g.value_rows[key] = v + token * values.stride(2);
+                  g.grad_key_rows[key] = gkr + token * grad_keys.stride(2);
+                  g.grad_value_rows[key] = gvr + token * grad_values.stride(2);
+                }
+                g.flags[key] = token < 0 ? kPaddingFlag : 0.0f;
+                g.padding_keys |= token < 0;
               }
-              g.flags[slot] = token < 0 ? kPaddingFlag : 0.0f;
+            }
+            // past the keys, as BackwardScratch::fit leaves them (a zero row, not another chunk's key that might not
+            // be finite, even though its weight is 0; the gradients' rows are not read there)
+            for (; key < cut.padded_keys; ++key) {
+              g.key_rows[key] = g.value_rows[key] = zero;
+              g.flags[key] = -std::numeric_limits<float>::infinity();
             }
             const int64_t head_offset = h * c.area * c.key_slots;
+            const bool whole = cut.keys == c.key_slots;
+            g.cut = whole ? nullptr : &kept;
+            const float* task_bias = bias_data + head_offset;
+            if (!whole) task_bias = cut_bias.get(task_bias, h, c.area, c.key_slots, kept, cut.keys);
             float* head_bias_grad = worker_bias == nullptr ? nullptr : worker_bias + head_offset;
             if constexpr (std::is_same_v<T, bfloat16_bits>) {
               if (bfloat16_products) {
-                chunk_backward_bf16(bias_data + head_offset, c.key_slots, shape, g, head_bias_grad);
+                chunk_backward_bf16(task_bias, cut.keys, cut, g, head_bias_grad, c.key_slots);
                 continue;
               }
             }
-            chunk_backward(bias_data + head_offset, c.key_slots, shape, g, head_bias_grad);
+            chunk_backward(task_bias, cut.keys, cut, g, head_bias_grad, c.key_slots);
           }
         }
       });
