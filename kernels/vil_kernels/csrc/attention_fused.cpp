@@ -142,7 +142,7 @@ struct Scratch {
   std::vector<float> flags, scores, outputs;
   std::vector<int64_t> query_tokens, key_tokens;  // Call::find_rows's
   SlotRanges kept;  // the key slots computed (Call::kept_ranges)
-  bool padding_keys = false;  // whether any of the chunk's key slots is padding (a flag other than 0)
+  bool padding_keys = false;  // whether any of the chunk's kept key slots is padding (a flag other than 0)
   void fit(const Shape& s) {
     constexpr bool kBfloat16 = std::is_same_v<T, bfloat16_bits>;
     query_rows.assign(s.query_tiles * kTile, zero_row<T>());
@@ -1009,8 +1009,8 @@ struct Call {
   std::vector<int64_t> extents;  // per image: the rows and columns of keys that are not padding
 
   // Chunk (ci, cj) of image b: the token of each query slot (-1: off the map) and of each key slot (-1: padding;
-  // length + g: global g); returns whether any key slot is padding. (Nested loops: no division per slot.)
-  bool find_rows(int64_t b, int64_t ci, int64_t cj, int64_t* query_tokens, int64_t* key_tokens) const {
+  // length + g: global g). (Nested loops: no division per slot.)
+  void find_rows(int64_t b, int64_t ci, int64_t cj, int64_t* query_tokens, int64_t* key_tokens) const {
     for (int64_t dy = 0, slot = 0; dy < window; ++dy) {
       for (int64_t dx = 0; dx < window; ++dx, ++slot) {
         const int64_t y = ci * window + dy, x = cj * window + dx;
@@ -1018,7 +1018,6 @@ struct Call {
       }
     }
     const int64_t* offset_data = offsets.const_data_ptr<int64_t>();
-    bool padding = false;
     int64_t slot = 0;
     for (int64_t block = 0; block < blocks; ++block) {
       for (int64_t c = 0; c < chunks_per_block; ++c) {
@@ -1028,13 +1027,11 @@ struct Call {
           for (int64_t x = left; x < left + window; ++x, ++slot) {
             const bool seen = y >= 0 && x >= 0 && y < extents[2 * b] && x < extents[2 * b + 1];
             key_tokens[slot] = seen ? y * width + x : -1;
-            padding |= !seen;
           }
         }
       }
       for (int64_t g = 0; g < num_global; ++g, ++slot) key_tokens[slot] = length + g;
     }
-    return padding;
   }
 
   // The key slots the forward computes for a chunk whose slots' tokens find_rows gave: all but the neighbour chunks
