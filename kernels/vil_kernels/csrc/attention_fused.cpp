@@ -1066,31 +1066,6 @@ struct Call {
   }
 };
 
-// The chunk and key-slot geometry of a call of c.batch images with c.num_global globals.
-void set_geometry(Call& c, const at::Tensor& chunk_offsets, int64_t chunks_per_block, int64_t height, int64_t width,
-                  int64_t window, const std::optional<at::Tensor>& key_extents) {
-  TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
-                  chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
-              "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
-  c.length = height * width;
-  c.height = height, c.width = width, c.window = window, c.chunks_per_block = chunks_per_block;
-  c.area = window * window, c.blocks = chunk_offsets.size(0) / chunks_per_block;
-  c.key_slots = c.blocks * (chunks_per_block * c.area + c.num_global);
-  if (key_extents.has_value()) {
-    TORCH_CHECK(key_extents->scalar_type() == at::kLong && key_extents->dim() == 2 &&
-                    key_extents->size(0) == c.batch && key_extents->size(1) == 2,
-                "key_extents must be int64 (", c.batch, ", 2), got ", key_extents->sizes());
-  }
-  c.chunk_rows = (height + window - 1) / window, c.chunk_cols = (width + window - 1) / window;
-  c.offsets = chunk_offsets.contiguous();
-  c.extents.resize(2 * c.batch);
-  const auto given = key_extents.has_value() ? key_extents->contiguous() : at::Tensor();
-  for (int64_t b = 0; b < c.batch; ++b) {
-    c.extents[2 * b] = given.defined() ? std::min(height, given.const_data_ptr<int64_t>()[2 * b]) : height;
-    c.extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
-  }
-}
-
 // any_head_dim: head dims 1 to 64 (the float32 engine's products, whatever the tokens' dtype), else bfloat16's 32 and
 // 64 (the tiles' and vector engine's packed pairs).
 Call check_call(const char* op, at::ScalarType dtype, bool any_head_dim, const at::Tensor& queries,
@@ -1114,11 +1089,29 @@ Call check_call(const char* op, at::ScalarType dtype, bool any_head_dim, const a
   check_tokens(values, "values", dtype, c.batch, c.heads, c.length, c.dim);
   check_tokens(global_keys, "global_keys", dtype, c.batch, c.heads, c.num_global, c.dim);
   check_tokens(global_values, "global_values", dtype, c.batch, c.heads, c.num_global, c.dim);
-  set_geometry(c, chunk_offsets, chunks_per_block, height, width, window, key_extents);
+  TORCH_CHECK(chunk_offsets.scalar_type() == at::kLong && chunk_offsets.dim() == 2 && chunk_offsets.size(1) == 2 &&
+                  chunks_per_block > 0 && chunk_offsets.size(0) % chunks_per_block == 0,
+              "chunk_offsets must be int64 (blocks x chunks_per_block, 2), got ", chunk_offsets.sizes());
+  c.height = height, c.width = width, c.window = window, c.chunks_per_block = chunks_per_block;
+  c.area = window * window, c.blocks = chunk_offsets.size(0) / chunks_per_block;
+  c.key_slots = c.blocks * (chunks_per_block * c.area + c.num_global);
   TORCH_CHECK(bias.scalar_type() == at::kFloat && bias.dim() == 3 && bias.size(0) == c.heads &&
                   bias.size(1) == c.area && bias.size(2) == c.key_slots && bias.is_contiguous(),
               "bias must be contiguous float32 (", c.heads, ", ", c.area, ", ", c.key_slots, "), got ",
               bias.scalar_type(), " ", bias.sizes());
+  if (key_extents.has_value()) {
+    TORCH_CHECK(key_extents->scalar_type() == at::kLong && key_extents->dim() == 2 &&
+                    key_extents->size(0) == c.batch && key_extents->size(1) == 2,
+                "key_extents must be int64 (", c.batch, ", 2), got ", key_extents->sizes());
+  }
+  c.chunk_rows = (height + window - 1) / window, c.chunk_cols = (width + window - 1) / window;
+  c.offsets = chunk_offsets.contiguous();
+  c.extents.resize(2 * c.batch);
+  const auto given = key_extents.has_value() ? key_extents->contiguous() : at::Tensor();
+  for (int64_t b = 0; b < c.batch; ++b) {
+    c.extents[2 * b] = given.defined() ? std::min(height, given.const_data_ptr<int64_t>()[2 * b]) : height;
+    c.extents[2 * b + 1] = given.defined() ? std::min(width, given.const_data_ptr<int64_t>()[2 * b + 1]) : width;
+  }
   return c;
 }
 
@@ -1129,10 +1122,13 @@ T* rows_of(const at::Tensor& t, int64_t b, int64_t h) {
 }
 
 #if VIL_HAVE_X86_BF16
+// keys rounded up to 32 (Shape::padded_keys)
+int64_t padded(int64_t keys) { return (keys + 31) / 32 * 32; }
+
 Shape shape_of(const Call& c, bool float32) {
   // float32: feature_steps counts groups of 16 features (pack_keys_f32), dim_tiles the output's (the last partial)
   const int64_t steps = float32 ? (c.dim + 15) / 16 : c.dim / 32, tiles = float32 ? (c.dim + 15) / 16 : c.dim / kTile;
-  return Shape{c.area, c.key_slots, c.dim, (c.key_slots + 31) / 32 * 32, (c.area + kTile - 1) / kTile, steps, tiles};
+  return Shape{c.area, c.key_slots, c.dim, padded(c.key_slots), (c.area + kTile - 1) / kTile, steps, tiles};
 }
 
 // as blocked.py's: exp() of it is 0
@@ -1233,7 +1229,7 @@ void fused_forward(const at::Tensor& queries, const at::Tensor& keys, const at::
       // the kept slots only, packed to the front: the task's keys
       Shape cut = shape;
       cut.keys = c.kept_ranges(w.key_tokens.data(), w.kept);
-      cut.padded_keys = (cut.keys + 31) / 32 * 32;
+      cut.padded_keys = padded(cut.keys);
       w.padding_keys = false;
       int64_t key = 0;
       for (const auto& [first, count] : w.kept) {
@@ -1370,7 +1366,7 @@ void fused_backward(const at::Tensor& grad_output, const at::Tensor& queries, co
             // the kept slots only, as the forward's (their scores' gradients go back to their bias columns)
             Shape cut = shape;
             cut.keys = c.kept_ranges(g.key_tokens.data(), kept);
-            cut.padded_keys = (cut.keys + 31) / 32 * 32;
+            cut.padded_keys = padded(cut.keys);
             g.padding_keys = false;
             int64_t key = 0;
             for (const auto& [first, count] : kept) {
