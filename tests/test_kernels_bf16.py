@@ -460,7 +460,8 @@ def test_global_queries_score_bfloat16_keys_from_the_left(num_global):
     """In bfloat16 the global queries' scores take the keys as the left operand (no transposed copy of the map's
     keys): the same scores, to bfloat16 rounding, as the usual product, on the strided views of a fused projection;
     and a global layer's output and gradients under autocast stay within the model's tolerance of float32."""
-    from vil_hf.attention.longformer import ViLLongformerAttention, _global_scores
+    from vil_hf.attention.base import _global_scores
+    from vil_hf.attention.longformer import ViLLongformerAttention
 
     torch.manual_seed(0)
     heads, head_dim, length = 3, 16, 9 * 13
@@ -487,6 +488,41 @@ def test_global_queries_score_bfloat16_keys_from_the_left(num_global):
         results[autocast] = output[:, :num_global].detach(), grad
     _assert_close(results[True][0], results[False][0], MODEL_TOLERANCE, "global output")
     _assert_close(results[True][1], results[False][1], TOLERANCES[torch.bfloat16]["grads"], "input grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch, heads", [(3, 2), (2, 3)])
+def test_global_queries_attend_per_head_or_per_image_as_one_product_would(batch, heads, dtype):
+    """The global queries' attention loops over heads where they are fewer than the images (else over images):
+    either way the float64 product's output and gradients (queries, keys and values through the strided views of a
+    fused projection, and the bias), with a bias, hidden keys and two global queries; no hidden key gets weight."""
+    from vil_hf.attention.base import attend_from_global_queries
+
+    torch.manual_seed(0)
+    num_global, head_dim, length = 2, 16, 2 + 9 * 13
+    projection = torch.randn(batch, length, 3 * heads * head_dim, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(heads, num_global, length, dtype=torch.float64, requires_grad=True)
+    hidden_keys = torch.rand(batch, length) < 0.3
+    hidden_keys[:, :num_global] = False  # every query sees the globals
+
+    def attend(projection, bias, dtype):
+        queries, keys, values = projection.to(dtype).view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+        return attend_from_global_queries(queries[:, :, :num_global] * 0.25, keys, values, bias, hidden_keys)
+
+    queries, keys, values = projection.view(batch, length, 3, heads, head_dim).permute(2, 0, 3, 1, 4)
+    scores = (queries[:, :, :num_global] * 0.25) @ keys.transpose(-1, -2) + bias
+    weights = scores.masked_fill(hidden_keys[:, None, None], float("-inf")).softmax(dim=-1)
+    assert weights[hidden_keys[:, None, None].expand_as(weights)].abs().max() == 0
+    expected = weights @ values
+    upstream = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, (projection, bias), upstream)
+
+    actual = attend(projection, bias.float(), dtype)
+    assert actual.dtype == dtype and actual.shape == (batch, heads, num_global, head_dim)
+    actual_grads = torch.autograd.grad(actual, (projection, bias), upstream.to(dtype))
+    _assert_close(actual.double(), expected, TOLERANCES[dtype]["output"], "output")
+    for name, got, want in zip(("projection", "bias"), actual_grads, expected_grads):
+        _assert_close(got.double(), want, TOLERANCES[dtype]["grads"], f"{name} grad")
 
 
 def _training_step(model, pixel_values, autocast):

@@ -9,21 +9,7 @@ from torch import nn
 from vil_kernels import NEIGHBOR_OFFSETS, longformer_attention, relative_bias_table_size
 
 from ..configuration_vil import ViLConfig
-from .base import ViLAttentionBase, extent_mask
-
-
-def _global_scores(global_queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """(H, G, M) global queries against (H, N, M) keys (strided views of the projection) -> (H, G, N) scores.
-
-    In bfloat16 a CPU ``bmm`` first copies a transposed strided operand to contiguous memory: with the
-    keys transposed that is every key of the map for a product of G = 1 or 2 rows. With the keys as the
-    left operand only the queries are transposed (measured: scores, softmax and context of ViL-Small's
-    stage 1 at 800x1216, 12.0 -> 2.4 ms; stage 3, 2.0 -> 0.65 ms; same values). float32 BLAS reads either
-    layout in place, and there the usual form measured as fast or faster.
-    """
-    if keys.device.type == "cpu" and keys.dtype.itemsize < 4:
-        return torch.bmm(keys, global_queries.transpose(1, 2)).transpose(1, 2)
-    return torch.bmm(global_queries, keys.transpose(1, 2))
+from .base import ViLAttentionBase, attend_from_global_queries, extent_mask
 
 
 class ViLLongformerAttention(ViLAttentionBase):
@@ -97,25 +83,15 @@ class ViLLongformerAttention(ViLAttentionBase):
             global_queries = self._split_heads(self.global_query(hidden_states[:, :num_global]) * self.scale, 1)[0]
             keys, values = self._split_heads(self.global_kv(hidden_states), 2)
             global_proj = self.global_proj
-        # Plain products over the strided key/value views of the projection: with G = 1 or 2
-        # queries, SDPA would take its math path and copy the (scaled) keys of the whole map.
-        beyond = None if key_extents is None else ~extent_mask(key_extents, height, width).flatten(1)  # (B, L)
-        # One image at a time, through unbind: indexing [b] instead gives each image's view a backward that
-        # writes a zero tensor the size of the whole projection, summed over the batch (96 such tensors per
-        # block of ViL-Small's classifier at batch 32).
-        contexts = []
-        for b, (image_queries, image_keys, image_values) in enumerate(
-            zip(global_queries.unbind(0), keys.unbind(0), values.unbind(0))
-        ):
-            scores = _global_scores(image_queries, image_keys)  # (H, G, G + L)
-            if self.use_relative_bias:
-                scores[..., :num_global] += self.global_to_global_bias
-                scores[..., num_global:] += self.global_to_local_bias[:, :, None]
-            if beyond is not None:
-                scores[..., num_global:].masked_fill_(beyond[b], float("-inf"))
-            probs = F.dropout(scores.softmax(dim=-1), p=self.dropout_probability(), training=self.training)
-            contexts.append(torch.bmm(probs, image_values))  # (H, G, M)
-        global_context = torch.stack(contexts).transpose(1, 2).reshape(batch, num_global, dim)
+        hidden_keys = None
+        if key_extents is not None:
+            beyond = ~extent_mask(key_extents, height, width).flatten(1)  # (B, L)
+            hidden_keys = torch.cat([beyond.new_zeros(batch, num_global), beyond], dim=1)  # (B, G + L)
+        bias = self.global_query_bias(height * width) if self.use_relative_bias else None
+        global_context = attend_from_global_queries(
+            global_queries, keys, values, bias, hidden_keys, self.dropout_probability()
+        )  # (B, H, G, M)
+        global_context = global_context.transpose(1, 2).reshape(batch, num_global, dim)
         return global_proj(global_context)
 
     def forward(
