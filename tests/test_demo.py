@@ -26,6 +26,35 @@ def test_demo_patch_projection_keeps_every_value_of_a_patch():
     assert matrix.shape[0] >= matrix.shape[1] and torch.linalg.matrix_rank(matrix) == matrix.shape[1]
 
 
+def test_demo_builds_the_kernels_while_it_draws_the_images(tmp_path, monkeypatch):
+    """A first run's C++ build (half a minute) overlaps the data set's drawing, on another thread; training starts
+    after both."""
+    import threading
+
+    from vil_hf import demo
+
+    drawing, events = threading.Event(), []
+
+    def build():
+        # called before the drawing, on the caller's thread, this would wait out the timeout
+        assert drawing.wait(timeout=10), "the kernels were not building while the images were drawn"
+        events.append(("built", threading.current_thread() is threading.main_thread()))
+
+    def draw(settings, data_dir):
+        drawing.set()
+
+    def train(config, overwrite):
+        events.append(("train", threading.current_thread() is threading.main_thread()))
+        raise KeyboardInterrupt  # stops the demo here
+
+    monkeypatch.setattr(demo, "native_ops", build)
+    monkeypatch.setattr(demo, "make_demo_shapes", draw)
+    monkeypatch.setattr("vil_hf.training.loop.train", train)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(DemoSettings(output_dir=str(tmp_path)))
+    assert events == [("built", False), ("train", True)]
+
+
 @pytest.mark.slow
 def test_short_demo_learns_the_shapes(tmp_path, capsys):
     code = main(["demo", "--output-dir", str(tmp_path), "--max-iter", "150", "--num-train", "160", "--num-val", "24"])

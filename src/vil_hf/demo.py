@@ -8,8 +8,11 @@ picture of its detections.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
+
+from vil_kernels.native import native_ops
 
 from .training.config import TrainConfig, config_from_dict
 
@@ -167,7 +170,12 @@ def run_demo(settings: DemoSettings, backbone: str = "vil") -> DemoResult:
 
     start = time.perf_counter()
     config = demo_config(settings, Path(settings.output_dir) / "shapes", backbone)  # a bad backbone fails first
+    # A first run builds the C++ kernels (half a minute on 2 cores, mostly one compiler process): while the images
+    # are drawn (one Python thread) rather than after. A failed build warns or raises as it would in training.
+    kernels = threading.Thread(target=native_ops, name="vil-kernels-build", daemon=True)
+    kernels.start()
     make_demo_shapes(settings, Path(settings.output_dir) / "shapes")
+    kernels.join()
     # A demo run starts over in its folder (which --overwrite refuses to do if anything but a run is there).
     result = train(config, overwrite=True)
     stats = result.metrics["stats"]
