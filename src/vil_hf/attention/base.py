@@ -18,6 +18,21 @@ def extent_mask(key_extents: torch.Tensor, height: int, width: int) -> torch.Ten
     return keys_inside(rows, cols, key_extents)
 
 
+def project_with_scaled_queries(
+    hidden_states: torch.Tensor,
+    query_weight: torch.Tensor,
+    query_bias: torch.Tensor | None,
+    key_value_weight: torch.Tensor,
+    key_value_bias: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """One product for queries, keys and values, (B, N, 3d), the queries' rows scaled: the scale folded into the
+    weights spares a pass over the queries (or, with a trained full-attention bias, over every score)."""
+    weight = torch.cat([query_weight * scale, key_value_weight])
+    bias = None if query_bias is None else torch.cat([query_bias * scale, key_value_bias])
+    return F.linear(hidden_states, weight, bias)
+
+
 def _global_scores(global_queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """(P, G, M) global queries against (P, N, M) keys (strided views of the projection) -> (P, G, N) scores.
 

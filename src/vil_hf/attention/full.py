@@ -9,7 +9,7 @@ from torch import nn
 from vil_kernels.native import bf16_forward
 
 from ..configuration_vil import ViLConfig
-from .base import ViLAttentionBase, attend_from_global_queries, extent_mask
+from .base import ViLAttentionBase, attend_from_global_queries, extent_mask, project_with_scaled_queries
 
 
 def full_relative_bias_index(height: int, width: int, device=None) -> torch.Tensor:
@@ -107,15 +107,13 @@ class ViLFullAttention(ViLAttentionBase):
         return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))
 
     def _query_key_value_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``qkv(hidden_states)`` with the queries' rows scaled: (B, N, 3d).
-
-        The scale folded into the weights, as the longformer does, spares a pass over the queries (or, with a
-        trained bias, over every score) and lets the bfloat16 engine read the queries in place.
-        """
+        """``qkv(hidden_states)`` with the queries' rows scaled, as the longformer's: (B, N, 3d). The bfloat16 engine
+        reads the queries in place."""
         weight, bias, dim = self.qkv.weight, self.qkv.bias, self.dim
-        weight = torch.cat([weight[:dim] * self.scale, weight[dim:]])
-        bias = None if bias is None else torch.cat([bias[:dim] * self.scale, bias[dim:]])
-        return F.linear(hidden_states, weight, bias)
+        query_bias, key_value_bias = (None, None) if bias is None else (bias[:dim], bias[dim:])
+        return project_with_scaled_queries(
+            hidden_states, weight[:dim], query_bias, weight[dim:], key_value_bias, self.scale
+        )
 
     def _bfloat16_engine(self, queries, keys, values, height, width):
         """The longformer kernel's native bfloat16 forward ``(ops, engine)`` for this inference call, or None.

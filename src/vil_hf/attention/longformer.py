@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vil_kernels import NEIGHBOR_OFFSETS, longformer_attention, relative_bias_table_size
 
 from ..configuration_vil import ViLConfig
-from .base import ViLAttentionBase, attend_from_global_queries, extent_mask
+from .base import ViLAttentionBase, attend_from_global_queries, extent_mask, project_with_scaled_queries
 
 
 class ViLLongformerAttention(ViLAttentionBase):
@@ -50,10 +49,8 @@ class ViLLongformerAttention(ViLAttentionBase):
 
     def _query_key_value_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """One product for queries, keys and values: (B, N, 3d), queries already scaled."""
-        # the scale folded into the weights: one pass less over the queries
-        weight = torch.cat([self.query.weight * self.scale, self.kv.weight])
-        bias = None if self.query.bias is None else torch.cat([self.query.bias * self.scale, self.kv.bias])
-        return F.linear(hidden_states, weight, bias)
+        query, kv = self.query, self.kv
+        return project_with_scaled_queries(hidden_states, query.weight, query.bias, kv.weight, kv.bias, self.scale)
 
     def _split_heads(self, tokens: torch.Tensor, parts: int) -> torch.Tensor:
         batch, length, _ = tokens.shape
