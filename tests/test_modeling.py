@@ -28,7 +28,8 @@ from vil_hf import (
     published_arch,
 )
 from vil_hf.attention import ViLFullAttention, ViLLongformerAttention
-from vil_hf.configuration_vil import STAGE_FIELDS, stage_lists_from_arch
+from vil_hf.configuration_vil import EFFICIENT_ATTENTION_TYPES, STAGE_FIELDS, stage_lists_from_arch
+from vil_hf.modeling_vil import ViLLayer
 
 # A small model with every feature: longformer stages with 1-2 globals, full attention stages,
 # relative bias in 1, 3 and 4, absolute embeddings in 2, windows 3 and 5.
@@ -297,6 +298,51 @@ def test_feed_forward_chunks_are_chosen_by_memory_on_cpu_only():
     assert layer._feed_forward_chunk(torch.zeros(2, 100_000, 16, device="meta")) == 100_000  # whole off CPU
     layer.chunk_size_feed_forward = 7
     assert layer._feed_forward_chunk(cpu) == 7
+
+
+@pytest.mark.parametrize("attention_type", sorted(EFFICIENT_ATTENTION_TYPES))  # stages 3-4: full
+@pytest.mark.parametrize("precision", ["float32", "bfloat16 autocast", "bfloat16 weights"])
+def test_inference_in_place_gives_the_plain_forward_bit_for_bit(attention_type, precision, monkeypatch):
+    """Inference normalises the attention's input straight into autocast's dtype and adds the feed-forward into
+    the stream, both in chunks of 11 tokens (never a whole number of them in stages 1-3): every stage's tokens,
+    the stem's too, are the plain forward's bits, in the plain forward's dtype."""
+    model = randomize(ViLModel(tiny_config(chunk_size_feed_forward=11, attention_type=attention_type)))
+    size = (64, 64) if attention_type == "linformer" else (80, 64)  # the linformer projects a fixed sequence
+    pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))
+    if precision == "bfloat16 weights":
+        model, pixel_values = model.to(torch.bfloat16), pixel_values.to(torch.bfloat16)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16 autocast")
+    calls = []
+    inference_forward = ViLLayer._inference_forward
+    monkeypatch.setattr(ViLLayer, "_inference_forward", lambda *args: calls.append(1) or inference_forward(*args))
+
+    def stage_tokens() -> tuple[torch.Tensor, ...]:
+        with torch.no_grad(), autocast:
+            return model(pixel_values, output_hidden_states=True).hidden_states
+
+    in_place = stage_tokens()
+    assert len(calls) == sum(len(stage.layers) for stage in model.encoder.stages)
+    monkeypatch.setattr(ViLLayer, "_runs_in_place", lambda self: False)
+    plain = stage_tokens()
+    assert len(calls) == sum(len(stage.layers) for stage in model.encoder.stages)
+    assert len(in_place) == len(plain) == 5
+    for index, (actual, expected) in enumerate(zip(in_place, plain)):
+        assert actual.dtype == expected.dtype, index
+        assert torch.equal(actual, expected), f"stage output {index}: {(actual - expected).abs().max()}"
+
+
+def test_blocks_run_in_place_only_in_eager_inference_and_leave_their_input_alone():
+    layer = ViLModel(tiny_config(chunk_size_feed_forward=5)).encoder.stages[0].layers[0]
+    randomize(layer)
+    hidden_states = torch.randn(2, 2 + 20 * 16, 16)
+    before = hidden_states.clone()
+    with torch.no_grad():
+        assert layer._runs_in_place()
+        layer(hidden_states, 20, 16)
+    assert torch.equal(hidden_states, before)
+    assert not layer._runs_in_place()  # autograd keeps what the plain forward's tensors hold
+    with torch.no_grad():
+        assert not layer.train()._runs_in_place()  # dropout and drop-path draw per call
 
 
 def test_random_shift_only_in_training_and_can_be_switched_off():
