@@ -30,6 +30,7 @@ from vil_hf import (
 from vil_hf.attention import ViLFullAttention, ViLLongformerAttention
 from vil_hf.configuration_vil import EFFICIENT_ATTENTION_TYPES, STAGE_FIELDS, stage_lists_from_arch
 from vil_hf.modeling_vil import ViLLayer
+from vil_kernels.longformer.blocked import release_workspaces
 
 # A small model with every feature: longformer stages with 1-2 globals, full attention stages,
 # relative bias in 1, 3 and 4, absolute embeddings in 2, windows 3 and 5.
@@ -343,6 +344,32 @@ def test_blocks_run_in_place_only_in_eager_inference_and_leave_their_input_alone
     assert not layer._runs_in_place()  # autograd keeps what the plain forward's tensors hold
     with torch.no_grad():
         assert not layer.train()._runs_in_place()  # dropout and drop-path draw per call
+
+
+@pytest.mark.parametrize(
+    "implementation, forward_engine", [("auto", "auto"), ("blocked", "aten"), ("dense", "auto"), ("vectorized", "auto")]
+)
+@pytest.mark.parametrize("autocast", [False, True])
+def test_training_runs_after_a_first_call_under_inference_mode(implementation, forward_engine, autocast, monkeypatch):
+    """The kernels cache their geometry (index tensors) and the blocked path its workspaces per map size. Built on a
+    first call under ``torch.inference_mode()`` (a validation pass before training, as Lightning runs one) they
+    were inference tensors, and the next training step on those sizes failed: an index that ``index`` keeps for
+    backward, a workspace written in place. A size no other test uses, so that this test's first call builds them."""
+    monkeypatch.setenv("VIL_KERNELS_F32_FORWARD", forward_engine)
+    monkeypatch.setenv("VIL_KERNELS_BF16_FORWARD", forward_engine)
+    release_workspaces()
+    model = randomize(ViLForImageClassification(tiny_config(longformer_implementation=implementation)))
+    pixel_values, labels = torch.randn(2, 3, 88, 104, generator=torch.Generator().manual_seed(2)), torch.tensor([1, 3])
+    context = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+    with torch.inference_mode(), context:
+        first = model(pixel_values).logits
+    with context:
+        loss = model.train()(pixel_values, labels=labels).loss
+    loss.backward()
+    assert model.vil.encoder.stages[0].layers[0].attention.query.weight.grad.abs().sum() > 0
+    with torch.no_grad(), context:
+        again = model.eval()(pixel_values).logits
+    assert torch.equal(again, first)  # the same path twice
 
 
 def test_random_shift_only_in_training_and_can_be_switched_off():

@@ -63,14 +63,13 @@ import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
 
 from ..native import backward as native_backward, bf16_forward, f32_forward, native_ops
-from .geometry import NEIGHBOR_OFFSETS, chunk_offsets, num_chunks, relative_bias_index
+from .geometry import NEIGHBOR_OFFSETS, cached_tensors, chunk_offsets, num_chunks, relative_bias_index
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +120,7 @@ def _slot_chunks(neighbor: int | None) -> tuple[list[tuple[int, int]], int]:
     return list(chunk_offsets(neighbor)), 1
 
 
-@lru_cache(maxsize=64)
+@cached_tensors(maxsize=64)
 def _slot_geometry(window: int, neighbor: int | None, num_global: int, exact: bool, device: str):
     """Per (query slot, key slot): bias-table row (W^2, S), allowed (W^2, S), global index or -1 (S,)."""
     w, g = window, num_global
@@ -494,7 +493,8 @@ def _workspace(layout: _Layout, head_dim: int, group: int, dtype: torch.dtype, d
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    cache[key] = workspace = _Workspace(layout, head_dim, group, dtype, device)
+    with torch.inference_mode(False):  # reused by later calls, with or without autograd (see cached_tensors)
+        cache[key] = workspace = _Workspace(layout, head_dim, group, dtype, device)
     if logger.isEnabledFor(logging.DEBUG):
         logger.debug(
             "blocked: %dx%d map, window %d, %s: %d maps (image x head) loaded together, %s",

@@ -10,16 +10,20 @@ than about three chunks per side (the demo's 128 px images: maps of 32x32 down t
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.nn.functional as F
 
-from .geometry import beyond_extent_score, keys_inside, relative_bias_index, relative_bias_table_size
+from .geometry import (
+    beyond_extent_score,
+    cached_tensors,
+    keys_inside,
+    relative_bias_index,
+    relative_bias_table_size,
+)
 from .reference import allowed_keys
 
 
-@lru_cache(maxsize=64)
+@cached_tensors(maxsize=64)
 def _dense_geometry(height: int, width: int, window: int, exact: bool, neighbor: int | None, device: str):
     device = torch.device(device)
     positions = torch.arange(height * width, device=device)

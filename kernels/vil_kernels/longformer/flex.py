@@ -50,7 +50,14 @@ from functools import lru_cache
 
 import torch
 
-from .geometry import ALL_CHUNK_OFFSETS, NEIGHBOR_OFFSETS, beyond_extent_score, chunk_offsets, num_chunks
+from .geometry import (
+    ALL_CHUNK_OFFSETS,
+    NEIGHBOR_OFFSETS,
+    beyond_extent_score,
+    cached_tensors,
+    chunk_offsets,
+    num_chunks,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +104,7 @@ def bucket_chunks(count: int) -> int:
     return -(-count // step) * step
 
 
-@lru_cache(maxsize=64)
+@cached_tensors(maxsize=64)
 def _scalars(values: tuple[int, ...], device: str) -> tuple[torch.Tensor, ...]:
     """0-d int32 tensors for the numbers that mask_mod and score_mod use, one distinct tensor each.
 
@@ -109,7 +116,7 @@ def _scalars(values: tuple[int, ...], device: str) -> tuple[torch.Tensor, ...]:
     return tuple(torch.tensor(value, dtype=torch.int32, device=device) for value in values)
 
 
-@lru_cache(maxsize=32)
+@cached_tensors(maxsize=32)
 def _chunk_major_coordinates(chunk_rows: int, chunk_cols: int, window: int, device: str):
     """(row, col) on the padded map of every token in chunk-major order, two (L_padded,) int32 tensors."""
     chunk = torch.arange(chunk_rows * chunk_cols).repeat_interleave(window * window)
@@ -239,7 +246,7 @@ def chunk_major_block_mask(chunk_rows, chunk_cols, window, exact, neighbor, num_
     )
 
 
-_cached_block_mask = lru_cache(maxsize=32)(chunk_major_block_mask)
+_cached_block_mask = cached_tensors(maxsize=32)(chunk_major_block_mask)
 
 
 def block_mask_tiles(height, width, window, exact=False, neighbor=None, num_global=1, order="chunk-major"):

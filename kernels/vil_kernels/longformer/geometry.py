@@ -7,9 +7,32 @@ chunk (cr, cc) sees the real tokens of chunks (cr + dr, cc + dc) for the chunk o
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from functools import lru_cache
 
 import torch
+
+
+def cached_tensors(maxsize: int) -> Callable:
+    """``lru_cache`` for functions that build tensors from sizes, always outside inference mode.
+
+    A tensor made under ``torch.inference_mode()`` may not be saved for backward nor changed in place outside it:
+    cached from a first call there, it would break every later training step (the geometry's index tensors feed
+    ``index``, whose backward keeps them) and every later forward that writes into it (the blocked workspaces).
+    """
+
+    def decorate(build: Callable) -> Callable:
+        @lru_cache(maxsize=maxsize)
+        @functools.wraps(build)
+        def cached(*args, **kwargs):
+            with torch.inference_mode(False):
+                return build(*args, **kwargs)
+
+        return cached
+
+    return decorate
+
 
 # The eight neighbour chunks, in the original's order (row offset, column offset). Random shifting
 # ("MODE > 0" in the original) draws one of them per call; `neighbor` indexes this tuple.
@@ -87,7 +110,7 @@ def beyond_extent_score(dtype: torch.dtype) -> float:
     return torch.finfo(dtype).min / 4
 
 
-@lru_cache(maxsize=64)
+@cached_tensors(maxsize=64)
 def _chunk_geometry(height: int, width: int, window: int, exact: bool, neighbor: int | None, device: str):
     w = window
     chunks_x, chunks_y = num_chunks(height, width, w)
