@@ -7,9 +7,8 @@ chunk (cr, cc) sees the real tokens of chunks (cr + dr, cc + dc) for the chunk o
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
-from functools import lru_cache
+from functools import lru_cache, wraps
 
 import torch
 
@@ -24,7 +23,7 @@ def cached_tensors(maxsize: int) -> Callable:
 
     def decorate(build: Callable) -> Callable:
         @lru_cache(maxsize=maxsize)
-        @functools.wraps(build)
+        @wraps(build)
         def cached(*args, **kwargs):
             with torch.inference_mode(False):
                 return build(*args, **kwargs)
