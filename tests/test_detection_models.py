@@ -414,8 +414,8 @@ def test_registered_with_auto_classes(tmp_path):
 @pytest.mark.parametrize("kind", sorted(DETECTORS))
 def test_a_detector_trains_after_a_first_call_under_inference_mode(kind):
     """Nothing that a first call under ``torch.inference_mode()`` caches (the backbone kernels' geometry and
-    workspaces, anchors) stays an inference tensor: a training step on the same sizes follows, as after a validation
-    pass run that way. A size no other test uses."""
+    workspaces) stays an inference tensor: a training step on the same sizes follows, as after a validation pass run
+    that way. A size no other test uses."""
     model = tiny_detector(kind).eval()
     pixel_values, labels = synthetic_batch(size=(104, 136), with_masks=kind == "mask_rcnn")
     with torch.inference_mode():
