@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,6 +16,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
+from . import fused_linear
 from .attention import (
     ATTENTION_CLASSES,
     ViLAttentionBase,
@@ -171,11 +173,33 @@ class ViLMLP(nn.Module):
         super().__init__()
         hidden = int(dim * config.mlp_ratio)
         self.fc1 = nn.Linear(dim, hidden)
+        self.hidden_act = config.hidden_act
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(hidden, dim)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.for_rows(hidden_states)(hidden_states)
+
+    def for_rows(self, hidden_states: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """forward, for hidden_states or any chunk of its rows. In inference whose products run in bfloat16 on CPU
+        they are oneDNN's, the bias and activation fused (``fused_linear``), the weights cast to bfloat16 once for
+        all the chunks."""
+        plain_layers = fused_linear.is_plain_linear(self.fc1) and fused_linear.is_plain_linear(self.fc2)
+        if self.training or not plain_layers or not fused_linear.runs_fused(hidden_states, self.fc1.weight):
+            return self._plain_forward
+        fc1, fc2, narrow = self.fc1, self.fc2, torch.bfloat16
+        weight1, weight2 = fc1.weight.to(narrow), fc2.weight.to(narrow)
+        bias1, bias2 = (None if layer.bias is None else layer.bias.to(narrow) for layer in (fc1, fc2))
+        fused_activation = self.hidden_act if fused_linear.fusable_activation(self.hidden_act) else None
+
+        def fused_forward(rows: torch.Tensor) -> torch.Tensor:
+            hidden = fused_linear.linear(rows, weight1, bias1, fused_activation)
+            return fused_linear.linear(hidden if fused_activation else self.activation(hidden), weight2, bias2)
+
+        return fused_forward
+
+    def _plain_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         hidden_states = self.dropout(self.activation(self.fc1(hidden_states)))
         return self.dropout(self.fc2(hidden_states))
 
@@ -250,10 +274,11 @@ class ViLLayer(GradientCheckpointingLayer):
         chunk = self._feed_forward_chunk(hidden_states)
         normed = self._normed_for_attention(hidden_states, chunk)
         hidden_states = _add_residual(self.attention(normed, height, width, *extents), hidden_states)
+        mlp = self.mlp.for_rows(hidden_states)
         for part in hidden_states.split(chunk, dim=1):
             # the stream is at least as wide as the attention's output, which comes out of linear layers of the
             # same dtype as the MLP's: widening into it is _add_residual's sum
-            part.add_(self.mlp(self.layernorm_after(part)).to(part.dtype))
+            part.add_(mlp(self.layernorm_after(part)).to(part.dtype))
         return hidden_states
 
     def _normed_for_attention(self, hidden_states: torch.Tensor, chunk: int) -> torch.Tensor:

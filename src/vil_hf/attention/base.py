@@ -8,6 +8,7 @@ from torch import nn
 
 from vil_kernels.longformer import keys_inside
 
+from .. import fused_linear
 from ..configuration_vil import ViLConfig
 
 
@@ -30,7 +31,7 @@ def project_with_scaled_queries(
     weights spares a pass over the queries (or, with a trained full-attention bias, over every score)."""
     weight = torch.cat([query_weight * scale, key_value_weight])
     bias = None if query_bias is None else torch.cat([query_bias * scale, key_value_bias])
-    return F.linear(hidden_states, weight, bias)
+    return fused_linear.linear(hidden_states, weight, bias)
 
 
 def _global_scores(global_queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:

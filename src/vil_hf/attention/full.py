@@ -8,6 +8,7 @@ from torch import nn
 
 from vil_kernels.native import bf16_forward
 
+from .. import fused_linear
 from ..configuration_vil import ViLConfig
 from .base import ViLAttentionBase, attend_from_global_queries, extent_mask, project_with_scaled_queries
 
@@ -104,7 +105,8 @@ class ViLFullAttention(ViLAttentionBase):
             context = self._sdpa(queries, keys, values, mask)
         else:
             context = self._sdpa(queries, keys, values, None)
-        return self.proj_dropout(self.proj(context.transpose(1, 2).reshape(batch, length, dim)))
+        context = context.transpose(1, 2).reshape(batch, length, dim)
+        return self.proj_dropout(fused_linear.layer_forward(self.proj, context))
 
     def _query_key_value_projection(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``qkv(hidden_states)`` with the queries' rows scaled, as the longformer's: (B, N, 3d). The bfloat16 engine

@@ -7,6 +7,7 @@ from torch import nn
 
 from vil_kernels import NEIGHBOR_OFFSETS, longformer_attention, relative_bias_table_size
 
+from .. import fused_linear
 from ..configuration_vil import ViLConfig
 from .base import ViLAttentionBase, attend_from_global_queries, extent_mask, project_with_scaled_queries
 
@@ -121,7 +122,8 @@ class ViLLongformerAttention(ViLAttentionBase):
             implementation=self.implementation,
             key_extents=key_extents,
         )
-        local_output = self.proj(local_context.transpose(1, 2).reshape(batch, length - num_global, dim))
+        local_context = local_context.transpose(1, 2).reshape(batch, length - num_global, dim)
+        local_output = fused_linear.layer_forward(self.proj, local_context)
         if num_global == 0:
             return self.proj_dropout(local_output)
 
