@@ -17,6 +17,7 @@ from transformers import (
     SwinConfig,
 )
 
+import vil_hf.modeling_vil as modeling_vil
 from vil_hf import (
     PUBLISHED_MODELS,
     MaskRCNNConfig,
@@ -306,7 +307,10 @@ def test_feed_forward_chunks_are_chosen_by_memory_on_cpu_only():
 def test_inference_in_place_gives_the_plain_forward_bit_for_bit(attention_type, precision, monkeypatch):
     """Inference normalises the attention's input straight into autocast's dtype and adds the feed-forward into
     the stream, both in chunks of 11 tokens (never a whole number of them in stages 1-3): every stage's tokens,
-    the stem's too, are the plain forward's bits, in the plain forward's dtype."""
+    the stem's too, are the plain forward's bits, in the plain forward's dtype. (Under autocast, with the C++ kernels
+    built, the residual sums are C++ steps, exact; the C++ layer norm, another summation order, is left out here:
+    tests/test_block_steps.py holds it.)"""
+    monkeypatch.setattr(modeling_vil, "_norms_natively", lambda layer_norm: False)
     model = randomize(ViLModel(tiny_config(chunk_size_feed_forward=11, attention_type=attention_type)))
     size = (64, 64) if attention_type == "linformer" else (80, 64)  # the linformer projects a fixed sequence
     pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1))

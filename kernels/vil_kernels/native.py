@@ -36,7 +36,8 @@ BF16_FORWARD_VARIABLE = "VIL_KERNELS_BF16_FORWARD"
 F32_FORWARD_VARIABLE = "VIL_KERNELS_F32_FORWARD"
 BACKWARD_VARIABLE = "VIL_KERNELS_BACKWARD"
 _SOURCES = [
-    Path(__file__).parent / "csrc" / name for name in ("softmax.cpp", "attention_fused.cpp", "roi_align.cpp", "nms.cpp")
+    Path(__file__).parent / "csrc" / name
+    for name in ("softmax.cpp", "attention_fused.cpp", "block_steps.cpp", "roi_align.cpp", "nms.cpp")
 ]
 _lock = threading.Lock()
 _built: dict[str, object] = {}  # once decided, "ops": the op namespace or None, and "error": why not

@@ -16,6 +16,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput
 from transformers.utils import ModelOutput
 
+from vil_kernels.native import native_ops
+
 from . import fused_linear
 from .attention import (
     ATTENTION_CLASSES,
@@ -272,25 +274,74 @@ class ViLLayer(GradientCheckpointingLayer):
         stream that the attention's residual add has just made, which nothing else holds.
         """
         chunk = self._feed_forward_chunk(hidden_states)
-        normed = self._normed_for_attention(hidden_states, chunk)
-        hidden_states = _add_residual(self.attention(normed, height, width, *extents), hidden_states)
+        steps = _native_block_steps(hidden_states)
+        normed = self._normed_for_attention(hidden_states, chunk, steps)
+        attention_output = self.attention(normed, height, width, *extents)
+        if steps is not None and attention_output.dtype == torch.bfloat16:
+            residual, hidden_states = hidden_states, torch.empty_like(hidden_states)
+            steps.add_widened_(residual, attention_output, hidden_states)
+        else:
+            hidden_states = _add_residual(attention_output, hidden_states)
         mlp = self.mlp.for_rows(hidden_states)
+        narrow_norm = steps is not None and _norms_natively(self.layernorm_after)
         for part in hidden_states.split(chunk, dim=1):
-            # the stream is at least as wide as the attention's output, which comes out of linear layers of the
-            # same dtype as the MLP's: widening into it is _add_residual's sum
-            part.add_(mlp(self.layernorm_after(part)).to(part.dtype))
+            if narrow_norm:
+                rows = torch.empty(part.shape, dtype=torch.bfloat16)  # what the MLP's products take under autocast
+                _layer_norm_bf16(steps, self.layernorm_after, part, rows)
+            else:
+                rows = self.layernorm_after(part)
+            branch = mlp(rows)
+            if steps is not None and branch.dtype == torch.bfloat16:
+                steps.add_widened_(part, branch, part)
+            else:
+                # the stream is at least as wide as the attention's output, which comes out of linear layers of
+                # the same dtype as the MLP's: widening into it is _add_residual's sum
+                part.add_(branch.to(part.dtype))
         return hidden_states
 
-    def _normed_for_attention(self, hidden_states: torch.Tensor, chunk: int) -> torch.Tensor:
+    def _normed_for_attention(self, hidden_states: torch.Tensor, chunk: int, steps) -> torch.Tensor:
         """layernorm_before(hidden_states), in autocast's narrower dtype where autocast would cast it to that."""
         device = hidden_states.device.type
         narrow = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden_states.dtype
-        if narrow.itemsize >= hidden_states.dtype.itemsize or chunk >= hidden_states.shape[1]:
+        native = steps is not None and _norms_natively(self.layernorm_before)
+        if narrow.itemsize >= hidden_states.dtype.itemsize or (chunk >= hidden_states.shape[1] and not native):
             return self.layernorm_before(hidden_states)
         normed = torch.empty(hidden_states.shape, dtype=narrow, device=hidden_states.device)
+        if native:  # the whole map in one call, its rows spread over the threads
+            _layer_norm_bf16(steps, self.layernorm_before, hidden_states, normed)
+            return normed
         for part, normed_part in zip(hidden_states.split(chunk, dim=1), normed.split(chunk, dim=1)):
             normed_part.copy_(self.layernorm_before(part))
         return normed
+
+
+def _native_block_steps(hidden_states: torch.Tensor):
+    """vil_kernels' C++ block steps (``layer_norm_bf16_``, ``add_widened_``; csrc/block_steps.cpp) where a float32
+    stream on CPU meets bfloat16 autocast, and the C++ kernels are built; else None. Each is one pass over the stream
+    where PyTorch ops take two and a fresh tensor: the layer norms written straight in bfloat16, the branches' sums
+    widened as they are read."""
+    if hidden_states.device.type != "cpu" or hidden_states.dtype != torch.float32:
+        return None
+    if not torch.is_autocast_enabled("cpu") or torch.get_autocast_dtype("cpu") != torch.bfloat16:
+        return None
+    return native_ops()
+
+
+def _norms_natively(layer_norm: nn.Module) -> bool:
+    """A plain LayerNorm over the last dim with float32 weight and bias and no hooks, which the C++ step computes
+    (a float32 LayerNorm rounded once to bfloat16; within a bfloat16 step of F.layer_norm's float32 result, cast)."""
+    return (
+        type(layer_norm) is nn.LayerNorm
+        and len(layer_norm.normalized_shape) == 1
+        and layer_norm.weight is not None
+        and layer_norm.bias is not None
+        and layer_norm.weight.dtype == layer_norm.bias.dtype == torch.float32
+        and not (layer_norm._forward_hooks or layer_norm._forward_pre_hooks)
+    )
+
+
+def _layer_norm_bf16(steps, layer_norm: nn.LayerNorm, rows: torch.Tensor, out: torch.Tensor) -> None:
+    steps.layer_norm_bf16_(rows, layer_norm.weight, layer_norm.bias, layer_norm.eps, out)
 
 
 def _add_residual(branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
