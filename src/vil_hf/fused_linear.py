@@ -56,12 +56,17 @@ def fusable_activation(name: str) -> bool:
     return name in _FUSED_ACTIVATIONS
 
 
-def is_plain_linear(layer: nn.Module) -> bool:
-    """An ``nn.Linear`` itself, with no forward hooks: its weight and bias are all that calling it computes with. A
-    subclass or a replacement (a LoRA adapter, a quantised layer) or a hook (feature extraction) is called instead."""
+def is_plain(layer: nn.Module, kind: type[nn.Module]) -> bool:
+    """``layer`` is a ``kind`` itself, with no forward hooks: its parameters are all that calling it computes with, so
+    a fused path may take them instead. A subclass or a replacement (a LoRA adapter, a quantised layer) or a hook
+    (feature extraction) is called as it is."""
     hooks = (layer._forward_hooks, layer._forward_pre_hooks)
     global_hooks = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks)
-    return type(layer) is nn.Linear and not any(hooks) and not any(global_hooks)
+    return type(layer) is kind and not any(hooks) and not any(global_hooks)
+
+
+def is_plain_linear(layer: nn.Module) -> bool:
+    return is_plain(layer, nn.Linear)
 
 
 def layer_forward(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

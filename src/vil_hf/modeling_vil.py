@@ -271,7 +271,9 @@ class ViLLayer(GradientCheckpointingLayer):
         38.5 MB of float32 stream per tensor), so each one saved is a pass and its faults: the attention's input is
         normalised chunk by chunk straight into autocast's dtype, which its projections would cast it to (the
         float32 normalised map never exists whole), and the feed-forward's output is added chunk by chunk into the
-        stream that the attention's residual add has just made, which nothing else holds.
+        stream that the attention's residual add has just made, which nothing else holds. Under CPU bfloat16
+        autocast the C++ block steps (``_native_block_steps``) take the layer norms and the residual sums, one pass
+        each; their layer norm is a bfloat16 step from bit for bit (another summation order).
         """
         chunk = self._feed_forward_chunk(hidden_states)
         steps = _native_block_steps(hidden_states)
@@ -331,12 +333,11 @@ def _norms_natively(layer_norm: nn.Module) -> bool:
     """A plain LayerNorm over the last dim with float32 weight and bias and no hooks, which the C++ step computes
     (a float32 LayerNorm rounded once to bfloat16; within a bfloat16 step of F.layer_norm's float32 result, cast)."""
     return (
-        type(layer_norm) is nn.LayerNorm
+        fused_linear.is_plain(layer_norm, nn.LayerNorm)
         and len(layer_norm.normalized_shape) == 1
         and layer_norm.weight is not None
         and layer_norm.bias is not None
         and layer_norm.weight.dtype == layer_norm.bias.dtype == torch.float32
-        and not (layer_norm._forward_hooks or layer_norm._forward_pre_hooks)
     )
 
 
