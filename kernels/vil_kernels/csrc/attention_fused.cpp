@@ -40,6 +40,8 @@
 #include <utility>
 #include <vector>
 
+#include "vil_kernels.h"
+
 // GCC 11 brought the AMX intrinsics; other compilers and systems build the op without its body (amx_available and
 // avx512_bf16_available and avx512_available are false there, so it is never called)
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && defined(__linux__)
@@ -54,7 +56,7 @@
 
 namespace {
 
-using bfloat16_bits = uint16_t;
+using vil_kernels::bfloat16_bits;
 using SlotRanges = std::vector<std::pair<int64_t, int64_t>>;  // (first slot, count) each
 
 #if VIL_HAVE_X86_BF16
@@ -122,13 +124,7 @@ const T* zero_row() {
 
 inline float to_float(float value) { return value; }
 
-// A bfloat16's bits are the high half of the float32 it stands for.
-inline float to_float(bfloat16_bits value) {
-  const uint32_t bits = static_cast<uint32_t>(value) << 16;
-  float result;
-  std::memcpy(&result, &bits, sizeof(result));
-  return result;
-}
+inline float to_float(bfloat16_bits value) { return vil_kernels::widen_bfloat16(value); }
 
 // Per thread: one chunk's rows (pointers into the inputs, kZeroRow for padding), its packed operands, a pair of
 // query tiles' scores, weights and outputs.

@@ -17,31 +17,17 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <utility>
 
 #include "vil_kernels.h"
 
 namespace {
 
-using bfloat16_bits = uint16_t;
+using vil_kernels::bfloat16_bits;
+using vil_kernels::round_to_bfloat16;
+using vil_kernels::widen_bfloat16;
 
 constexpr int64_t kLanes = 16;  // independent partial sums: the compiler keeps them in one vector register
-
-VIL_INLINE bfloat16_bits round_to_bfloat16(float x) {
-  // round to nearest even, as PyTorch's float -> bfloat16 conversion does for finite values
-  uint32_t bits;
-  std::memcpy(&bits, &x, sizeof bits);
-  bits += 0x7FFFu + ((bits >> 16) & 1u);
-  return static_cast<bfloat16_bits>(bits >> 16);
-}
-
-VIL_INLINE float widen(bfloat16_bits x) {
-  const uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
 
 // sum of x[i] (or of (x[i] - center)^2 where kSquares) over n values, in kLanes partial sums and then their total
 template <bool kSquares>
@@ -73,7 +59,7 @@ VIL_TARGET_CLONES void layer_norm_row(const float* x, const float* weight, const
 }
 
 VIL_TARGET_CLONES void add_widened_row(const float* residual, const bfloat16_bits* branch, int64_t n, float* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = residual[i] + widen(branch[i]);
+  for (int64_t i = 0; i < n; ++i) out[i] = residual[i] + widen_bfloat16(branch[i]);
 }
 
 void check_rows(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef sizes) {

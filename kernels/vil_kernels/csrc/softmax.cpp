@@ -24,27 +24,18 @@
 
 namespace {
 
-using bfloat16_bits = uint16_t;
+using vil_kernels::bfloat16_bits;
 
 VIL_INLINE float widen(float x) { return x; }
 
-VIL_INLINE float widen(bfloat16_bits x) {
-  const uint32_t bits = static_cast<uint32_t>(x) << 16;
-  float value;
-  std::memcpy(&value, &bits, sizeof value);
-  return value;
-}
+VIL_INLINE float widen(bfloat16_bits x) { return vil_kernels::widen_bfloat16(x); }
 
 template <typename T>
 VIL_INLINE T narrow(float x) {
   if constexpr (std::is_same_v<T, float>) {
     return x;
   } else {
-    // round to nearest even, as PyTorch's float -> bfloat16 conversion does (inputs here are finite)
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    bits += 0x7FFFu + ((bits >> 16) & 1u);
-    return static_cast<bfloat16_bits>(bits >> 16);
+    return vil_kernels::round_to_bfloat16(x);  // inputs here are finite
   }
 }
 
