@@ -2,9 +2,9 @@
 
 Where this builds, the blocked longformer kernel's softmax steps run fused in C++ (``softmax.cpp``),
 RoIAlign computes its bilinear taps on the fly (``roi_align.cpp``), NMS runs its greedy loop as written
-(``nms.cpp``) and a ViL block's bfloat16 inference writes its layer norms in bfloat16 and widens its residual sums as
-it reads them (``block_steps.cpp``); otherwise they run as PyTorch ops (the same results, within float rounding where sums are
-regrouped; the Python paths stay the references the tests hold the C++ against). The build takes seconds,
+(``nms.cpp``), and a ViL block's bfloat16 inference writes its layer norms in bfloat16 and widens its residual
+branches as it adds them (``block_steps.cpp``); otherwise they run as PyTorch ops (the same results, within float
+rounding where sums are regrouped; the Python paths stay the references the tests hold the C++ against). The build takes seconds,
 once per machine and torch version; torch keeps it in its extensions folder (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``).
 
