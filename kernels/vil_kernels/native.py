@@ -4,9 +4,9 @@ Where this builds, the blocked longformer kernel's softmax steps run fused in C+
 RoIAlign computes its bilinear taps on the fly (``roi_align.cpp``), NMS runs its greedy loop as written
 (``nms.cpp``), and a ViL block's bfloat16 inference writes its layer norms in bfloat16 and widens its residual
 branches as it adds them (``block_steps.cpp``); otherwise they run as PyTorch ops (the same results, within float
-rounding where sums are regrouped; the Python paths stay the references the tests hold the C++ against). The build takes seconds,
-once per machine and torch version; torch keeps it in its extensions folder (``TORCH_EXTENSIONS_DIR``,
-default ``~/.cache/torch_extensions``).
+rounding where sums are regrouped; the Python paths stay the references the tests hold the C++ against). The build
+takes seconds, once per machine and torch version; torch keeps it in its extensions folder
+(``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``).
 
 ``VIL_KERNELS_NATIVE`` chooses: ``auto`` (default) builds and, if that fails, warns once and falls back;
 ``0`` never builds; ``1`` requires the build and raises if it fails.

@@ -72,7 +72,7 @@ def is_plain_linear(layer: nn.Module) -> bool:
 def layer_forward(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """``layer(hidden_states)``, through oneDNN where the layer is a plain linear one and ``runs_fused``."""
     if is_plain_linear(layer) and runs_fused(hidden_states, layer.weight):
-        return linear(hidden_states, layer.weight, layer.bias)
+        return fused_product(hidden_states, layer.weight, layer.bias)
     return layer(hidden_states)
 
 
@@ -88,6 +88,17 @@ def linear(
         if activation is not None:
             raise ValueError(f"activation {activation!r} fuses only where runs_fused(); apply it after F.linear")
         return F.linear(hidden_states, weight, bias)
+    return fused_product(hidden_states, weight, bias, activation)
+
+
+def fused_product(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """``linear``'s oneDNN product, for callers that have found ``runs_fused`` already (once for many calls: the MLP's
+    chunks); operands of other dtypes are cast to bfloat16, as autocast would."""
     attribute, algorithm = _FUSED_ACTIVATIONS[activation] if activation else ("none", "")
     narrow = torch.bfloat16
     bias = None if bias is None else bias.to(narrow)

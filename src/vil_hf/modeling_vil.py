@@ -196,8 +196,8 @@ class ViLMLP(nn.Module):
         fused_activation = self.hidden_act if fused_linear.fusable_activation(self.hidden_act) else None
 
         def fused_forward(rows: torch.Tensor) -> torch.Tensor:
-            hidden = fused_linear.linear(rows, weight1, bias1, fused_activation)
-            return fused_linear.linear(hidden if fused_activation else self.activation(hidden), weight2, bias2)
+            hidden = fused_linear.fused_product(rows, weight1, bias1, fused_activation)
+            return fused_linear.fused_product(hidden if fused_activation else self.activation(hidden), weight2, bias2)
 
         return fused_forward
 
