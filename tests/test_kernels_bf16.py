@@ -105,8 +105,16 @@ def test_blocked_matches_the_float32_reference(
 
 
 # two globals; and 36 query slots per chunk: the vector engine's register blocks of 8 rows end in one padded with
-# rows that are no slots (the other windows leave one or no row over, which goes alone)
-NATIVE_CASES = CASES + [((16, 11), 4, 2, False, None, None), ((15, 20), 6, 1, False, None, [(15, 20), (10, 13)])]
+# rows that are no slots (the other windows leave one or no row over, which goes alone); and maps with chunks whose
+# whole neighbourhood lies inside the image (the C++ forward's rows at fixed offsets, attention_fused.cpp's
+# Call::inside): 6 of 30 in the first image and 2 of 30 in the second, whose extents cut the others; with the
+# neighbours shifted (a neighbourhood that is not centred), 16 of 25 (the fourth case above: 4 of 12)
+NATIVE_CASES = CASES + [
+    ((16, 11), 4, 2, False, None, None),
+    ((15, 20), 6, 1, False, None, [(15, 20), (10, 13)]),
+    ((30, 37), 7, 1, False, None, [(30, 37), (23, 30)]),
+    ((33, 35), 7, 0, False, 3, None),
+]
 
 
 @pytest.mark.parametrize("engine", ENGINES)
