@@ -1042,10 +1042,9 @@ struct Call {
     for (int64_t block = 0; block < blocks; ++block) {
       for (int64_t c = 0; c < chunks_per_block; ++c) {
         const int64_t* offset = offset_data + 2 * (block * chunks_per_block + c);
+        const int64_t top = (offset[0] - reach_up) * window, left = (offset[1] - reach_left) * window;
         for (int64_t dy = 0; dy < window; ++dy) {
-          for (int64_t dx = 0; dx < window; ++dx) {
-            key_offsets.push_back(((offset[0] - reach_up) * window + dy) * width + (offset[1] - reach_left) * window + dx);
-          }
+          for (int64_t dx = 0; dx < window; ++dx) key_offsets.push_back((top + dy) * width + left + dx);
         }
       }
       for (int64_t g = 0; g < num_global; ++g) key_offsets.push_back(-1 - g);
@@ -1057,7 +1056,9 @@ struct Call {
            (cj + reach_right + 1) * window <= extents[2 * b + 1];
   }
 
-  int64_t first_token(int64_t ci, int64_t cj) const { return (ci + reach_up) * window * width + (cj + reach_left) * window; }
+  int64_t first_token(int64_t ci, int64_t cj) const {
+    return (ci + reach_up) * window * width + (cj + reach_left) * window;
+  }
 
   // Chunk (ci, cj) of image b: the token of each query slot (-1: off the map) and of each key slot (-1: padding;
   // length + g: global g). (Nested loops: no division per slot.)
