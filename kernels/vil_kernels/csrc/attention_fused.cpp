@@ -1024,7 +1024,7 @@ struct Call {
   // ViL-Small's stage 1 at 800x1216. With ViL's 3 x 3 neighbourhoods every chunk but those along the edges of a
   // map (or of its image's extents) is inside: 84% of that stage's.
   std::vector<int64_t> query_offsets, key_offsets;
-  // the chunk offsets' extremes, in chunks, with the query chunk's own 0
+  // the chunk offsets' extremes, in chunks, with the query chunk's own 0 (the backward colours chunks by them too)
   int64_t reach_up = 0, reach_down = 0, reach_left = 0, reach_right = 0;
 
   void find_offsets() {
@@ -1390,9 +1390,7 @@ void fused_backward(const at::Tensor& grad_output, const at::Tensor& queries, co
   const int64_t call = CutBias::next_call();
   grad_keys.zero_();
   grad_values.zero_();
-  int64_t reach = 0;
-  const int64_t* offset_data = c.offsets.const_data_ptr<int64_t>();
-  for (int64_t i = 0; i < c.offsets.numel(); ++i) reach = std::max(reach, std::abs(offset_data[i]));
+  const int64_t reach = std::max({-c.reach_up, c.reach_down, -c.reach_left, c.reach_right});
   const int64_t period = 2 * reach + 1, workers = std::max<int64_t>(1, at::get_num_threads());
   at::Tensor bias_sums =
       grad_bias.has_value() ? bias.new_zeros({workers, c.heads, c.area, c.key_slots}) : at::Tensor();
